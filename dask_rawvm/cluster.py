@@ -1,0 +1,344 @@
+"""``RawVMCluster``: a Dask cluster whose scheduler and workers are raw VMs.
+
+Knows Dask, not clouds: options come from :mod:`dask_rawvm.config`, VMs from a
+provider through :class:`dask_rawvm.machines.VMPool`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+import weakref
+from contextlib import suppress
+from typing import Any
+
+from distributed.core import Status
+from distributed.deploy.adaptive import Adaptive
+from distributed.deploy.spec import SpecCluster
+from distributed.scheduler import Scheduler
+
+from dask_rawvm.config import ClusterOptions, resolve_options
+from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
+from dask_rawvm.providers.aws import AWSProvider
+from dask_rawvm.providers.base import ProviderError
+
+logger = logging.getLogger(__name__)
+
+
+class RawVMAdaptive(Adaptive):
+    """Adaptive scaling for VMs that cost money.
+
+    Scale-down goes through the cluster's ``scale_down``, which retires the
+    chosen workers (their data moves to the others) and terminates, in one
+    call, only the VMs of workers that actually retired. Distributed's own
+    Adaptive terminates every chosen worker whatever ``retire_workers`` said.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Give idle VMs back within seconds; three quiet intervals in a row so
+        # a burst of short tasks does not make the cluster thrash.
+        kwargs.setdefault("interval", "1s")
+        kwargs.setdefault("wait_count", 3)
+        super().__init__(*args, **kwargs)
+
+    async def scale_down(self, workers: list[str]) -> None:
+        if workers:
+            await self.cluster.scale_down(workers)
+
+
+class RawVMCluster(SpecCluster):
+    """A Dask cluster on raw VMs: EC2, any EC2-compatible endpoint, or the local cloud.
+
+    Used where ``LocalCluster`` is: as a context manager, sync or with
+    ``asynchronous=True``, with ``scale``, ``adapt``, ``get_client`` and ``close``.
+    Each worker is one VM, named before it boots (``worker-0``, ``worker-1``, ...
+    never reused). Every VM powers itself off when its Dask process ends, and
+    ``close()`` (also run at garbage collection and interpreter exit) terminates
+    every VM the cluster made.
+
+    Parameters
+    ----------
+    n_workers
+        Workers to start with.
+    config_name
+        Section of ``rawvm`` in dask's config to read options from (``"local"``,
+        ``"aws"``, or a profile). See :func:`dask_rawvm.config.resolve_options`.
+    provider
+        ``"local"`` starts and owns an embedded :class:`~dask_rawvm.localcloud.LocalCloud`;
+        ``"aws"`` uses EC2 (or ``endpoint_url``).
+    name
+        Cluster name; every resource is tagged with it. Random when not given.
+    region, endpoint_url
+        Where the EC2 API is. AWS and the default credential chain when omitted.
+    scheduler
+        ``"vm"`` (default) runs the scheduler on its own VM, reachable from a
+        laptop behind NAT; ``"local"`` runs it in this process, for clients
+        inside the cloud's network.
+    scheduler_vm_type, worker_vm_type
+        Instance types.
+    ami
+        Machine image; Amazon Linux 2023 of the type's architecture when omitted.
+    worker_nthreads, worker_memory_limit
+        Per-worker threads (the VM's vCPUs when omitted) and memory limit.
+    death_timeout
+        Seconds a worker outlives an unreachable scheduler before its VM powers off.
+    idle_timeout
+        Seconds with no client and no task after which the scheduler VM shuts down.
+    scheduler_timeout
+        How long to wait for the scheduler VM to boot and answer.
+    boot_delay
+        Local cloud only: seconds a VM stays pending.
+    tags
+        Extra tags for every resource.
+    **kwargs
+        Passed to :class:`distributed.deploy.spec.SpecCluster` (``asynchronous``,
+        ``loop``, ``security``, ``shutdown_on_close``, ``silence_logs``).
+
+    Examples
+    --------
+    >>> with RawVMCluster(n_workers=3) as cluster:        # doctest: +SKIP
+    ...     client = cluster.get_client()
+    ...     cluster.adapt(minimum=0, maximum=20)
+    """
+
+    def __init__(
+        self,
+        n_workers: int = 0,
+        *,
+        config_name: str | None = None,
+        provider: str | None = None,
+        name: str | None = None,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        scheduler: str | None = None,
+        scheduler_vm_type: str | None = None,
+        worker_vm_type: str | None = None,
+        ami: str | None = None,
+        worker_nthreads: int | None = None,
+        worker_memory_limit: str | None = None,
+        death_timeout: float | str | None = None,
+        idle_timeout: float | str | None = None,
+        scheduler_timeout: float | str | None = None,
+        boot_delay: float | str | None = None,
+        tags: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.options: ClusterOptions = resolve_options(
+            config_name,
+            provider=provider, name=name, region=region, endpoint_url=endpoint_url,
+            scheduler=scheduler, scheduler_vm_type=scheduler_vm_type,
+            worker_vm_type=worker_vm_type, ami=ami, worker_nthreads=worker_nthreads,
+            worker_memory_limit=worker_memory_limit, death_timeout=death_timeout,
+            idle_timeout=idle_timeout, scheduler_timeout=scheduler_timeout,
+            boot_delay=boot_delay, tags=tags,
+        )
+        if n_workers < 0:
+            raise ValueError(f"n_workers={n_workers} must be 0 or more")
+        self.cluster_name = self.options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
+        self.cloud: LocalCloud | None = None
+        self.pool = VMPool(self.cluster_name, self.options)
+        self._next_index = 0
+        self._launched: set[str] = set()
+        worker = {"cls": WorkerVM, "options": {"pool": self.pool}}
+        workers = {self._take_name(): worker for _ in range(n_workers)}
+        # An unclosed cluster's VMs are terminated at garbage collection or exit. A
+        # local cloud needs no sweep: it halts its VMs when it goes.
+        self._finalizer = weakref.finalize(self, _terminate_leftovers, self.pool)
+        if self.options.provider == "local":
+            self._finalizer.detach()
+        try:
+            super().__init__(
+                workers=workers,
+                scheduler=self._scheduler_spec(kwargs.get("security")),
+                worker=worker,
+                name=self.cluster_name,
+                **kwargs,
+            )
+        except BaseException:
+            # SpecCluster leaves its event loop thread running when start fails.
+            with suppress(Exception):
+                self._loop_runner.stop()
+            raise
+
+    def _scheduler_spec(self, security: Any) -> dict[str, Any]:
+        if self.options.scheduler == "local":
+            # In this process: VMs of the local cloud reach loopback; VMs of a real
+            # cloud reach this machine only from inside its network.
+            host = "127.0.0.1" if self.options.provider == "local" else "0.0.0.0"
+            return {"cls": Scheduler, "options": {"host": host, "dashboard_address": ":0"}}
+        return {"cls": SchedulerVM, "options": {"pool": self.pool, "security": security}}
+
+    # -- names -----------------------------------------------------------------------
+    def _take_name(self) -> str:
+        name = f"{WORKER_PREFIX}{self._next_index}"
+        self._next_index += 1
+        return name
+
+    def new_worker_spec(self) -> dict[str, Any]:
+        """The next worker: a name never used before in this cluster."""
+        return {self._take_name(): self.new_spec}
+
+    # -- start and stop -------------------------------------------------------------
+    async def _start(self) -> None:
+        if self.pool.provider is None and self.status == Status.created:
+            try:
+                await self._start_provider()
+            except BaseException:
+                self.status = Status.failed
+                await self._release_cloud()
+                raise
+        await super()._start()
+
+    async def _start_provider(self) -> None:
+        options = self.options
+        endpoint_url, credentials = options.endpoint_url, None
+        if options.provider == "local":
+            self.cloud = LocalCloud(region=options.region or "us-east-1", boot_delay=options.boot_delay)
+            await asyncio.to_thread(self.cloud.start)
+            endpoint_url, credentials = self.cloud.endpoint_url, CREDENTIALS
+        provider = AWSProvider(
+            self.cluster_name, region=options.region, endpoint_url=endpoint_url,
+            credentials=credentials, ami=options.ami,
+        )
+        try:
+            await provider.start()
+            # Preflight: every problem we can see is raised before anything is created.
+            await provider.check_vm_types([options.scheduler_vm_type, options.worker_vm_type])
+            for vm_type in {options.scheduler_vm_type, options.worker_vm_type}:
+                await provider.image_for(vm_type)
+        except BaseException:
+            await provider.close()
+            raise
+        self.pool.provider = provider
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            with suppress(Exception):
+                leftovers = await self.pool.close()
+                if leftovers:
+                    logger.info("terminated %d leftover VM(s) of %s", len(leftovers), self.cluster_name)
+            await self._release_cloud()
+            self._finalizer.detach()
+
+    async def _release_cloud(self) -> None:
+        if self.cloud is not None:
+            await asyncio.to_thread(self.cloud.close)
+
+    # -- scaling ---------------------------------------------------------------------
+    def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
+        """Scale to ``n`` workers; scaling down moves data off the removed workers first.
+
+        The workers removed are those not yet connected, then those holding the
+        least data.
+        """
+        self._order_by_value()
+        return super().scale(n, memory=memory, cores=cores)
+
+    def _order_by_value(self) -> None:
+        """Re-order the worker spec so the cheapest workers to lose come last.
+
+        SpecCluster.scale removes workers from the end of the spec.
+        """
+        managed = {
+            info.get("name"): info.get("metrics", {}).get("managed_bytes", 0)
+            for info in self.scheduler_info.get("workers", {}).values()
+        }
+        # Connected before not connected, more data before less, older before newer.
+        order = sorted(
+            self.worker_spec,
+            key=lambda n: (n not in managed, -managed.get(n, 0), self._index(n)),
+        )
+        self.worker_spec = {name: self.worker_spec[name] for name in order}
+
+    @staticmethod
+    def _index(name: str) -> int:
+        return int(str(name).removeprefix(WORKER_PREFIX)) if str(name).startswith(WORKER_PREFIX) else 0
+
+    async def _correct_state_internal(self) -> None:
+        to_close = set(self.workers) - set(self.worker_spec)
+        if to_close and self.status == Status.running and self.scheduler_comm is not None:
+            kept = await self._retire(to_close)
+            for name in kept:  # still holding data nobody could take: keep its VM
+                self.worker_spec[name] = self.new_spec
+        self._rename_replacements()
+        await super()._correct_state_internal()
+        self._launched.update(self.workers)
+
+    async def _retire(self, names: set[str]) -> set[str]:
+        """Retire workers by name, moving their data; return the names that would not go.
+
+        SpecCluster retires by name through a parameter that takes addresses
+        (dask/distributed#5577), so its scale-down kills workers with their data.
+        """
+        await self.scheduler_comm.retire_workers(
+            names=sorted(names), close_workers=True, remove=True
+        )
+        identity = await self.scheduler_comm.identity()
+        connected = {info.get("name") for info in identity.get("workers", {}).values()}
+        kept = names & connected
+        if kept:
+            logger.warning("workers %s could not hand off their data and keep running", sorted(kept))
+        return kept
+
+    def _rename_replacements(self) -> None:
+        """A worker whose VM died is replaced under a new name: names are never reused."""
+        for name in [n for n in self.worker_spec if n in self._launched and n not in self.workers]:
+            spec = self.worker_spec.pop(name)
+            self.worker_spec[self._take_name()] = spec
+            self._launched.discard(name)
+
+    def adapt(self, *args: Any, Adaptive: type[Adaptive] = RawVMAdaptive, **kwargs: Any) -> Adaptive:
+        """Scale between ``minimum`` and ``maximum`` workers with the load.
+
+        See :meth:`distributed.deploy.spec.SpecCluster.adapt`; defaults here give
+        idle VMs back within seconds.
+        """
+        return super().adapt(*args, Adaptive=Adaptive, **kwargs)
+
+    # -- introspection -----------------------------------------------------------------
+    @property
+    def instances(self) -> dict[str, str]:
+        """Instance id of each worker VM, by worker name."""
+        return {
+            name: worker.machine.id
+            for name, worker in self.workers.items()
+            if getattr(worker, "machine", None) is not None
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"RawVMCluster({self.cluster_name!r}, provider={self.options.provider!r}, "
+            f"workers={len(self.workers)}, status={self.status.name})"
+        )
+
+
+def _terminate_leftovers(pool: VMPool) -> None:
+    """At garbage collection or exit of an unclosed cluster: terminate its VMs.
+
+    Runs its own event loop in a thread, because the cluster's may be gone.
+    """
+    if pool.provider is None:
+        return
+
+    async def sweep() -> None:
+        provider = pool.provider
+        assert isinstance(provider, AWSProvider)
+        fresh = AWSProvider(
+            pool.cluster, provider.region, provider.endpoint_url, provider.credentials
+        )
+        try:
+            await fresh.start()
+            await fresh.cleanup(pool.cluster)
+        except ProviderError:
+            logger.exception("could not clean up the VMs of %s", pool.cluster)
+        finally:
+            await fresh.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(sweep(),), daemon=True)
+    thread.start()
+    thread.join(timeout=60)

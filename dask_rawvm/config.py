@@ -1,0 +1,151 @@
+"""Options: read once, in one place, dask-jobqueue style.
+
+Precedence, highest first: an explicit keyword argument; the chosen section of
+dask's config (``rawvm.<config_name>``, which a user may add as a profile); the
+packaged section of the profile's provider (``rawvm.local`` / ``rawvm.aws``).
+dask's own config machinery supplies user YAML files and ``DASK_RAWVM__...``
+environment variables on top of the packaged ``rawvm.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import dask.config
+import yaml
+from dask.utils import parse_timedelta
+
+_DEFAULTS = os.path.join(os.path.dirname(__file__), "rawvm.yaml")
+with open(_DEFAULTS) as f:
+    dask.config.update_defaults(yaml.safe_load(f))
+
+PROVIDERS = ("local", "aws")
+SCHEDULER_PLACEMENTS = ("vm", "local")
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Every option a RawVMCluster runs with, resolved and validated."""
+
+    provider: str
+    name: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    boot_delay: float = 0.0
+    scheduler: str = "vm"
+    scheduler_vm_type: str = "t3.medium"
+    worker_vm_type: str = "t3.large"
+    ami: str | None = None
+    worker_nthreads: int | None = None
+    worker_memory_limit: str = "auto"
+    death_timeout: float = 60.0
+    idle_timeout: float | None = 1200.0
+    scheduler_timeout: float = 300.0
+    launch_window: float = 0.02
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+_DURATIONS = ("boot_delay", "death_timeout", "idle_timeout", "scheduler_timeout", "launch_window")
+
+
+def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOptions:
+    """Merge keyword arguments over a config section into :class:`ClusterOptions`.
+
+    Parameters
+    ----------
+    config_name
+        Section of ``rawvm`` in dask's config to read (``"local"``, ``"aws"``, or
+        a profile of the user's). ``rawvm.config-name`` when None, except that an
+        explicit ``endpoint_url`` or ``provider="aws"`` selects ``"aws"``.
+    **kwargs
+        Options; a value of None means "not given".
+
+    Raises
+    ------
+    TypeError
+        For a keyword that is not an option.
+    ValueError
+        For an unknown section, a key in a section that is not an option, or a
+        value outside its choices.
+    """
+    unknown = set(kwargs) - set(ClusterOptions.keys())
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {sorted(unknown)}; valid options are {ClusterOptions.keys()}"
+        )
+    given = {k: v for k, v in kwargs.items() if v is not None}
+    if config_name is None:
+        config_name = _default_section(given)
+    merged = _section(config_name)
+    merged.update(given)
+    for key in _DURATIONS:
+        merged[key] = _seconds(key, merged.get(key))
+    options = ClusterOptions(**merged)
+    _validate(options, config_name)
+    return options
+
+
+def _default_section(given: dict[str, Any]) -> str:
+    if given.get("provider") in PROVIDERS:
+        return str(given["provider"])
+    if "endpoint_url" in given:
+        return "aws"
+    return str(dask.config.get("rawvm.config-name", default="local"))
+
+
+def _section(config_name: str) -> dict[str, Any]:
+    """A section as options, over its provider's packaged section (so profiles stay short)."""
+    raw = dask.config.get(f"rawvm.{config_name}", default=None)
+    if not isinstance(raw, dict):
+        sections = sorted(k for k, v in dask.config.get("rawvm").items() if isinstance(v, dict))
+        raise ValueError(
+            f"no configuration section 'rawvm.{config_name}'; known sections: {sections}. "
+            "Pass config_name= one of those, or add the section to your dask config."
+        )
+    section = {k.replace("-", "_"): v for k, v in raw.items()}
+    provider = section.get("provider", config_name)
+    if provider != config_name and provider in PROVIDERS:
+        base = _section(provider)
+        base.update(section)
+        section = base
+    unknown = set(section) - set(ClusterOptions.keys())
+    if unknown:
+        raise ValueError(
+            f"configuration section 'rawvm.{config_name}' has unknown key(s) "
+            f"{sorted(k.replace('_', '-') for k in unknown)}; valid keys are "
+            f"{[k.replace('_', '-') for k in ClusterOptions.keys()]}"
+        )
+    return section
+
+
+def _seconds(key: str, value: Any) -> float | None:
+    if value is None or value in ("none", "None", False):
+        if key == "idle_timeout":
+            return None
+        raise ValueError(f"option {key} needs a duration, got {value!r}")
+    return float(parse_timedelta(value, default="seconds"))
+
+
+def _validate(options: ClusterOptions, config_name: str) -> None:
+    if options.provider not in PROVIDERS:
+        raise ValueError(
+            f"provider={options.provider!r} (section 'rawvm.{config_name}') is not one of "
+            f"{list(PROVIDERS)}"
+        )
+    if options.scheduler not in SCHEDULER_PLACEMENTS:
+        raise ValueError(
+            f"scheduler={options.scheduler!r} is not one of {list(SCHEDULER_PLACEMENTS)}: "
+            "'vm' runs the scheduler on its own VM, 'local' in this process"
+        )
+    if options.provider == "local" and options.endpoint_url:
+        raise ValueError(
+            "provider='local' starts its own cloud and takes no endpoint_url; "
+            "to use a local cloud running elsewhere pass provider='aws', endpoint_url=..."
+        )

@@ -1,0 +1,169 @@
+"""Fault and latency injection by API action, and a count of calls by action.
+
+The local cloud wraps moto's WSGI app with :class:`FaultInjector`, so tests and
+benchmarks can make the next *k* calls of an action fail with a real AWS error
+code (and the HTTP status AWS uses for it), slow an action down, and see exactly
+which calls a cluster made.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+# The HTTP status AWS answers each error code with. It matters: botocore decides
+# what to retry from it (ICE is a 500, which botocore would retry by default).
+ERROR_STATUS = {
+    "InsufficientInstanceCapacity": 500,
+    "InternalError": 500,
+    "RequestLimitExceeded": 503,
+    "Unavailable": 503,
+    "ServiceUnavailable": 503,
+    "SpotMaxPriceTooLow": 400,
+    "MaxSpotInstanceCountExceeded": 400,
+    "InstanceLimitExceeded": 400,
+    "VcpuLimitExceeded": 400,
+    "Unsupported": 400,
+    "UnauthorizedOperation": 403,
+    "AuthFailure": 401,
+}
+
+READ_ONLY_PREFIXES = ("Describe", "Get", "List", "Head")
+
+
+def is_mutating(action: str) -> bool:
+    """Whether an API action changes cloud state (and so costs quota or money)."""
+    name = action.split(":", 1)[-1]
+    return not name.startswith(READ_ONLY_PREFIXES) and not action.startswith("s3:GET")
+
+
+@dataclass
+class Fault:
+    """What happens to the next ``count`` calls of one action."""
+
+    error: str | None = None
+    count: int = 1
+    latency: float = 0.0
+    message: str | None = None
+    status: int | None = None
+
+
+class FaultInjector:
+    """Thread-safe registry of injected faults, and counts of calls by action."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: dict[str, list[Fault]] = {}
+        self._latency: dict[str, float] = {}
+        self._calls: Counter[str] = Counter()
+
+    def inject(
+        self,
+        action: str,
+        error: str | None = None,
+        count: int = 1,
+        latency: float = 0.0,
+        message: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        """Make the next ``count`` calls of ``action`` fail with ``error``.
+
+        With ``error=None`` and ``latency`` set, every later call of ``action``
+        is delayed by ``latency`` seconds until :meth:`clear`.
+        """
+        with self._lock:
+            if error is None:
+                self._latency[action] = latency
+                return
+            fault = Fault(error, count, latency, message, status)
+            self._faults.setdefault(action, []).append(fault)
+
+    def clear(self) -> None:
+        """Forget every injected fault and latency."""
+        with self._lock:
+            self._faults.clear()
+            self._latency.clear()
+
+    @property
+    def calls(self) -> Counter[str]:
+        """A copy of the call counts by action."""
+        with self._lock:
+            return Counter(self._calls)
+
+    def reset_calls(self) -> None:
+        with self._lock:
+            self._calls.clear()
+
+    def record(self, action: str) -> tuple[float, Fault | None]:
+        """Count one call; return the latency to add and the fault to raise, if any."""
+        with self._lock:
+            self._calls[action] += 1
+            latency = self._latency.get(action, 0.0)
+            queue = self._faults.get(action)
+            if not queue:
+                return latency, None
+            fault = queue[0]
+            fault.count -= 1
+            if fault.count <= 0:
+                queue.pop(0)
+            return latency + fault.latency, fault
+
+
+def action_of(environ: dict[str, Any]) -> str:
+    """The API action of a request, for the query (EC2), JSON (SSM) and REST (S3) protocols.
+
+    Reads a form body if there is one and puts it back so moto can read it again.
+    """
+    target = environ.get("HTTP_X_AMZ_TARGET")
+    if target:
+        return target.rsplit(".", 1)[-1]
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    if "Action" in query:
+        return query["Action"][0]
+    if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        form = parse_qs(body.decode("utf-8", "replace"))
+        if "Action" in form:
+            return form["Action"][0]
+    return f"s3:{environ.get('REQUEST_METHOD', 'GET')}"
+
+
+def error_response(environ: dict[str, Any], fault: Fault) -> tuple[str, list[tuple[str, str]], bytes]:
+    """An AWS-shaped error: XML for the query protocol, JSON for the JSON protocol."""
+    assert fault.error is not None
+    status = fault.status or ERROR_STATUS.get(fault.error, 400)
+    message = fault.message or f"Injected by the local cloud: {fault.error}"
+    request_id = str(uuid.uuid4())
+    if environ.get("HTTP_X_AMZ_TARGET"):
+        body = json.dumps({"__type": fault.error, "message": message}).encode()
+        content_type = "application/x-amz-json-1.1"
+    else:
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Response><Errors><Error><Code>{fault.error}</Code>"
+            f"<Message>{message}</Message></Error></Errors>"
+            f"<RequestID>{request_id}</RequestID></Response>"
+        ).encode()
+        content_type = "text/xml"
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
+    return f"{status} Injected", headers, body
+
+
+def apply(injector: FaultInjector, environ: dict[str, Any]) -> tuple[str, Fault | None]:
+    """Count the call, sleep its injected latency, and return (action, fault or None)."""
+    action = action_of(environ)
+    latency, fault = injector.record(action)
+    if latency:
+        time.sleep(latency)
+    if fault is not None and fault.error is None:
+        fault = None
+    return action, fault

@@ -1,0 +1,389 @@
+"""The local cloud's VM runtime: each EC2 instance is a local process group.
+
+moto keeps the EC2 API state; this module hooks moto's backend so that every
+instance that enters ``running`` is booted by running its decoded user-data as
+a local process in its own session, and every instance that is stopped or
+terminated has its process group killed. A boot script that exits is a VM that
+shut itself down: its instance moves to ``terminated`` (or ``stopped``), as its
+``InstanceInitiatedShutdownBehavior`` says.
+
+Each instance gets its own loopback address (``127.X.Y.Z``) as both its private
+and public IP, so a scheduler VM listens on the real ports (8786, 8787) exactly
+as it would on EC2, and the same bootstrap script runs unchanged.
+
+Hooks, not polling: DescribeInstances over a thousand instances takes seconds in
+moto, so the runtime is told of launches and terminations by the backend itself.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Runtimes by moto account id: each LocalCloud has an account of its own, so
+# several local clouds in one process never boot each other's instances.
+_RUNTIMES: dict[str, VMRuntime] = {}
+_HOOK_LOCK = threading.Lock()
+_HOOKED = False
+
+# A private /16 of the loopback range per process, so two processes running local
+# clouds side by side rarely collide.
+_IP_OCTET = 64 + os.getpid() % 160
+_IP_COUNTER = itertools.count(1)
+
+# Stands in for the VM's `shutdown`/`poweroff`: ends every process of the VM.
+_SHUTDOWN_SHIM = "#!/bin/sh\n# local cloud: powering off this VM ends its process group\nkill -TERM 0\n"
+
+
+def _allocate_ip() -> str:
+    while True:
+        n = next(_IP_COUNTER)
+        if n & 0xFF not in (0, 255):
+            return f"127.{_IP_OCTET}.{(n >> 8) & 0xFF}.{n & 0xFF}"
+
+
+def install_hooks() -> None:
+    """Wrap moto's instance lifecycle methods once per process (idempotent)."""
+    global _HOOKED
+    with _HOOK_LOCK:
+        if _HOOKED:
+            return
+        from moto.ec2.models.instances import Instance, InstanceBackend
+
+        run_instances = InstanceBackend.run_instances
+        terminate, stop, start = Instance.terminate, Instance.stop, Instance.start
+
+        def hooked_run_instances(backend: Any, *args: Any, **kwargs: Any) -> Any:
+            reservation = run_instances(backend, *args, **kwargs)
+            runtime = _RUNTIMES.get(backend.account_id)
+            if runtime is not None:
+                runtime.on_launch(reservation.instances)
+            return reservation
+
+        def halting(method: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            def hooked(instance: Any) -> Any:
+                previous = method(instance)
+                runtime = _RUNTIMES.get(instance.owner_id)
+                if runtime is not None:
+                    runtime.on_halt(instance.id)
+                return previous
+
+            return hooked
+
+        def hooked_start(instance: Any) -> Any:
+            previous = start(instance)
+            runtime = _RUNTIMES.get(instance.owner_id)
+            if runtime is not None and previous.name == "stopped":
+                runtime.on_launch([instance])
+            return previous
+
+        _hook_console_output()
+        InstanceBackend.run_instances = hooked_run_instances  # type: ignore[method-assign]
+        Instance.terminate = halting(terminate)  # type: ignore[method-assign]
+        Instance.stop = halting(stop)  # type: ignore[method-assign]
+        Instance.start = hooked_start  # type: ignore[method-assign]
+        _HOOKED = True
+
+
+def _hook_console_output() -> None:
+    """GetConsoleOutput answers with what the VM's boot script printed, as on EC2."""
+    from moto.core.responses import ActionResult
+    from moto.core.utils import utcnow
+    from moto.ec2.responses.general import General
+    from moto.ec2.utils import Base64EncodedString
+
+    original = General.get_console_output
+
+    def get_console_output(response: Any) -> Any:
+        instance_id = response._get_param("InstanceId")
+        runtime = _RUNTIMES.get(response.ec2_backend.account_id)
+        if runtime is None or instance_id not in runtime.vms:
+            return original(response)
+        text = runtime.console_output(instance_id)[-64 * 1024 :]  # EC2 keeps the last 64 KiB
+        result = {
+            "InstanceId": instance_id,
+            "Timestamp": utcnow(),
+            "Output": Base64EncodedString.from_raw_string(text),
+        }
+        return ActionResult(result)
+
+    General.get_console_output = get_console_output  # type: ignore[method-assign]
+
+
+class _Timers:
+    """One thread running callbacks at their due time (a heap, not a thread each)."""
+
+    def __init__(self, name: str) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + delay, next(self._seq), fn))
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (
+                    not self._heap or self._heap[0][0] > time.monotonic()
+                ):
+                    timeout = self._heap[0][0] - time.monotonic() if self._heap else None
+                    self._cond.wait(timeout)
+                if self._closed:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:  # a failing boot must not stop every other VM's
+                logger.exception("local cloud runtime callback failed")
+
+
+@dataclass
+class VM:
+    """What the runtime knows of one instance."""
+
+    instance: Any  # moto's Instance
+    ip: str
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+    halted: bool = False
+    instance_action: dict[str, str] | None = None
+    token: str = field(default_factory=lambda: os.urandom(16).hex())
+
+    @property
+    def console_path(self) -> Path:
+        return self.directory / "console.log"
+
+
+class VMRuntime:
+    """Boots and halts the instances of one local cloud account.
+
+    Parameters
+    ----------
+    account_id
+        The moto account whose instances this runtime runs.
+    workdir
+        Where each VM gets a directory (its user-data, console log and home).
+    imds_url
+        Maps an instance id to the base URL of its instance-metadata stub.
+    boot_delay
+        Seconds an instance stays ``pending`` before it boots.
+    shutdown_grace
+        Seconds between SIGTERM and SIGKILL when an instance is halted.
+    """
+
+    def __init__(
+        self,
+        account_id: str,
+        workdir: Path,
+        imds_url: Callable[[str], str],
+        boot_delay: float = 0.0,
+        shutdown_grace: float = 3.0,
+    ) -> None:
+        self.account_id = account_id
+        self.workdir = workdir
+        self.imds_url = imds_url
+        self.boot_delay = boot_delay
+        self.shutdown_grace = shutdown_grace
+        self.vms: dict[str, VM] = {}
+        self._lock = threading.RLock()
+        self._timers = _Timers(f"localcloud-{account_id}")
+        self._shim_dir = workdir / "image-bin"
+        self._shim_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("shutdown", "poweroff", "halt"):
+            shim = self._shim_dir / name
+            shim.write_text(_SHUTDOWN_SHIM)
+            shim.chmod(0o755)
+        # VMs of one local cloud share a uv cache, like a warm machine image.
+        self.uv_cache = workdir / "uv-cache"
+        install_hooks()
+        _RUNTIMES[account_id] = self
+
+    # -- events from moto ------------------------------------------------------
+    def on_launch(self, instances: list[Any]) -> None:
+        for instance in instances:
+            with self._lock:
+                vm = self.vms.get(instance.id)
+                if vm is None:
+                    vm = VM(instance, _allocate_ip(), self.workdir / "vms" / instance.id)
+                    self.vms[instance.id] = vm
+                    nic = instance.nics[0]
+                    nic.private_ip_address = vm.ip
+                    nic.public_ip = vm.ip
+                vm.halted = False
+                instance._state.name, instance._state.code = "pending", 0
+            self._timers.call_later(self.boot_delay, lambda vm=vm: self._boot(vm))
+
+    def on_halt(self, instance_id: str) -> None:
+        with self._lock:
+            vm = self.vms.get(instance_id)
+            if vm is None or vm.halted:
+                return
+            vm.halted = True
+            process = vm.process
+        if process is not None and process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            self._timers.call_later(
+                self.shutdown_grace, lambda: _signal_group(process.pid, signal.SIGKILL)
+            )
+
+    # -- booting -----------------------------------------------------------------
+    def _boot(self, vm: VM) -> None:
+        with self._lock:
+            if vm.halted:
+                return
+            vm.instance._state.name, vm.instance._state.code = "running", 16
+            script = decode_user_data(vm.instance.user_data)
+            vm.directory.mkdir(parents=True, exist_ok=True)
+            if not script.startswith("#!"):
+                # cloud-config and empty user-data: a VM with nothing to run.
+                vm.console_path.write_text("no boot script in user-data\n")
+                return
+            path = vm.directory / "user-data"
+            path.write_text(script)
+            path.chmod(0o700)
+            with open(vm.console_path, "ab") as console:
+                vm.process = subprocess.Popen(
+                    [str(path)],
+                    cwd=vm.directory,
+                    env=self._vm_environment(vm),
+                    stdin=subprocess.DEVNULL,
+                    stdout=console,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        threading.Thread(
+            target=self._wait, args=(vm, vm.process), name=f"vm-{vm.instance.id}", daemon=True
+        ).start()
+
+    def _vm_environment(self, vm: VM) -> dict[str, str]:
+        home = vm.directory / "home"
+        home.mkdir(exist_ok=True)
+        image_path = os.pathsep.join(
+            [str(self._shim_dir), os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]
+        )
+        return {
+            "PATH": image_path,
+            "HOME": str(home),
+            "TMPDIR": str(home),
+            "LANG": "C.UTF-8",
+            "PYTHONUNBUFFERED": "1",
+            "UV_CACHE_DIR": str(self.uv_cache),
+            # The one variable that differs from EC2, where IMDS is 169.254.169.254.
+            "RAWVM_IMDS": self.imds_url(vm.instance.id),
+        }
+
+    def _wait(self, vm: VM, process: subprocess.Popen[bytes]) -> None:
+        returncode = process.wait()
+        _signal_group(process.pid, signal.SIGKILL)  # no orphans outlive their VM
+        with self._lock:
+            instance = vm.instance
+            if vm.halted or instance._state.name != "running":
+                return
+            with open(vm.console_path, "a") as console:
+                console.write(f"\n[local cloud] boot script exited with code {returncode}\n")
+        # A VM that powered itself off, outside any API call.
+        if instance.instance_initiated_shutdown_behavior == "terminate":
+            instance.terminate()
+        else:
+            instance.stop()
+        instance.state_reason.code = "Client.InstanceInitiatedShutdown"
+        instance.state_reason.message = "Client.InstanceInitiatedShutdown: Instance initiated shutdown"
+
+    # -- spot interruptions -------------------------------------------------------
+    def interrupt(self, instance_id: str, delay: float = 5.0) -> None:
+        """Post a spot ``instance-action`` notice, then terminate after ``delay`` s."""
+        vm = self.vms[instance_id]
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + delay))
+        vm.instance_action = {"action": "terminate", "time": when}
+        self._timers.call_later(delay, lambda: self._terminate(instance_id))
+
+    def _terminate(self, instance_id: str) -> None:
+        instance = self.vms[instance_id].instance
+        if instance._state.name not in ("terminated", "shutting-down"):
+            instance.terminate()
+            instance.state_reason.code = "Server.SpotInstanceTermination"
+            instance.state_reason.message = "Server.SpotInstanceTermination: Spot interruption"
+
+    def console_output(self, instance_id: str) -> str:
+        path = self.vms[instance_id].console_path
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        """Halt every VM of this runtime and stop its timers."""
+        _RUNTIMES.pop(self.account_id, None)
+        self._timers.close()
+        with self._lock:
+            processes = [vm.process for vm in self.vms.values() if vm.process is not None]
+            for vm in self.vms.values():
+                vm.halted = True
+                if vm.instance._state.name not in ("terminated",):
+                    vm.instance._state.name, vm.instance._state.code = "terminated", 48
+        for process in processes:
+            _signal_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.shutdown_grace
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(process.pid, signal.SIGKILL)
+
+
+def decode_user_data(user_data: Any) -> str:
+    if not user_data:
+        return ""
+    if isinstance(user_data, list):
+        user_data = user_data[0]
+    if hasattr(user_data, "decode") and not isinstance(user_data, bytes):
+        return str(user_data.decode())
+    return str(user_data)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def instance_document(vm: VM) -> str:
+    """The ``dynamic/instance-identity/document`` of a VM, as IMDS serves it."""
+    instance = vm.instance
+    return json.dumps(
+        {
+            "instanceId": instance.id,
+            "instanceType": instance.instance_type,
+            "region": instance.region_name,
+            "availabilityZone": instance.availability_zone,
+            "architecture": instance.architecture,
+            "imageId": instance.image_id,
+            "privateIp": vm.ip,
+        }
+    )

@@ -1,0 +1,311 @@
+"""``LocalCloud``: moto's EC2, SSM and S3 APIs served in-process, with VMs that run.
+
+A LocalCloud is a werkzeug server on ``127.0.0.1`` (a free port by default) in
+front of moto's WSGI app. A small middleware in between
+
+- gives the cloud a moto account of its own (moto honours ``x-moto-account-id``),
+  so two local clouds in one process share nothing;
+- injects faults and latency by API action and counts calls (:mod:`.faults`);
+- serves each VM's instance metadata under ``/_imds/<id>/`` (:mod:`.imds`);
+- serves a small control API under ``/_localcloud/`` so a process that did not
+  start the cloud (a benchmark, a test's subprocess) can inject faults, read
+  call counts and interrupt spot instances: see :class:`RemoteCloud`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import shutil
+import tempfile
+import threading
+import urllib.request
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from dask_rawvm.localcloud import faults, imds
+from dask_rawvm.localcloud.runtime import VMRuntime
+
+logger = logging.getLogger(__name__)
+
+#: Credentials any client of a local cloud may use (moto accepts anything).
+CREDENTIALS = {"aws_access_key_id": "localcloud", "aws_secret_access_key": "localcloud"}
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, *args: Any, **kwargs: Any) -> None:  # one line per API call is noise
+        pass
+
+
+class LocalCloud:
+    """An EC2-compatible cloud on this machine, whose instances are local processes.
+
+    Parameters
+    ----------
+    region
+        The region the cloud answers for (any AWS region name moto knows).
+    port
+        TCP port on 127.0.0.1; 0 picks a free one.
+    boot_delay
+        Seconds an instance stays ``pending`` before its user-data runs.
+    workdir
+        Directory for VM files (user-data, console logs, a shared uv cache).
+        A temporary directory, removed on close, by default.
+
+    Examples
+    --------
+    >>> with LocalCloud() as cloud:                     # doctest: +SKIP
+    ...     cloud.inject("RunInstances", error="InsufficientInstanceCapacity")
+    ...     print(cloud.endpoint_url, cloud.calls)
+    """
+
+    def __init__(
+        self,
+        region: str = "us-east-1",
+        port: int = 0,
+        boot_delay: float = 0.0,
+        workdir: str | Path | None = None,
+    ) -> None:
+        self.region = region
+        self.port = port
+        self.boot_delay = boot_delay
+        # A fresh 12-digit moto account: this cloud's state is its own.
+        self.account_id = str(random.randrange(10**11, 10**12))
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dask-rawvm-localcloud-"))
+        self.faults = faults.FaultInjector()
+        self.runtime: VMRuntime | None = None
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    @property
+    def endpoint_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("LocalCloud is not started: use `with LocalCloud() as cloud:`")
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def start(self) -> LocalCloud:
+        """Start serving (idempotent); returns self."""
+        if self._server is not None:
+            return self
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+
+        moto_app = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server(
+            "127.0.0.1", self.port, _Middleware(self, moto_app), threaded=True,
+            request_handler=_QuietHandler,
+        )
+        endpoint = self.endpoint_url  # not `self`: the runtime must not keep the cloud alive
+        self.runtime = VMRuntime(
+            self.account_id,
+            self.workdir,
+            imds_url=lambda iid: f"{endpoint}/_imds/{iid}",
+            boot_delay=self.boot_delay,
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="localcloud-server", daemon=True
+        )
+        self._thread.start()
+        # Whatever happens to the owner, its VMs do not outlive this process.
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._server, self.runtime, self.account_id,
+            self.workdir if self._own_workdir else None,
+        )
+        logger.info("local cloud serving %s (region %s)", self.endpoint_url, self.region)
+        return self
+
+    def close(self) -> None:
+        """Halt every VM, stop serving and forget this cloud's state (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+        self._server = None
+
+    def __enter__(self) -> LocalCloud:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> LocalCloud:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    # -- what tests and benchmarks use -------------------------------------------
+    def inject(
+        self,
+        action: str,
+        error: str | None = None,
+        count: int = 1,
+        latency: float = 0.0,
+        message: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        """Fail the next ``count`` calls of ``action`` with ``error``, or add ``latency``.
+
+        See :meth:`dask_rawvm.localcloud.faults.FaultInjector.inject`.
+        """
+        self.faults.inject(action, error, count, latency, message, status)
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    @property
+    def calls(self) -> Counter[str]:
+        """API calls received so far, by action (``RunInstances``, ...)."""
+        return self.faults.calls
+
+    def reset_calls(self) -> None:
+        self.faults.reset_calls()
+
+    def interrupt(self, instance_id: str, delay: float = 5.0) -> None:
+        """Deliver a spot interruption notice to an instance; terminate it after ``delay`` s."""
+        self._runtime().interrupt(instance_id, delay)
+
+    def console_output(self, instance_id: str) -> str:
+        """Everything an instance's boot script printed so far."""
+        return self._runtime().console_output(instance_id)
+
+    def client_kwargs(self) -> dict[str, str]:
+        """Keyword arguments for an aiobotocore/boto3 client of this cloud."""
+        return {"endpoint_url": self.endpoint_url, "region_name": self.region, **CREDENTIALS}
+
+    def _runtime(self) -> VMRuntime:
+        if self.runtime is None:
+            raise RuntimeError("LocalCloud is not started")
+        return self.runtime
+
+    def __repr__(self) -> str:
+        where = self.endpoint_url if self._server is not None else "not started"
+        return f"<LocalCloud {where} region={self.region}>"
+
+
+def _shutdown(
+    server: BaseWSGIServer, runtime: VMRuntime, account_id: str, workdir: Path | None
+) -> None:
+    runtime.close()
+    server.shutdown()
+    server.server_close()
+    _forget_account(account_id)
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _forget_account(account_id: str) -> None:
+    from moto.ec2.models import ec2_backends
+    from moto.s3.models import s3_backends
+    from moto.ssm.models import ssm_backends
+
+    for backends in (ec2_backends, s3_backends, ssm_backends):
+        backends.pop(account_id, None)
+
+
+class _Middleware:
+    """Routes IMDS and control requests; injects faults; pins the moto account."""
+
+    def __init__(self, cloud: LocalCloud, app: Any) -> None:
+        self.cloud = weakref.proxy(cloud)
+        self.app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_imds/"):
+            return imds.handle(environ, start_response, self.cloud._runtime().vms)
+        if path.startswith("/_localcloud/"):
+            return _control(self.cloud, environ, start_response)
+        environ["HTTP_X_MOTO_ACCOUNT_ID"] = self.cloud.account_id
+        _, fault = faults.apply(self.cloud.faults, environ)
+        if fault is not None:
+            status, headers, body = faults.error_response(environ, fault)
+            start_response(status, headers)
+            return [body]
+        return self.app(environ, start_response)  # type: ignore[no-any-return]
+
+
+def _control(
+    cloud: LocalCloud, environ: dict[str, Any], start_response: StartResponse
+) -> Iterable[bytes]:
+    """``/_localcloud/<verb>``: the same operations as LocalCloud's methods, over HTTP."""
+    verb = environ["PATH_INFO"].removeprefix("/_localcloud/")
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    args = json.loads(environ["wsgi.input"].read(length) or b"{}") if length else {}
+    result: Any = {}
+    if verb == "info":
+        result = {"region": cloud.region, "account_id": cloud.account_id}
+    elif verb == "calls":
+        result = dict(cloud.calls)
+    elif verb == "reset-calls":
+        cloud.reset_calls()
+    elif verb == "inject":
+        cloud.inject(**args)
+    elif verb == "clear-faults":
+        cloud.clear_faults()
+    elif verb == "interrupt":
+        cloud.interrupt(**args)
+    elif verb == "console-output":
+        result = {"output": cloud.console_output(args["instance_id"])}
+    else:
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"unknown local cloud control verb"]
+    body = json.dumps(result).encode()
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [body]
+
+
+class RemoteCloud:
+    """Control a :class:`LocalCloud` running in another process, by its endpoint.
+
+    Offers the test-facing methods of LocalCloud (``inject``, ``calls``,
+    ``reset_calls``, ``interrupt``, ``console_output``) over its control API.
+    """
+
+    def __init__(self, endpoint_url: str) -> None:
+        self.endpoint_url = endpoint_url.rstrip("/")
+        self.region = self._call("info")["region"]
+
+    def _call(self, verb: str, **args: Any) -> Any:
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/_localcloud/{verb}",
+            data=json.dumps(args).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def inject(self, action: str, error: str | None = None, count: int = 1,
+               latency: float = 0.0, message: str | None = None,
+               status: int | None = None) -> None:
+        self._call("inject", action=action, error=error, count=count, latency=latency,
+                   message=message, status=status)
+
+    def clear_faults(self) -> None:
+        self._call("clear-faults")
+
+    @property
+    def calls(self) -> Counter[str]:
+        return Counter(self._call("calls"))
+
+    def reset_calls(self) -> None:
+        self._call("reset-calls")
+
+    def interrupt(self, instance_id: str, delay: float = 5.0) -> None:
+        self._call("interrupt", instance_id=instance_id, delay=delay)
+
+    def console_output(self, instance_id: str) -> str:
+        return str(self._call("console-output", instance_id=instance_id)["output"])
+
+    def client_kwargs(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint_url, "region_name": self.region, **CREDENTIALS}

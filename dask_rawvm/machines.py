@@ -1,0 +1,316 @@
+"""The scheduler VM and worker VMs as ``ProcessInterface`` objects, and the pool behind them.
+
+SpecCluster starts (and closes) every worker of one ``_correct_state`` pass
+concurrently. Each :class:`WorkerVM` hands its request to the cluster's
+:class:`VMPool`, whose :class:`Coalescer` collects the requests of a short
+window and sends them as one launch call (and one terminate call), however many
+workers there are.
+
+``start()`` returns once the cloud accepted the request, not when the Dask
+worker connects: a VM takes tens of seconds to boot, and the cluster should not
+block on it (``client.wait_for_workers(n)`` does that where a user wants it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+from distributed.core import rpc
+from distributed.deploy.spec import ProcessInterface
+
+from dask_rawvm.config import ClusterOptions
+from dask_rawvm.environment import bootstrap
+from dask_rawvm.providers.base import LaunchSpec, Machine, Provider, ProviderError
+
+logger = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+WORKER_PREFIX = "worker-"
+
+
+class Coalescer(Generic[K, V]):
+    """Turn the calls made within ``window`` seconds into one call of ``flush``.
+
+    ``flush`` takes the batch of keys and returns a result (or an exception)
+    for each key; each caller gets its own.
+    """
+
+    def __init__(
+        self, flush: Callable[[list[K]], Awaitable[dict[K, V | BaseException]]], window: float
+    ) -> None:
+        self._flush = flush
+        self.window = window
+        self._pending: dict[K, asyncio.Future[V]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, key: K) -> V:
+        future = self._pending.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[key] = future
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        # Waiting out the window is the point: it is what makes one call of many.
+        await asyncio.sleep(self.window)
+        batch, self._pending, self._task = self._pending, {}, None
+        try:
+            results = await self._flush(list(batch))
+        except Exception as e:
+            results = dict.fromkeys(batch, e)
+        for key, future in batch.items():
+            result = results.get(key, KeyError(key))
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def worker_index(name: str) -> int:
+    """The number in a worker name: ``worker-12`` -> 12."""
+    match = re.fullmatch(re.escape(WORKER_PREFIX) + r"(\d+)", name)
+    if match is None:
+        raise ValueError(f"not a dask-rawvm worker name: {name!r}")
+    return int(match.group(1))
+
+
+def contiguous_runs(names: list[str]) -> list[list[str]]:
+    """Split worker names into runs of consecutive numbers (one launch call each)."""
+    runs: list[list[str]] = []
+    for name in sorted(names, key=worker_index):
+        if runs and worker_index(name) == worker_index(runs[-1][-1]) + 1:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
+class VMPool:
+    """Every VM of one cluster: batched launches and terminations, and the record of both.
+
+    Parameters
+    ----------
+    cluster
+        The cluster's name.
+    options
+        The cluster's resolved options.
+    """
+
+    def __init__(self, cluster: str, options: ClusterOptions) -> None:
+        self.cluster = cluster
+        self.options = options
+        self.provider: Provider | None = None
+        self.machines: dict[str, Machine] = {}  # every instance this pool launched, by id
+        self.terminated: set[str] = set()
+        self._launches: Coalescer[tuple[str, str], Machine] = Coalescer(
+            self._launch_workers, options.launch_window
+        )
+        self._terminations: Coalescer[str, None] = Coalescer(
+            self._terminate, options.launch_window
+        )
+
+    def _provider(self) -> Provider:
+        if self.provider is None:
+            raise RuntimeError("the cluster's provider is not started")
+        return self.provider
+
+    # -- launching -----------------------------------------------------------------
+    async def launch_scheduler(self) -> Machine:
+        spec = LaunchSpec(
+            role="scheduler",
+            vm_type=self.options.scheduler_vm_type,
+            user_data=bootstrap.scheduler_script(self.cluster, self.options.idle_timeout),
+            count=1,
+            tags=self.options.tags,
+        )
+        (machine,) = await self._launch(spec)
+        return machine
+
+    async def launch_worker(self, name: str, scheduler_address: str) -> Machine:
+        """Launch the VM of one worker (batched with the others of this pass)."""
+        return await self._launches.submit((name, scheduler_address))
+
+    async def _launch_workers(
+        self, requests: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], Machine | BaseException]:
+        by_scheduler: dict[str, list[str]] = {}
+        for name, address in requests:
+            by_scheduler.setdefault(address, []).append(name)
+        runs = [
+            (address, run)
+            for address, names in by_scheduler.items()
+            for run in contiguous_runs(names)
+        ]
+        outcomes = await asyncio.gather(
+            *(self._launch_run(address, run) for address, run in runs), return_exceptions=True
+        )
+        results: dict[tuple[str, str], Machine | BaseException] = {}
+        for (address, run), outcome in zip(runs, outcomes, strict=True):
+            for i, name in enumerate(run):
+                results[name, address] = outcome if isinstance(outcome, BaseException) else outcome[i]
+        return results
+
+    async def _launch_run(self, scheduler_address: str, names: list[str]) -> list[Machine]:
+        options = self.options
+        script = bootstrap.worker_script(
+            self.cluster,
+            scheduler_address,
+            name_prefix=WORKER_PREFIX,
+            first_index=worker_index(names[0]),
+            death_timeout=options.death_timeout,
+            nthreads=options.worker_nthreads,
+            memory_limit=options.worker_memory_limit,
+        )
+        spec = LaunchSpec("worker", options.worker_vm_type, script, len(names), options.tags)
+        machines = await self._launch(spec)
+        if len(machines) != len(names):
+            raise ProviderError(f"asked for {len(names)} worker VMs, the cloud started {len(machines)}")
+        return machines
+
+    async def _launch(self, spec: LaunchSpec) -> list[Machine]:
+        machines = await self._provider().launch(spec)
+        self.machines.update((m.id, m) for m in machines)
+        logger.info("launched %d %s VM(s) of type %s", len(machines), spec.role, spec.vm_type)
+        return machines
+
+    # -- terminating ---------------------------------------------------------------
+    async def terminate(self, machine_id: str) -> None:
+        """Terminate one VM (batched with the others of this pass)."""
+        await self._terminations.submit(machine_id)
+
+    async def _terminate(self, ids: list[str]) -> dict[str, None | BaseException]:
+        await self._provider().terminate(ids)
+        self.terminated.update(ids)
+        return dict.fromkeys(ids)
+
+    async def close(self) -> list[str]:
+        """Terminate whatever the cluster still has, by its tag; return those ids."""
+        if self.provider is None:
+            return []
+        try:
+            leftovers = await self.provider.cleanup(self.cluster)
+            self.terminated.update(leftovers)
+            return leftovers
+        finally:
+            await self.provider.close()
+            self.provider = None
+
+    # -- waiting ---------------------------------------------------------------------
+    async def describe(self, machine_id: str) -> Machine:
+        (machine,) = await self._provider().describe([machine_id])
+        self.machines[machine.id] = machine
+        return machine
+
+    async def boot_failure(self, machine: Machine, what: str) -> str:
+        """A message saying what a VM was doing, with the tail of its boot log."""
+        try:
+            log = await self._provider().console_output(machine.id)
+        except ProviderError:
+            log = ""
+        tail = "\n".join(log.strip().splitlines()[-15:]) or "(no boot log)"
+        reason = f" ({machine.state_reason})" if machine.state_reason else ""
+        return (
+            f"{what}: instance {machine.id} is {machine.state}{reason}. "
+            f"Last lines of its boot log:\n{tail}"
+        )
+
+
+class SchedulerVM(ProcessInterface):
+    """The Dask scheduler on a VM of its own.
+
+    ``address`` is where the client reaches it (the public address);
+    ``contact_address`` is where workers reach it (the private address).
+    """
+
+    def __init__(self, pool: VMPool, security: Any = None) -> None:
+        super().__init__()
+        self.pool = pool
+        self.security = security
+        self.machine: Machine | None = None
+        self.contact_address: str | None = None
+
+    async def start(self) -> None:
+        self.machine = await self.pool.launch_scheduler()
+        deadline = time.monotonic() + self.pool.options.scheduler_timeout
+        machine = await self._wait_running(deadline)
+        port = bootstrap.SCHEDULER_PORT
+        self.address = f"tcp://{machine.address}:{port}"
+        self.contact_address = f"tcp://{machine.private_ip or machine.address}:{port}"
+        await self._wait_answering(deadline)
+        await super().start()
+
+    async def _wait_running(self, deadline: float) -> Machine:
+        assert self.machine is not None
+        while True:
+            machine = await self.pool.describe(self.machine.id)
+            if machine.state == "running" and machine.address:
+                return machine
+            await self._check(machine, deadline, "the scheduler VM did not reach running")
+            await asyncio.sleep(1)
+
+    async def _wait_answering(self, deadline: float) -> None:
+        assert self.machine is not None and self.address is not None
+        connection_args = self.security.get_connection_args("client") if self.security else {}
+        polled = time.monotonic()
+        while True:
+            try:
+                async with rpc(self.address, timeout=2, connection_args=connection_args) as r:
+                    await r.identity()
+                return
+            except OSError:
+                pass
+            if time.monotonic() - polled > 3:  # a dead VM must not make us wait out the timeout
+                polled = time.monotonic()
+                machine = await self.pool.describe(self.machine.id)
+                await self._check(machine, deadline, "the scheduler did not start")
+            elif time.monotonic() > deadline:
+                await self._check(self.machine, deadline, "the scheduler did not start")
+            await asyncio.sleep(0.5)
+
+    async def _check(self, machine: Machine, deadline: float, what: str) -> None:
+        if machine.state not in ("pending", "running"):
+            raise ProviderError(await self.pool.boot_failure(machine, what))
+        if time.monotonic() > deadline:
+            timeout = self.pool.options.scheduler_timeout
+            raise TimeoutError(
+                await self.pool.boot_failure(machine, f"{what} within {timeout:.0f} s")
+            )
+
+    async def close(self) -> None:
+        if self.machine is not None and self.pool.provider is not None:
+            await self.pool.terminate(self.machine.id)
+        await super().close()
+
+
+class WorkerVM(ProcessInterface):
+    """One Dask worker on one VM, named before it boots."""
+
+    def __init__(self, scheduler: str, name: str, pool: VMPool) -> None:
+        super().__init__(scheduler=scheduler, name=name)
+        # ProcessInterface takes these but does not keep them.
+        self.scheduler = scheduler
+        self.name = name
+        self.pool = pool
+        self.machine: Machine | None = None
+
+    async def start(self) -> None:
+        self.machine = await self.pool.launch_worker(self.name, self.scheduler)
+        await super().start()
+
+    async def close(self) -> None:
+        if self.machine is not None and self.pool.provider is not None:
+            await self.pool.terminate(self.machine.id)
+        await super().close()
+
+    def __repr__(self) -> str:
+        where = self.machine.id if self.machine else "not launched"
+        return f"<WorkerVM {self.name} {where} {self.status.name}>"

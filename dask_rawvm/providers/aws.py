@@ -1,0 +1,263 @@
+"""Amazon EC2 (or any EC2-compatible endpoint, such as the local cloud) through aiobotocore."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from dask_rawvm.providers.base import (
+    CLUSTER_TAG,
+    LIVE_STATES,
+    ROLE_TAG,
+    LaunchSpec,
+    Machine,
+    Provider,
+    ProviderError,
+)
+
+logger = logging.getLogger(__name__)
+
+# Amazon Linux 2023, by architecture, as AWS publishes it in SSM.
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+THROTTLING = {"RequestLimitExceeded", "Throttling", "ThrottlingException"}
+# EC2 takes at most 1000 ids per TerminateInstances / DescribeInstances call.
+MAX_IDS_PER_CALL = 1000
+
+
+class AWSProvider(Provider):
+    """Machines from EC2.
+
+    Parameters
+    ----------
+    cluster
+        Cluster name: the value of the cluster tag on everything created.
+    region
+        AWS region; botocore's default chain when None.
+    endpoint_url
+        An EC2-compatible endpoint (a LocalCloud); AWS when None.
+    credentials
+        ``aws_access_key_id``/``aws_secret_access_key``; the default chain when None.
+    ami
+        Machine image for every VM; AL2023 of the type's architecture when None.
+    throttle_timeout
+        How long to keep backing off a throttled call before giving up.
+    """
+
+    def __init__(
+        self,
+        cluster: str,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        credentials: dict[str, str] | None = None,
+        ami: str | None = None,
+        throttle_timeout: float = 120.0,
+    ) -> None:
+        self.cluster = cluster
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.credentials = credentials or {}
+        self.ami = ami
+        self.throttle_timeout = throttle_timeout
+        self.vm_types: dict[str, dict[str, Any]] = {}
+        self._amis: dict[str, str] = {}
+        self._stack: AsyncExitStack | None = None
+        self.ec2: Any = None
+        self._ec2_launch: Any = None
+        self._ssm: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        session = get_session()
+        self.region = self.region or session.get_config_variable("region")
+        if not self.region:
+            raise ProviderError(
+                "no AWS region: pass region=... or set AWS_DEFAULT_REGION (or a profile's region)"
+            )
+        if not self.credentials and await session.get_credentials() is None:
+            raise ProviderError(
+                "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY, or run `aws configure`"
+            )
+        self._stack = AsyncExitStack()
+        common = {"region_name": self.region, "endpoint_url": self.endpoint_url, **self.credentials}
+        standard = AioConfig(retries={"mode": "standard", "max_attempts": 5})
+        # Launch calls are never retried by botocore: capacity errors come back as
+        # HTTP 500, which it would retry blindly; we decide what to retry ourselves.
+        no_retry = AioConfig(retries={"total_max_attempts": 1})
+        client = session.create_client
+        self.ec2 = await self._stack.enter_async_context(client("ec2", config=standard, **common))
+        self._ec2_launch = await self._stack.enter_async_context(
+            client("ec2", config=no_retry, **common)
+        )
+        self._ssm = await self._stack.enter_async_context(client("ssm", config=standard, **common))
+
+    async def close(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+            self._stack = None
+
+    # -- preflight -----------------------------------------------------------------
+    async def check_vm_types(self, vm_types: list[str]) -> dict[str, dict[str, Any]]:
+        """Describe instance types, failing clearly on unknown ones; cache the answer."""
+        missing = sorted(set(vm_types) - set(self.vm_types))
+        if missing:
+            try:
+                response = await self._call(
+                    self.ec2.describe_instance_types, "DescribeInstanceTypes",
+                    InstanceTypes=missing,
+                )
+            except ProviderError as e:
+                raise ProviderError(
+                    f"instance type(s) {missing} not available in {self.region}: {e}"
+                ) from e
+            for info in response["InstanceTypes"]:
+                self.vm_types[info["InstanceType"]] = info
+            unknown = sorted(set(missing) - set(self.vm_types))
+            if unknown:
+                raise ProviderError(f"unknown instance type(s) {unknown} in {self.region}")
+        return {t: self.vm_types[t] for t in vm_types}
+
+    def architecture(self, vm_type: str) -> str:
+        archs = self.vm_types[vm_type]["ProcessorInfo"]["SupportedArchitectures"]
+        return "arm64" if "arm64" in archs else "x86_64"
+
+    def vcpus(self, vm_type: str) -> int:
+        return int(self.vm_types[vm_type]["VCpuInfo"]["DefaultVCpus"])
+
+    async def image_for(self, vm_type: str) -> str:
+        """The AMI for a type: the explicit one, else AL2023 for its architecture."""
+        if self.ami:
+            return self.ami
+        arch = self.architecture(vm_type)
+        if arch not in self._amis:
+            name = AMI_PARAMETER.format(arch=arch)
+            response = await self._call(self._ssm.get_parameter, "GetParameter", Name=name)
+            self._amis[arch] = response["Parameter"]["Value"]
+        return self._amis[arch]
+
+    # -- machines ------------------------------------------------------------------
+    async def launch(self, spec: LaunchSpec) -> list[Machine]:
+        await self.check_vm_types([spec.vm_type])
+        tags = [{"Key": k, "Value": v} for k, v in self.tags(spec.role, spec.tags).items()]
+        response = await self._call(
+            self._ec2_launch.run_instances,
+            "RunInstances",
+            ImageId=await self.image_for(spec.vm_type),
+            InstanceType=spec.vm_type,
+            MinCount=spec.count,
+            MaxCount=spec.count,
+            UserData=spec.user_data,
+            InstanceInitiatedShutdownBehavior="terminate",
+            MetadataOptions={
+                "HttpTokens": "required",
+                "HttpEndpoint": "enabled",
+                "InstanceMetadataTags": "enabled",
+            },
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags},
+            ],
+            # One token per request: a retried call can never launch twice.
+            ClientToken=uuid.uuid4().hex,
+        )
+        return sorted((_machine(i) for i in response["Instances"]), key=lambda m: m.launch_index)
+
+    def tags(self, role: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {
+            **(extra or {}),
+            "Name": f"{self.cluster}-{role}",
+            CLUSTER_TAG: self.cluster,
+            ROLE_TAG: role,
+        }
+
+    async def terminate(self, ids: list[str]) -> None:
+        for start in range(0, len(ids), MAX_IDS_PER_CALL):
+            chunk = ids[start : start + MAX_IDS_PER_CALL]
+            await self._call(self.ec2.terminate_instances, "TerminateInstances", InstanceIds=chunk)
+
+    async def describe(self, ids: list[str]) -> list[Machine]:
+        machines = []
+        for start in range(0, len(ids), MAX_IDS_PER_CALL):
+            chunk = ids[start : start + MAX_IDS_PER_CALL]
+            response = await self._call(
+                self.ec2.describe_instances, "DescribeInstances", InstanceIds=chunk
+            )
+            machines += [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
+        return machines
+
+    async def live_machines(self, cluster: str) -> list[Machine]:
+        """Every instance tagged with ``cluster`` that is not terminated."""
+        paginator = self.ec2.get_paginator("describe_instances")
+        filters = [
+            {"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]},
+            {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+        ]
+        machines = []
+        try:
+            async for page in paginator.paginate(Filters=filters):
+                machines += [_machine(i) for r in page["Reservations"] for i in r["Instances"]]
+        except (ClientError, BotoCoreError) as e:
+            raise ProviderError(f"EC2 DescribeInstances failed: {e}") from e
+        return machines
+
+    async def cleanup(self, cluster: str) -> list[str]:
+        ids = [m.id for m in await self.live_machines(cluster)]
+        if ids:
+            await self.terminate(ids)
+        return ids
+
+    async def console_output(self, machine_id: str) -> str:
+        response = await self._call(
+            self.ec2.get_console_output, "GetConsoleOutput", InstanceId=machine_id, Latest=True
+        )
+        output = response.get("Output") or ""
+        try:
+            return base64.b64decode(output).decode(errors="replace")
+        except ValueError:
+            return str(output)
+
+    # -- calls -----------------------------------------------------------------------
+    async def _call(self, method: Callable[..., Awaitable[Any]], action: str, **params: Any) -> Any:
+        """One API call: throttling backs off with full jitter; anything else is a ProviderError."""
+        deadline = time.monotonic() + self.throttle_timeout
+        delay = 0.2
+        while True:
+            try:
+                return await method(**params)
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                if code in THROTTLING and time.monotonic() < deadline:
+                    logger.info("EC2 throttled %s; backing off", action)
+                    await asyncio.sleep(random.uniform(0, delay))
+                    delay = min(delay * 2, 20.0)
+                    continue
+                message = e.response.get("Error", {}).get("Message", "")
+                raise ProviderError(f"EC2 {action} failed: {code}: {message}") from e
+            except BotoCoreError as e:
+                raise ProviderError(f"EC2 {action} failed: {e}") from e
+
+
+def _machine(instance: dict[str, Any]) -> Machine:
+    return Machine(
+        id=instance["InstanceId"],
+        launch_index=int(instance.get("AmiLaunchIndex", 0)),
+        state=instance["State"]["Name"],
+        vm_type=instance["InstanceType"],
+        private_ip=instance.get("PrivateIpAddress"),
+        public_ip=instance.get("PublicIpAddress"),
+        zone=instance.get("Placement", {}).get("AvailabilityZone"),
+        market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+        state_reason=instance.get("StateReason", {}).get("Message"),
+        tags={t["Key"]: t["Value"] for t in instance.get("Tags", [])},
+    )

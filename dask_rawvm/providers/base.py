@@ -1,0 +1,86 @@
+"""What every provider offers: launch N machines of a spec, terminate, describe, clean up.
+
+Providers know clouds, not Dask: the cluster hands them a :class:`LaunchSpec`
+(role, type, user-data, tags, count) and gets :class:`Machine` records back.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+#: The tag every resource of a cluster carries: its value is the cluster's name.
+CLUSTER_TAG = "dask-rawvm:cluster"
+#: "scheduler" or "worker".
+ROLE_TAG = "dask-rawvm:role"
+
+
+class ProviderError(RuntimeError):
+    """The cloud refused or failed a request; the message names the call and the cause."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """``count`` identical machines, one launch call."""
+
+    role: str
+    vm_type: str
+    user_data: str
+    count: int
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One VM as the provider reports it."""
+
+    id: str
+    launch_index: int
+    state: str
+    vm_type: str
+    private_ip: str | None = None
+    public_ip: str | None = None
+    zone: str | None = None
+    market: str = "on-demand"
+    state_reason: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str | None:
+        """The address a client outside the cloud's network reaches it at."""
+        return self.public_ip or self.private_ip
+
+
+LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+
+
+class Provider(abc.ABC):
+    """A source of machines for one cluster."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect and check what can be checked before anything is created."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections (not machines)."""
+
+    @abc.abstractmethod
+    async def launch(self, spec: LaunchSpec) -> list[Machine]:
+        """Ask for ``spec.count`` machines; return them once the cloud accepted the request."""
+
+    @abc.abstractmethod
+    async def terminate(self, ids: list[str]) -> None:
+        """Terminate machines, in as few calls as the cloud allows."""
+
+    @abc.abstractmethod
+    async def describe(self, ids: list[str]) -> list[Machine]:
+        """Current state of some machines."""
+
+    @abc.abstractmethod
+    async def cleanup(self, cluster: str) -> list[str]:
+        """Terminate every live machine tagged with ``cluster``; return their ids."""
+
+    async def console_output(self, machine_id: str) -> str:
+        """What the machine's boot printed, where the provider can tell."""
+        return ""
