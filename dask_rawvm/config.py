@@ -85,8 +85,8 @@ def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOpt
         config_name = _default_section(given)
     merged = _section(config_name)
     merged.update(given)
-    for key in _DURATIONS:
-        merged[key] = _seconds(key, merged.get(key))
+    for key in set(_DURATIONS) & set(merged):
+        merged[key] = _seconds(key, merged[key])
     options = ClusterOptions(**merged)
     _validate(options, config_name)
     return options

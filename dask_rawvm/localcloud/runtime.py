@@ -196,6 +196,9 @@ class VMRuntime:
         Seconds an instance stays ``pending`` before it boots.
     shutdown_grace
         Seconds between SIGTERM and SIGKILL when an instance is halted.
+    image_path
+        Directories the VMs' PATH starts with: what their machine image has
+        installed. Before them, the VM sees this Python's ``bin`` directory.
     """
 
     def __init__(
@@ -205,12 +208,14 @@ class VMRuntime:
         imds_url: Callable[[str], str],
         boot_delay: float = 0.0,
         shutdown_grace: float = 3.0,
+        image_path: list[str] | None = None,
     ) -> None:
         self.account_id = account_id
         self.workdir = workdir
         self.imds_url = imds_url
         self.boot_delay = boot_delay
         self.shutdown_grace = shutdown_grace
+        self.image_path = list(image_path or [])
         self.vms: dict[str, VM] = {}
         self._lock = threading.RLock()
         self._timers = _Timers(f"localcloud-{account_id}")
@@ -286,7 +291,8 @@ class VMRuntime:
         home = vm.directory / "home"
         home.mkdir(exist_ok=True)
         image_path = os.pathsep.join(
-            [str(self._shim_dir), os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin", "/bin"]
+            [str(self._shim_dir), *self.image_path, os.path.dirname(sys.executable),
+             "/usr/local/bin", "/usr/bin", "/bin"]
         )
         return {
             "PATH": image_path,

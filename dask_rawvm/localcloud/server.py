@@ -60,6 +60,9 @@ class LocalCloud:
     workdir
         Directory for VM files (user-data, console logs, a shared uv cache).
         A temporary directory, removed on close, by default.
+    image_path
+        Directories first on the VMs' PATH: the software of their machine image
+        (this Python's environment comes after them).
 
     Examples
     --------
@@ -74,8 +77,10 @@ class LocalCloud:
         port: int = 0,
         boot_delay: float = 0.0,
         workdir: str | Path | None = None,
+        image_path: list[str] | None = None,
     ) -> None:
         self.region = region
+        self.image_path = image_path
         self.port = port
         self.boot_delay = boot_delay
         # A fresh 12-digit moto account: this cloud's state is its own.
@@ -112,6 +117,7 @@ class LocalCloud:
             self.workdir,
             imds_url=lambda iid: f"{endpoint}/_imds/{iid}",
             boot_delay=self.boot_delay,
+            image_path=self.image_path,
         )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="localcloud-server", daemon=True
