@@ -22,11 +22,14 @@ def main() -> None:
 @click.option("--workers", default=2, show_default=True, help="Workers to start with.")
 @click.option("--maximum", default=5, show_default=True, help="Most workers adapt may reach.")
 @click.option(
-    "--scheduler", type=click.Choice(["vm", "local"]), default="vm", show_default=True,
+    "--scheduler",
+    type=click.Choice(["vm", "local"]),
+    default="vm",
+    show_default=True,
     help="Run the scheduler on its own VM or in this process.",
 )
 def demo(workers: int, maximum: int, scheduler: str) -> None:
-    """Run a real cluster on the embedded local cloud: boot, compute, adapt, scale down, tear down."""
+    """Run a real cluster on the local cloud: boot, compute, adapt, scale down, tear down."""
     from dask_rawvm.demo import run_demo
 
     raise SystemExit(run_demo(workers, maximum, scheduler, echo=click.echo))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import uuid
 import weakref
@@ -44,9 +45,11 @@ class RawVMAdaptive(Adaptive):
         kwargs.setdefault("wait_count", 3)
         super().__init__(*args, **kwargs)
 
-    async def scale_down(self, workers: list[str]) -> None:
+    async def scale_down(self, workers: list[str]) -> None:  # type: ignore[override]
+        cluster = self.cluster
+        assert isinstance(cluster, SpecCluster)
         if workers:
-            await self.cluster.scale_down(workers)
+            await cluster.scale_down(workers)
 
 
 class RawVMCluster(SpecCluster):
@@ -128,12 +131,21 @@ class RawVMCluster(SpecCluster):
     ) -> None:
         self.options: ClusterOptions = resolve_options(
             config_name,
-            provider=provider, name=name, region=region, endpoint_url=endpoint_url,
-            scheduler=scheduler, scheduler_vm_type=scheduler_vm_type,
-            worker_vm_type=worker_vm_type, ami=ami, worker_nthreads=worker_nthreads,
-            worker_memory_limit=worker_memory_limit, death_timeout=death_timeout,
-            idle_timeout=idle_timeout, scheduler_timeout=scheduler_timeout,
-            boot_delay=boot_delay, tags=tags,
+            provider=provider,
+            name=name,
+            region=region,
+            endpoint_url=endpoint_url,
+            scheduler=scheduler,
+            scheduler_vm_type=scheduler_vm_type,
+            worker_vm_type=worker_vm_type,
+            ami=ami,
+            worker_nthreads=worker_nthreads,
+            worker_memory_limit=worker_memory_limit,
+            death_timeout=death_timeout,
+            idle_timeout=idle_timeout,
+            scheduler_timeout=scheduler_timeout,
+            boot_delay=boot_delay,
+            tags=tags,
         )
         if n_workers < 0:
             raise ValueError(f"n_workers={n_workers} must be 0 or more")
@@ -196,12 +208,17 @@ class RawVMCluster(SpecCluster):
         options = self.options
         endpoint_url, credentials = options.endpoint_url, None
         if options.provider == "local":
-            self.cloud = LocalCloud(region=options.region or "us-east-1", boot_delay=options.boot_delay)
+            self.cloud = LocalCloud(
+                region=options.region or "us-east-1", boot_delay=options.boot_delay
+            )
             await asyncio.to_thread(self.cloud.start)
             endpoint_url, credentials = self.cloud.endpoint_url, CREDENTIALS
         provider = AWSProvider(
-            self.cluster_name, region=options.region, endpoint_url=endpoint_url,
-            credentials=credentials, ami=options.ami,
+            self.cluster_name,
+            region=options.region,
+            endpoint_url=endpoint_url,
+            credentials=credentials,
+            ami=options.ami,
         )
         try:
             await provider.start()
@@ -221,7 +238,9 @@ class RawVMCluster(SpecCluster):
             with suppress(Exception):
                 leftovers = await self.pool.close()
                 if leftovers:
-                    logger.info("terminated %d leftover VM(s) of %s", len(leftovers), self.cluster_name)
+                    logger.info(
+                        "terminated %d leftover VM(s) of %s", len(leftovers), self.cluster_name
+                    )
             await self._release_cloud()
             self._finalizer.detach()
 
@@ -257,7 +276,9 @@ class RawVMCluster(SpecCluster):
 
     @staticmethod
     def _index(name: str) -> int:
-        return int(str(name).removeprefix(WORKER_PREFIX)) if str(name).startswith(WORKER_PREFIX) else 0
+        return (
+            int(str(name).removeprefix(WORKER_PREFIX)) if str(name).startswith(WORKER_PREFIX) else 0
+        )
 
     async def _correct_state_internal(self) -> None:
         to_close = set(self.workers) - set(self.worker_spec)
@@ -275,6 +296,7 @@ class RawVMCluster(SpecCluster):
         SpecCluster retires by name through a parameter that takes addresses
         (dask/distributed#5577), so its scale-down kills workers with their data.
         """
+        assert self.scheduler_comm is not None
         await self.scheduler_comm.retire_workers(
             names=sorted(names), close_workers=True, remove=True
         )
@@ -282,7 +304,9 @@ class RawVMCluster(SpecCluster):
         connected = {info.get("name") for info in identity.get("workers", {}).values()}
         kept = names & connected
         if kept:
-            logger.warning("workers %s could not hand off their data and keep running", sorted(kept))
+            logger.warning(
+                "workers %s could not hand off their data and keep running", sorted(kept)
+            )
         return kept
 
     def _rename_replacements(self) -> None:
@@ -292,13 +316,33 @@ class RawVMCluster(SpecCluster):
             self.worker_spec[self._take_name()] = spec
             self._launched.discard(name)
 
-    def adapt(self, *args: Any, Adaptive: type[Adaptive] = RawVMAdaptive, **kwargs: Any) -> Adaptive:
+    def adapt(
+        self,
+        Adaptive: type[Adaptive] = RawVMAdaptive,
+        minimum: float = 0,
+        maximum: float = math.inf,
+        minimum_cores: int | None = None,
+        maximum_cores: int | None = None,
+        minimum_memory: str | None = None,
+        maximum_memory: str | None = None,
+        **kwargs: Any,
+    ) -> Adaptive:
         """Scale between ``minimum`` and ``maximum`` workers with the load.
 
-        See :meth:`distributed.deploy.spec.SpecCluster.adapt`; defaults here give
-        idle VMs back within seconds.
+        Same parameters as :meth:`distributed.deploy.spec.SpecCluster.adapt`; the
+        default :class:`RawVMAdaptive` gives idle VMs back within seconds and
+        terminates only workers that retired.
         """
-        return super().adapt(*args, Adaptive=Adaptive, **kwargs)
+        return super().adapt(
+            Adaptive,
+            minimum,
+            maximum,
+            minimum_cores,
+            maximum_cores,
+            minimum_memory,
+            maximum_memory,
+            **kwargs,
+        )
 
     # -- introspection -----------------------------------------------------------------
     @property

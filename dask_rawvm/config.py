@@ -47,11 +47,9 @@ class ClusterOptions:
     launch_window: float = 0.02
     tags: dict[str, str] = field(default_factory=dict)
 
-    @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
 
+OPTION_NAMES = [f.name for f in dataclasses.fields(ClusterOptions)]
 _DURATIONS = ("boot_delay", "death_timeout", "idle_timeout", "scheduler_timeout", "launch_window")
 
 
@@ -75,10 +73,10 @@ def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOpt
         For an unknown section, a key in a section that is not an option, or a
         value outside its choices.
     """
-    unknown = set(kwargs) - set(ClusterOptions.keys())
+    unknown = set(kwargs) - set(OPTION_NAMES)
     if unknown:
         raise TypeError(
-            f"unknown option(s) {sorted(unknown)}; valid options are {ClusterOptions.keys()}"
+            f"unknown option(s) {sorted(unknown)}; valid options are {OPTION_NAMES}"
         )
     given = {k: v for k, v in kwargs.items() if v is not None}
     if config_name is None:
@@ -115,12 +113,12 @@ def _section(config_name: str) -> dict[str, Any]:
         base = _section(provider)
         base.update(section)
         section = base
-    unknown = set(section) - set(ClusterOptions.keys())
+    unknown = set(section) - set(OPTION_NAMES)
     if unknown:
         raise ValueError(
             f"configuration section 'rawvm.{config_name}' has unknown key(s) "
             f"{sorted(k.replace('_', '-') for k in unknown)}; valid keys are "
-            f"{[k.replace('_', '-') for k in ClusterOptions.keys()]}"
+            f"{[k.replace('_', '-') for k in OPTION_NAMES]}"
         )
     return section
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import boto3
+from distributed import Client
 
 from dask_rawvm.cluster import RawVMCluster
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
@@ -32,6 +33,21 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def _load(client: Client, maximum: int) -> int:
+    """Keep the cluster busy until adapt reached ``maximum`` or the work is done; the peak."""
+    futures = client.map(slow_square, range(maximum * 6))
+    peak = 0
+
+    def busy() -> bool:
+        nonlocal peak
+        peak = max(peak, len(client.scheduler_info()["workers"]))
+        return peak < maximum and not all(f.done() for f in futures)
+
+    _wait(lambda: not busy(), 120)
+    client.gather(futures)
+    return peak
 
 
 def live_instances(cloud: LocalCloud, cluster: str) -> list[str]:
@@ -56,12 +72,17 @@ def run_demo(workers: int, maximum: int, scheduler: str, echo: Callable[[str], N
         echo(f"local cloud at {cloud.endpoint_url}")
         start = time.monotonic()
         with RawVMCluster(
-            n_workers=workers, endpoint_url=cloud.endpoint_url, region=cloud.region,
-            scheduler=scheduler, death_timeout=30,
+            n_workers=workers,
+            endpoint_url=cloud.endpoint_url,
+            region=cloud.region,
+            scheduler=scheduler,
+            death_timeout=30,
         ) as cluster:
             name = cluster.cluster_name
-            echo(f"cluster {name} up in {time.monotonic() - start:.1f} s; "
-                 f"dashboard {cluster.dashboard_link}")
+            echo(
+                f"cluster {name} up in {time.monotonic() - start:.1f} s; "
+                f"dashboard {cluster.dashboard_link}"
+            )
             client = cluster.get_client()
             client.wait_for_workers(workers, timeout=120)
             echo(f"{workers} worker VMs connected after {time.monotonic() - start:.1f} s")
@@ -73,24 +94,16 @@ def run_demo(workers: int, maximum: int, scheduler: str, echo: Callable[[str], N
 
             cluster.adapt(minimum=1, maximum=maximum)
             before = cloud.calls
-            futures = client.map(slow_square, range(maximum * 6))
-            peak = 0
-
-            def count() -> int:
-                nonlocal peak
-                peak = max(peak, len(client.scheduler_info()["workers"]))
-                return peak
-
-            _wait(lambda: count() >= maximum or all(f.done() for f in futures), 120)
-            client.gather(futures)
-            del futures
+            peak = _load(client, maximum)
             echo(f"adapt scaled up to {peak} workers under load")
             idle = time.monotonic()
             down = _wait(lambda: len(client.scheduler_info()["workers"]) == 1, 120)
             echo(f"adapt scaled down to 1 worker {time.monotonic() - idle:.1f} s after going idle")
             calls = cloud.calls - before
-            echo(f"EC2 calls while adapting: RunInstances={calls['RunInstances']} "
-                 f"TerminateInstances={calls['TerminateInstances']}")
+            echo(
+                f"EC2 calls while adapting: RunInstances={calls['RunInstances']} "
+                f"TerminateInstances={calls['TerminateInstances']}"
+            )
             kept = abs(float(x.mean().compute()) - mean) < 1e-12
             echo(f"persisted data after scale-down: {'intact' if kept else 'LOST'}")
             ok &= down and kept and peak > 1

@@ -114,9 +114,7 @@ class VMPool:
         self._launches: Coalescer[tuple[str, str], Machine] = Coalescer(
             self._launch_workers, options.launch_window
         )
-        self._terminations: Coalescer[str, None] = Coalescer(
-            self._terminate, options.launch_window
-        )
+        self._terminations: Coalescer[str, None] = Coalescer(self._terminate, options.launch_window)
 
     def _provider(self) -> Provider:
         if self.provider is None:
@@ -156,7 +154,9 @@ class VMPool:
         results: dict[tuple[str, str], Machine | BaseException] = {}
         for (address, run), outcome in zip(runs, outcomes, strict=True):
             for i, name in enumerate(run):
-                results[name, address] = outcome if isinstance(outcome, BaseException) else outcome[i]
+                results[name, address] = (
+                    outcome if isinstance(outcome, BaseException) else outcome[i]
+                )
         return results
 
     async def _launch_run(self, scheduler_address: str, names: list[str]) -> list[Machine]:
@@ -173,7 +173,9 @@ class VMPool:
         spec = LaunchSpec("worker", options.worker_vm_type, script, len(names), options.tags)
         machines = await self._launch(spec)
         if len(machines) != len(names):
-            raise ProviderError(f"asked for {len(names)} worker VMs, the cloud started {len(machines)}")
+            raise ProviderError(
+                f"asked for {len(names)} worker VMs, the cloud started {len(machines)}"
+            )
         return machines
 
     async def _launch(self, spec: LaunchSpec) -> list[Machine]:
@@ -187,7 +189,7 @@ class VMPool:
         """Terminate one VM (batched with the others of this pass)."""
         await self._terminations.submit(machine_id)
 
-    async def _terminate(self, ids: list[str]) -> dict[str, None | BaseException]:
+    async def _terminate(self, ids: list[str]) -> dict[str, BaseException | None]:
         await self._provider().terminate(ids)
         self.terminated.update(ids)
         return dict.fromkeys(ids)

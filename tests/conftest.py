@@ -20,4 +20,3 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
         processes = [vm.process for vm in cloud.runtime.vms.values() if vm.process]  # type: ignore[union-attr]
     # LocalCloud.close() halted every VM: none of their processes may survive it.
     assert all(p.poll() is not None for p in processes), "a VM process outlived its cloud"
-

@@ -32,7 +32,9 @@ def wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "
         time.sleep(0.1)
 
 
-async def async_wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "") -> None:
+async def async_wait_for(
+    condition: Callable[[], object], timeout: float = 60, what: str = ""
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -61,8 +61,11 @@ def test_sync_cluster_end_to_end(cloud: LocalCloud) -> None:
 
 async def test_async_cluster_end_to_end(cloud: LocalCloud) -> None:
     async with RawVMCluster(
-        n_workers=2, endpoint_url=cloud.endpoint_url, region=cloud.region,
-        asynchronous=True, death_timeout=20,
+        n_workers=2,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        asynchronous=True,
+        death_timeout=20,
     ) as cluster:
         async with Client(cluster, asynchronous=True) as client:
             await client.wait_for_workers(2, timeout=60)
@@ -93,8 +96,9 @@ def test_failed_worker_launch_raises_clear_error_and_leaves_nothing(cloud: Local
     cloud.inject("RunInstances", error="InsufficientInstanceCapacity", count=1)
     cloud.inject("RunInstances", error="InsufficientInstanceCapacity", count=1)
     with pytest.raises(Exception, match="InsufficientInstanceCapacity") as error:
-        RawVMCluster(n_workers=2, endpoint_url=cloud.endpoint_url, region=cloud.region,
-                     name="doomed")
+        RawVMCluster(
+            n_workers=2, endpoint_url=cloud.endpoint_url, region=cloud.region, name="doomed"
+        )
     assert "RunInstances" in str(error.value)
     assert live_instances(cloud) == []
 
@@ -128,9 +132,13 @@ def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(
 
 
 def test_unknown_instance_type_fails_before_anything_launches(cloud: LocalCloud) -> None:
-    with pytest.raises(Exception, match="m99x.gigantic"):
-        RawVMCluster(n_workers=2, endpoint_url=cloud.endpoint_url, region=cloud.region,
-                     worker_vm_type="m99x.gigantic")
+    with pytest.raises(Exception, match=r"m99x\.gigantic"):
+        RawVMCluster(
+            n_workers=2,
+            endpoint_url=cloud.endpoint_url,
+            region=cloud.region,
+            worker_vm_type="m99x.gigantic",
+        )
     assert cloud.calls["RunInstances"] == 0
     assert live_instances(cloud) == []
 
@@ -144,7 +152,7 @@ def test_missing_region_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.fixture
-def slow_boot_cloud(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def slow_boot_cloud(monkeypatch: pytest.MonkeyPatch):
     """A cloud whose VMs never boot during a test: the control path alone."""
     from dask_rawvm.localcloud import CREDENTIALS
 
@@ -157,7 +165,9 @@ def slow_boot_cloud(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 async def test_one_launch_call_and_one_terminate_call_per_pass(slow_boot_cloud: LocalCloud) -> None:
     cloud = slow_boot_cloud
     async with RawVMCluster(
-        endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local",
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
         asynchronous=True,
     ) as cluster:
         cloud.reset_calls()
@@ -179,7 +189,9 @@ async def test_one_launch_call_and_one_terminate_call_per_pass(slow_boot_cloud: 
         await cluster._correct_state()
         # Freed names are never handed out again.
         assert set(cluster.workers) - {f"worker-{i}" for i in range(25)} == {
-            "worker-25", "worker-26", "worker-27"
+            "worker-25",
+            "worker-26",
+            "worker-27",
         }
     assert live_instances(cloud) == []
 
@@ -192,8 +204,9 @@ def test_unclosed_cluster_is_cleaned_up_at_interpreter_exit(cloud: LocalCloud) -
         print(len(cluster.instances), flush=True)
         # exits without close()
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert result.stdout.strip() == "2", result.stderr
     assert cloud.calls["RunInstances"] == 2
     assert live_instances(cloud, "forgotten") == []

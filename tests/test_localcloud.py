@@ -31,7 +31,7 @@ wait
 EXITS = "#!/bin/bash\necho bye\n"
 
 
-def ec2_client(cloud: LocalCloud, retries: int = 1):  # noqa: ANN201
+def ec2_client(cloud: LocalCloud, retries: int = 1):
     config = Config(retries={"total_max_attempts": retries})
     return boto3.client("ec2", config=config, **cloud.client_kwargs())
 
@@ -39,8 +39,12 @@ def ec2_client(cloud: LocalCloud, retries: int = 1):  # noqa: ANN201
 def run(cloud: LocalCloud, script: str, count: int = 1, **kwargs: object) -> list[str]:
     ec2 = ec2_client(cloud)
     response = ec2.run_instances(
-        ImageId="ami-12c6146b", MinCount=count, MaxCount=count, InstanceType="t3.micro",
-        UserData=script, InstanceInitiatedShutdownBehavior="terminate",
+        ImageId="ami-12c6146b",
+        MinCount=count,
+        MaxCount=count,
+        InstanceType="t3.micro",
+        UserData=script,
+        InstanceInitiatedShutdownBehavior="terminate",
         TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "role", "Value": "w"}]}],
         **kwargs,
     )
@@ -139,7 +143,9 @@ def test_two_clouds_share_nothing(cloud: LocalCloud) -> None:
 def test_standalone_server_and_remote_control() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         assert server.stdout is not None

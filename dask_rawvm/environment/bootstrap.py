@@ -53,7 +53,8 @@ fi
 
 _SCHEDULER = r"""
 log "scheduler of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
-ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT" --dashboard-address "$ADDRESS:$RAWVM_DASHBOARD_PORT")
+ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT"
+      --dashboard-address "$ADDRESS:$RAWVM_DASHBOARD_PORT")
 [ -n "$RAWVM_IDLE_TIMEOUT" ] && ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
 "$PYTHON" -m distributed.cli.dask_scheduler "${ARGS[@]}"
 log "scheduler exited with code $?"
@@ -78,7 +79,9 @@ def _render(variables: dict[str, object], body: str) -> str:
         f"{key}={shlex.quote('' if value is None else str(value))}"
         for key, value in variables.items()
     )
-    script = f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n{_PRELUDE}{_ENVIRONMENT}{body}"
+    script = (
+        f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n{_PRELUDE}{_ENVIRONMENT}{body}"
+    )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
             f"bootstrap script is {len(script.encode())} bytes, over EC2's 16 KiB user-data limit"

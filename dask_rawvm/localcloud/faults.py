@@ -137,7 +137,9 @@ def action_of(environ: dict[str, Any]) -> str:
     return f"s3:{environ.get('REQUEST_METHOD', 'GET')}"
 
 
-def error_response(environ: dict[str, Any], fault: Fault) -> tuple[str, list[tuple[str, str]], bytes]:
+def error_response(
+    environ: dict[str, Any], fault: Fault
+) -> tuple[str, list[tuple[str, str]], bytes]:
     """An AWS-shaped error: XML for the query protocol, JSON for the JSON protocol."""
     assert fault.error is not None
     status = fault.status or ERROR_STATUS.get(fault.error, 400)

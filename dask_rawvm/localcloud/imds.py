@@ -18,7 +18,9 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 def _metadata(vm: VM, key: str) -> str | None:
     instance = vm.instance
-    tags = {t["key"]: t["value"] for t in instance.get_tags()} if hasattr(instance, "get_tags") else {}
+    tags = (
+        {t["key"]: t["value"] for t in instance.get_tags()} if hasattr(instance, "get_tags") else {}
+    )
     simple = {
         "instance-id": instance.id,
         "ami-id": instance.image_id,

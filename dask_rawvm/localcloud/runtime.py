@@ -17,6 +17,8 @@ moto, so the runtime is told of launches and terminations by the backend itself.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import heapq
 import itertools
 import json
@@ -46,7 +48,9 @@ _IP_OCTET = 64 + os.getpid() % 160
 _IP_COUNTER = itertools.count(1)
 
 # Stands in for the VM's `shutdown`/`poweroff`: ends every process of the VM.
-_SHUTDOWN_SHIM = "#!/bin/sh\n# local cloud: powering off this VM ends its process group\nkill -TERM 0\n"
+_SHUTDOWN_SHIM = (
+    "#!/bin/sh\n# local cloud: powering off this VM ends its process group\nkill -TERM 0\n"
+)
 
 
 def _allocate_ip() -> str:
@@ -92,10 +96,10 @@ def install_hooks() -> None:
             return previous
 
         _hook_console_output()
-        InstanceBackend.run_instances = hooked_run_instances  # type: ignore[method-assign]
-        Instance.terminate = halting(terminate)  # type: ignore[method-assign]
-        Instance.stop = halting(stop)  # type: ignore[method-assign]
-        Instance.start = hooked_start  # type: ignore[method-assign]
+        InstanceBackend.run_instances = hooked_run_instances  # type: ignore[method-assign,assignment]
+        Instance.terminate = halting(terminate)  # type: ignore[method-assign,assignment]
+        Instance.stop = halting(stop)  # type: ignore[method-assign,assignment]
+        Instance.start = hooked_start  # type: ignore[method-assign,assignment]
         _HOOKED = True
 
 
@@ -121,7 +125,7 @@ def _hook_console_output() -> None:
         }
         return ActionResult(result)
 
-    General.get_console_output = get_console_output  # type: ignore[method-assign]
+    General.get_console_output = get_console_output  # type: ignore[method-assign,assignment]
 
 
 class _Timers:
@@ -150,9 +154,7 @@ class _Timers:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (
-                    not self._heap or self._heap[0][0] > time.monotonic()
-                ):
+                while not self._closed and (not self._heap or self._heap[0][0] > time.monotonic()):
                     timeout = self._heap[0][0] - time.monotonic() if self._heap else None
                     self._cond.wait(timeout)
                 if self._closed:
@@ -243,7 +245,7 @@ class VMRuntime:
                     nic.public_ip = vm.ip
                 vm.halted = False
                 instance._state.name, instance._state.code = "pending", 0
-            self._timers.call_later(self.boot_delay, lambda vm=vm: self._boot(vm))
+            self._timers.call_later(self.boot_delay, functools.partial(self._boot, vm))
 
     def on_halt(self, instance_id: str) -> None:
         with self._lock:
@@ -291,8 +293,14 @@ class VMRuntime:
         home = vm.directory / "home"
         home.mkdir(exist_ok=True)
         image_path = os.pathsep.join(
-            [str(self._shim_dir), *self.image_path, os.path.dirname(sys.executable),
-             "/usr/local/bin", "/usr/bin", "/bin"]
+            [
+                str(self._shim_dir),
+                *self.image_path,
+                os.path.dirname(sys.executable),
+                "/usr/local/bin",
+                "/usr/bin",
+                "/bin",
+            ]
         )
         return {
             "PATH": image_path,
@@ -320,7 +328,9 @@ class VMRuntime:
         else:
             instance.stop()
         instance.state_reason.code = "Client.InstanceInitiatedShutdown"
-        instance.state_reason.message = "Client.InstanceInitiatedShutdown: Instance initiated shutdown"
+        instance.state_reason.message = (
+            "Client.InstanceInitiatedShutdown: Instance initiated shutdown"
+        )
 
     # -- spot interruptions -------------------------------------------------------
     def interrupt(self, instance_id: str, delay: float = 5.0) -> None:
@@ -355,10 +365,8 @@ class VMRuntime:
             _signal_group(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.shutdown_grace
         for process in processes:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
             _signal_group(process.pid, signal.SIGKILL)
 
 
@@ -373,10 +381,8 @@ def decode_user_data(user_data: Any) -> str:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def instance_document(vm: VM) -> str:

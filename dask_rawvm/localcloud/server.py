@@ -108,7 +108,10 @@ class LocalCloud:
 
         moto_app = DomainDispatcherApplication(create_backend_app)
         self._server = make_server(
-            "127.0.0.1", self.port, _Middleware(self, moto_app), threaded=True,
+            "127.0.0.1",
+            self.port,
+            _Middleware(self, moto_app),
+            threaded=True,
             request_handler=_QuietHandler,
         )
         endpoint = self.endpoint_url  # not `self`: the runtime must not keep the cloud alive
@@ -125,7 +128,11 @@ class LocalCloud:
         self._thread.start()
         # Whatever happens to the owner, its VMs do not outlive this process.
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._server, self.runtime, self.account_id,
+            self,
+            _shutdown,
+            self._server,
+            self.runtime,
+            self.account_id,
             self.workdir if self._own_workdir else None,
         )
         logger.info("local cloud serving %s (region %s)", self.endpoint_url, self.region)
@@ -237,7 +244,7 @@ class _Middleware:
             status, headers, body = faults.error_response(environ, fault)
             start_response(status, headers)
             return [body]
-        return self.app(environ, start_response)  # type: ignore[no-any-return]
+        return self.app(environ, start_response)
 
 
 def _control(
@@ -291,11 +298,24 @@ class RemoteCloud:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.loads(response.read())
 
-    def inject(self, action: str, error: str | None = None, count: int = 1,
-               latency: float = 0.0, message: str | None = None,
-               status: int | None = None) -> None:
-        self._call("inject", action=action, error=error, count=count, latency=latency,
-                   message=message, status=status)
+    def inject(
+        self,
+        action: str,
+        error: str | None = None,
+        count: int = 1,
+        latency: float = 0.0,
+        message: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        self._call(
+            "inject",
+            action=action,
+            error=error,
+            count=count,
+            latency=latency,
+            message=message,
+            status=status,
+        )
 
     def clear_faults(self) -> None:
         self._call("clear-faults")

@@ -114,7 +114,8 @@ class AWSProvider(Provider):
         if missing:
             try:
                 response = await self._call(
-                    self.ec2.describe_instance_types, "DescribeInstanceTypes",
+                    self.ec2.describe_instance_types,
+                    "DescribeInstanceTypes",
                     InstanceTypes=missing,
                 )
             except ProviderError as e:

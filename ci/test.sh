@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install everything the project needs into a fresh virtual environment, then lint,
+# type-check and run the test suite. This is the README's test command; .ci/run runs it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl; }
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+"$VENV/bin/ruff" check dask_rawvm tests benchmarks
+"$VENV/bin/mypy"
+"$VENV/bin/pytest" -q "$@"
