@@ -10,6 +10,7 @@ import threading
 
 import click
 
+from dask_rawvm.environment.report import env_command
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 
 
@@ -58,6 +59,8 @@ def localcloud(port: int, region: str, boot_delay: float) -> None:
         stop.wait()
     click.echo("local cloud stopped; its VMs are terminated")
 
+
+main.add_command(env_command, "env")
 
 if __name__ == "__main__":
     main()

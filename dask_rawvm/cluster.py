@@ -9,22 +9,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
+import time
 import uuid
 import weakref
 from contextlib import suppress
 from typing import Any
 
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.comm import get_address_host
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
+from distributed.deploy.cluster import Cluster
 from distributed.deploy.spec import SpecCluster
+from distributed.objects import SchedulerInfo
 from distributed.scheduler import Scheduler
+from distributed.utils import Log, Logs
 
 from dask_rawvm.config import ClusterOptions, resolve_options
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
-from dask_rawvm.providers.aws import AWSProvider
-from dask_rawvm.providers.base import ProviderError
+from dask_rawvm.providers.aws import MAX_IDS_PER_CALL, AWSProvider
+from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +155,13 @@ class RawVMCluster(SpecCluster):
         )
         if n_workers < 0:
             raise ValueError(f"n_workers={n_workers} must be 0 or more")
+        if not kwargs.get("shutdown_on_close", True) and self.options.provider == "local":
+            raise ValueError(
+                "shutdown_on_close=False needs a cloud that outlives this process, and an "
+                "embedded local cloud does not: run `dask-rawvm localcloud` and pass "
+                "endpoint_url=..., or use provider='aws'"
+            )
+        self._n_workers = n_workers
         self.cluster_name = self.options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
         self.cloud: LocalCloud | None = None
         self.pool = VMPool(self.cluster_name, self.options)
@@ -203,6 +216,8 @@ class RawVMCluster(SpecCluster):
                 await self._release_cloud()
                 raise
         await super()._start()
+        if self.pool.adopted_workers:
+            await self._adopt_workers()
 
     async def _start_provider(self) -> None:
         options = self.options
@@ -220,18 +235,61 @@ class RawVMCluster(SpecCluster):
             credentials=credentials,
             ami=options.ami,
         )
+        self.pool.provider = provider
         try:
             await provider.start()
-            # Preflight: every problem we can see is raised before anything is created.
-            await provider.check_vm_types([options.scheduler_vm_type, options.worker_vm_type])
-            for vm_type in {options.scheduler_vm_type, options.worker_vm_type}:
-                await provider.image_for(vm_type)
+            await self._preflight(provider)
+            if options.name is not None:
+                await self.pool.find_running(provider)
         except BaseException:
+            with suppress(Exception):
+                await self.pool.close()  # what preflight stored (the bundle's bucket)
             await provider.close()
+            self.pool.provider = None
             raise
-        self.pool.provider = provider
+
+    async def _preflight(self, provider: AWSProvider) -> None:
+        """Every problem we can see is raised here, before any VM is launched."""
+        options = self.options
+        roles = {"worker": options.worker_vm_type}
+        if options.scheduler == "vm":
+            roles["scheduler"] = options.scheduler_vm_type
+        await provider.check_vm_types(list(roles.values()))
+        for vm_type in set(roles.values()):
+            await provider.image_for(vm_type)
+        if options.environment is not None:
+            targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
+            await self.pool.prepare_environments(targets)
+
+    async def _adopt_workers(self) -> None:
+        """Take over the workers of the running cluster we reconnected to.
+
+        Workers are matched to their VMs by address; the spec becomes the adopted
+        workers, topped up to ``n_workers`` with fresh names.
+        """
+        assert self.scheduler_comm is not None
+        identity = await self.scheduler_comm.identity()
+        by_ip = {m.private_ip: m for m in self.pool.adopted_workers}
+        contact = getattr(self.scheduler, "contact_address", None) or self.scheduler_address
+        adopted: dict[str, WorkerVM] = {}
+        for address, info in identity.get("workers", {}).items():
+            name = str(info.get("name"))
+            machine = by_ip.get(get_address_host(address))
+            if machine is None or not name.startswith(WORKER_PREFIX):
+                continue
+            adopted[name] = WorkerVM.adopt(contact, name, self.pool, machine)
+            self._next_index = max(self._next_index, self._index(name) + 1)
+        fresh = max(0, self._n_workers - len(adopted))
+        self.worker_spec = {name: self.new_spec for name in adopted}
+        self.worker_spec.update({self._take_name(): self.new_spec for _ in range(fresh)})
+        self.workers.update(adopted)
+        self._launched.update(adopted)
+        logger.info("reconnected to %s: adopted workers %s", self.cluster_name, sorted(adopted))
 
     async def _close(self) -> None:
+        if not self.shutdown_on_close and self.status == Status.running:
+            await self._disconnect()
+            return
         try:
             await super()._close()
         finally:
@@ -243,6 +301,24 @@ class RawVMCluster(SpecCluster):
                     )
             await self._release_cloud()
             self._finalizer.detach()
+
+    async def _disconnect(self) -> None:
+        """Leave the cluster running for a later ``RawVMCluster(name=...)``.
+
+        Its scheduler VM still shuts everything down after ``idle_timeout``.
+        """
+        if self._adaptive is not None:
+            self._adaptive.stop()
+        for worker in self.workers.values():
+            worker.status = Status.closed  # this object's handle, not the VM
+        if self.scheduler_comm is not None:
+            await self.scheduler_comm.close_rpc()
+        if self.pool.provider is not None:
+            await self.pool.provider.close()
+            self.pool.provider = None
+        self._finalizer.detach()
+        logger.info("left cluster %s running (shutdown_on_close=False)", self.cluster_name)
+        await Cluster._close(self)
 
     async def _release_cloud(self) -> None:
         if self.cloud is not None:
@@ -309,6 +385,14 @@ class RawVMCluster(SpecCluster):
             )
         return kept
 
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        super()._update_worker_status(op, msg)
+        if op == "remove" and self.status == Status.running:
+            # SpecCluster forgets a lost worker after lost-worker-timeout but does not
+            # replace it; a fixed-size cluster should get its worker back.
+            delay = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout"))
+            asyncio.get_running_loop().call_later(delay + 0.5, self._correct_state)
+
     def _rename_replacements(self) -> None:
         """A worker whose VM died is replaced under a new name: names are never reused."""
         for name in [n for n in self.worker_spec if n in self._launched and n not in self.workers]:
@@ -354,6 +438,53 @@ class RawVMCluster(SpecCluster):
             if getattr(worker, "machine", None) is not None
         }
 
+    def user_data(self) -> str:
+        """The bootstrap script a new worker VM boots with, exactly as the VM gets it.
+
+        The ``job_script()`` of this project: what runs on the VM, and nothing secret.
+        """
+        contact = getattr(self.scheduler, "contact_address", None) or self.scheduler_address
+        name = f"{WORKER_PREFIX}{self._next_index}"
+        return self.sync(self.pool.worker_user_data, contact, [name])
+
+    async def _get_logs(
+        self, cluster: bool = True, scheduler: bool = True, workers: Any = True
+    ) -> Logs:
+        """Each VM's boot log (the bootstrap and its Dask process), by worker name."""
+        logs = Logs()
+        if cluster:
+            logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
+        machine = getattr(self.scheduler, "machine", None)
+        if scheduler and machine is not None:
+            logs["Scheduler"] = Log(await self.pool.console_output(machine.id))
+        names = list(self.workers) if workers is True else list(workers or [])
+        for name in names:
+            worker = self.workers.get(name)
+            if worker is not None and worker.machine is not None:
+                logs[name] = Log(await self.pool.console_output(worker.machine.id))
+        return logs
+
+    async def _wait_for_workers(self, n_workers: int = 0, timeout: Any = None) -> None:
+        """Wait for workers; a worker VM that died at boot is an error with its log, not a hang."""
+        deadline = time.monotonic() + parse_timedelta(timeout) if timeout else None
+        checked = time.monotonic()
+        while True:
+            assert self.scheduler_comm is not None
+            self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity())
+            connected = {w["name"] for w in self.scheduler_info["workers"].values()}
+            if len(connected) >= n_workers:
+                return
+            waiting = [w for n, w in self.workers.items() if n not in connected and w.machine]
+            if time.monotonic() - checked > 3:
+                checked = time.monotonic()
+                await self.pool.raise_if_dead([w.machine for w in waiting if w.machine])
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(connected)} of {n_workers} workers connected within {timeout}; "
+                    + await self.pool.describe_waiting({w.name: w.machine for w in waiting})
+                )
+            await asyncio.sleep(0.2)
+
     def __repr__(self) -> str:
         return (
             f"RawVMCluster({self.cluster_name!r}, provider={self.options.provider!r}, "
@@ -364,25 +495,28 @@ class RawVMCluster(SpecCluster):
 def _terminate_leftovers(pool: VMPool) -> None:
     """At garbage collection or exit of an unclosed cluster: terminate its VMs.
 
-    Runs its own event loop in a thread, because the cluster's may be gone.
+    Synchronous botocore on purpose: at interpreter exit the cluster's event loop
+    may be gone and executors refuse new work, which aiobotocore needs.
     """
-    if pool.provider is None:
+    provider = pool.provider
+    if not isinstance(provider, AWSProvider):
         return
+    import botocore.session
 
-    async def sweep() -> None:
-        provider = pool.provider
-        assert isinstance(provider, AWSProvider)
-        fresh = AWSProvider(
-            pool.cluster, provider.region, provider.endpoint_url, provider.credentials
-        )
-        try:
-            await fresh.start()
-            await fresh.cleanup(pool.cluster)
-        except ProviderError:
-            logger.exception("could not clean up the VMs of %s", pool.cluster)
-        finally:
-            await fresh.close()
-
-    thread = threading.Thread(target=asyncio.run, args=(sweep(),), daemon=True)
-    thread.start()
-    thread.join(timeout=60)
+    ec2 = botocore.session.get_session().create_client(
+        "ec2",
+        region_name=provider.region,
+        endpoint_url=provider.endpoint_url,
+        **provider.credentials,
+    )
+    try:
+        filters = [
+            {"Name": f"tag:{CLUSTER_TAG}", "Values": [pool.cluster]},
+            {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
+        ]
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+        ids = [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
+        for start in range(0, len(ids), MAX_IDS_PER_CALL):
+            ec2.terminate_instances(InstanceIds=ids[start : start + MAX_IDS_PER_CALL])
+    except Exception:
+        logger.exception("could not terminate the VMs of unclosed cluster %s", pool.cluster)

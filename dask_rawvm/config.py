@@ -46,6 +46,8 @@ class ClusterOptions:
     scheduler_timeout: float = 300.0
     launch_window: float = 0.02
     tags: dict[str, str] = field(default_factory=dict)
+    environment: Any = "local"
+    environment_ignore: list[str] = field(default_factory=list)
 
 
 

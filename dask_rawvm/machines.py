@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
-from distributed.core import rpc
+from distributed.core import Status, rpc
 from distributed.deploy.spec import ProcessInterface
 
 from dask_rawvm.config import ClusterOptions
-from dask_rawvm.environment import bootstrap
-from dask_rawvm.providers.base import LaunchSpec, Machine, Provider, ProviderError
+from dask_rawvm.environment import Bundle, Target, bootstrap, prepare_environment
+from dask_rawvm.environment.bootstrap import EnvironmentRef
+from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, Provider, ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +113,9 @@ class VMPool:
         self.provider: Provider | None = None
         self.machines: dict[str, Machine] = {}  # every instance this pool launched, by id
         self.terminated: set[str] = set()
+        self.bundles: dict[str, Bundle] = {}  # the environment of each role's VMs
+        self.adopted_scheduler: Machine | None = None  # when reconnecting to a running cluster
+        self.adopted_workers: list[Machine] = []
         self._launches: Coalescer[tuple[str, str], Machine] = Coalescer(
             self._launch_workers, options.launch_window
         )
@@ -121,12 +126,73 @@ class VMPool:
             raise RuntimeError("the cluster's provider is not started")
         return self.provider
 
+    # -- environment -----------------------------------------------------------------
+    async def prepare_environments(self, targets: dict[str, Target]) -> None:
+        """Lock and bundle the user's environment for each role's platform, and store it.
+
+        Runs before anything is launched, so an environment that cannot be built
+        for the VMs is an error that costs nothing.
+        """
+        options = self.options
+        for role, target in targets.items():
+            bundle = await asyncio.to_thread(
+                prepare_environment, options.environment, target, options.environment_ignore
+            )
+            if bundle.digest not in {b.digest for b in self.bundles.values()}:
+                with tempfile.TemporaryDirectory() as tmp:
+                    archive = await asyncio.to_thread(bundle.write_archive, tmp)
+                    await self._provider().store(self._bundle_key(bundle), str(archive))
+            self.bundles[role] = bundle
+            lock = "cached lock" if bundle.lock.from_cache else "resolved"
+            logger.info("environment for %s VMs: %s (%s)", role, bundle.digest[:12], lock)
+
+    @staticmethod
+    def _bundle_key(bundle: Bundle) -> str:
+        return f"environments/{bundle.digest}.tar.gz"
+
+    async def _environment(self, role: str) -> EnvironmentRef | None:
+        bundle = self.bundles.get(role)
+        if bundle is None:
+            return None
+        url = await self._provider().url_for(self._bundle_key(bundle))
+        return EnvironmentRef(bundle.digest, url)
+
+    async def scheduler_user_data(self) -> str:
+        environment = await self._environment("scheduler")
+        return bootstrap.scheduler_script(self.cluster, self.options.idle_timeout, environment)
+
+    async def worker_user_data(self, scheduler_address: str, names: list[str]) -> str:
+        """User-data for a run of workers with consecutive names, launched in one call."""
+        options = self.options
+        return bootstrap.worker_script(
+            self.cluster,
+            scheduler_address,
+            name_prefix=WORKER_PREFIX,
+            first_index=worker_index(names[0]),
+            death_timeout=options.death_timeout,
+            nthreads=options.worker_nthreads,
+            memory_limit=options.worker_memory_limit,
+            environment=await self._environment("worker"),
+        )
+
+    # -- reconnecting ------------------------------------------------------------------
+    async def find_running(self, provider: Provider) -> None:
+        """Look for a running cluster of this name, to reconnect to instead of starting one."""
+        machines = [m for m in await provider.live_machines(self.cluster) if m.state != "stopped"]
+        schedulers = [m for m in machines if m.tags.get(ROLE_TAG) == "scheduler"]
+        if schedulers:
+            self.adopted_scheduler = schedulers[0]
+            self.adopted_workers = [m for m in machines if m.tags.get(ROLE_TAG) == "worker"]
+            self.machines.update((m.id, m) for m in machines)
+
     # -- launching -----------------------------------------------------------------
     async def launch_scheduler(self) -> Machine:
+        if self.adopted_scheduler is not None:
+            return self.adopted_scheduler
         spec = LaunchSpec(
             role="scheduler",
             vm_type=self.options.scheduler_vm_type,
-            user_data=bootstrap.scheduler_script(self.cluster, self.options.idle_timeout),
+            user_data=await self.scheduler_user_data(),
             count=1,
             tags=self.options.tags,
         )
@@ -161,15 +227,7 @@ class VMPool:
 
     async def _launch_run(self, scheduler_address: str, names: list[str]) -> list[Machine]:
         options = self.options
-        script = bootstrap.worker_script(
-            self.cluster,
-            scheduler_address,
-            name_prefix=WORKER_PREFIX,
-            first_index=worker_index(names[0]),
-            death_timeout=options.death_timeout,
-            nthreads=options.worker_nthreads,
-            memory_limit=options.worker_memory_limit,
-        )
+        script = await self.worker_user_data(scheduler_address, names)
         spec = LaunchSpec("worker", options.worker_vm_type, script, len(names), options.tags)
         machines = await self._launch(spec)
         if len(machines) != len(names):
@@ -211,6 +269,27 @@ class VMPool:
         (machine,) = await self._provider().describe([machine_id])
         self.machines[machine.id] = machine
         return machine
+
+    async def console_output(self, machine_id: str) -> str:
+        return await self._provider().console_output(machine_id)
+
+    async def raise_if_dead(self, machines: list[Machine]) -> None:
+        """Raise, with its boot log, if a VM that should be booting has gone."""
+        if not machines:
+            return
+        for machine in await self._provider().describe([m.id for m in machines]):
+            if machine.state not in ("pending", "running"):
+                raise ProviderError(await self.boot_failure(machine, "a worker VM died at boot"))
+
+    async def describe_waiting(self, machines: dict[str | None, Machine | None]) -> str:
+        """What each VM we are waiting for is doing: its state and last log line."""
+        lines = []
+        known = {m.id: name for name, m in machines.items() if m is not None}
+        for machine in await self._provider().describe(list(known)):
+            log = (await self.console_output(machine.id)).strip().splitlines()
+            last = log[-1] if log else "(nothing logged yet)"
+            lines.append(f"{known[machine.id]} ({machine.id}, {machine.state}): {last}")
+        return "still waiting for: " + "; ".join(lines) if lines else "no VM is booting"
 
     async def boot_failure(self, machine: Machine, what: str) -> str:
         """A message saying what a VM was doing, with the tail of its boot log."""
@@ -303,6 +382,14 @@ class WorkerVM(ProcessInterface):
         self.name = name
         self.pool = pool
         self.machine: Machine | None = None
+
+    @classmethod
+    def adopt(cls, scheduler: str, name: str, pool: VMPool, machine: Machine) -> WorkerVM:
+        """A worker of a running cluster this client reconnected to."""
+        worker = cls(scheduler, name, pool)
+        worker.machine = machine
+        worker.status = Status.running
+        return worker
 
     async def start(self) -> None:
         self.machine = await self.pool.launch_worker(self.name, self.scheduler)

@@ -114,9 +114,9 @@ def test_failed_scheduler_launch_leaves_nothing(cloud: LocalCloud) -> None:
 def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A machine image whose Python is broken: the scheduler VM powers off at boot.
-    broken = tmp_path / "python3"
-    broken.write_text("#!/bin/sh\necho 'python3: broken image' >&2\nexit 1\n")
+    # A machine image whose uv is broken: the scheduler VM powers off at boot.
+    broken = tmp_path / "uv"
+    broken.write_text("#!/bin/sh\necho 'uv: broken image' >&2\nexit 1\n")
     broken.chmod(0o755)
     from dask_rawvm.localcloud import CREDENTIALS
 
@@ -126,7 +126,7 @@ def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(
         with pytest.raises(Exception, match="scheduler did not start") as error:
             RawVMCluster(endpoint_url=cloud.endpoint_url, region=cloud.region)
         message = str(error.value)
-        assert "python3: broken image" in message  # the tail of its boot log
+        assert "uv: broken image" in message  # the tail of its boot log
         assert "environment install failed" in message
         assert live_instances(cloud) == []
 

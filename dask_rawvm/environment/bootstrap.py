@@ -21,12 +21,17 @@ run of workers named ``<prefix><first + i>``, where ``i`` is the instance's
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 import dask
+
+from dask_rawvm.environment.bundle import install_script
 
 USER_DATA_LIMIT = 16 * 1024
 SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
+# How often a worker VM checks for a spot interruption notice (EC2 gives 120 s).
+SPOT_POLL_SECONDS = 2
 
 _PRELUDE = r"""
 log() { echo "[dask-rawvm $(date -u +%H:%M:%S)] $*"; }
@@ -40,9 +45,28 @@ ADDRESS=$(meta local-ipv4)
 [ -n "$ADDRESS" ] || { log "no instance metadata at $IMDS"; poweroff_vm 1; }
 """
 
-# Issue #4 replaces this with the locked environment bundle; until then the VM
-# image must have Python, or gets the client's dask version from PyPI.
-_ENVIRONMENT = r"""
+# The user's environment, locked for this VM's platform, fetched by an expiring
+# URL (never inlined: it can hold private index credentials) and installed with uv.
+_FETCH_BUNDLE = r"""
+RAWVM_HOME="${HOME:-/root}/dask-rawvm"
+RAWVM_BUNDLE="$RAWVM_HOME/bundle-$RAWVM_BUNDLE_DIGEST"
+RAWVM_VENV="$RAWVM_HOME/venv-$RAWVM_BUNDLE_DIGEST"
+export RAWVM_BUNDLE RAWVM_VENV
+if [ ! -x "$RAWVM_VENV/bin/python" ]; then
+    log "installing environment ${RAWVM_BUNDLE_DIGEST:0:12}"
+    mkdir -p "$RAWVM_BUNDLE"
+    curl -sf --retry 10 --retry-connrefused -o "$RAWVM_BUNDLE.tar.gz" "$RAWVM_BUNDLE_URL" \
+        && tar -xzf "$RAWVM_BUNDLE.tar.gz" -C "$RAWVM_BUNDLE" \
+        || { log "could not fetch the environment bundle"; poweroff_vm 1; }
+"""
+_AFTER_INSTALL = r"""
+    [ $? -eq 0 ] || { log "environment install failed"; poweroff_vm 1; }
+    log "environment installed"
+fi
+PYTHON="$RAWVM_VENV/bin/python"
+"""
+# Without a bundle the VM image must bring Python, else the client's dask from PyPI.
+_IMAGE_PYTHON = r"""
 PYTHON=$(command -v python3)
 if ! "$PYTHON" -c "import distributed" 2>/dev/null; then
     log "installing dask $RAWVM_DASK_VERSION"
@@ -50,6 +74,21 @@ if ! "$PYTHON" -c "import distributed" 2>/dev/null; then
         || { log "environment install failed"; poweroff_vm 1; }
 fi
 """
+
+
+@dataclass(frozen=True)
+class EnvironmentRef:
+    """Where a VM gets its environment: a bundle's digest and an expiring URL to it."""
+
+    digest: str
+    url: str
+
+
+def _environment(ref: EnvironmentRef | None) -> tuple[dict[str, object], str]:
+    if ref is None:
+        return {}, _IMAGE_PYTHON
+    variables: dict[str, object] = {"RAWVM_BUNDLE_DIGEST": ref.digest, "RAWVM_BUNDLE_URL": ref.url}
+    return variables, _FETCH_BUNDLE + install_script() + _AFTER_INSTALL
 
 _SCHEDULER = r"""
 log "scheduler of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
@@ -65,6 +104,26 @@ _WORKER = r"""
 INDEX=$(meta ami-launch-index)
 NAME="$RAWVM_NAME_PREFIX$((RAWVM_FIRST_INDEX + INDEX))"
 log "worker $NAME of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
+# A spot VM gets two minutes' notice: retire gracefully, so its data moves first.
+watch_for_interruption() {
+    while sleep "$RAWVM_SPOT_POLL"; do
+        meta spot/instance-action >/dev/null 2>&1 || continue
+        log "spot interruption notice: retiring $NAME"
+        "$PYTHON" -c "$RETIRE" "$RAWVM_SCHEDULER" "$NAME" || log "retirement failed"
+        return
+    done
+}
+RETIRE='
+import asyncio, sys
+from distributed import Security
+from distributed.core import rpc
+async def retire(address, name):
+    args = Security().get_connection_args("client")
+    async with rpc(address, connection_args=args) as scheduler:
+        await scheduler.retire_workers(names=[name], close_workers=True, remove=True)
+asyncio.run(retire(*sys.argv[1:]))
+'
+watch_for_interruption &
 ARGS=(--name "$NAME" --host "$ADDRESS" --death-timeout "$RAWVM_DEATH_TIMEOUT"
       --memory-limit "$RAWVM_MEMORY_LIMIT")
 [ -n "$RAWVM_NTHREADS" ] && ARGS+=(--nthreads "$RAWVM_NTHREADS")
@@ -74,14 +133,13 @@ poweroff_vm
 """
 
 
-def _render(variables: dict[str, object], body: str) -> str:
+def _render(variables: dict[str, object], body: str, environment: EnvironmentRef | None) -> str:
+    env_variables, env_script = _environment(environment)
     header = "\n".join(
         f"{key}={shlex.quote('' if value is None else str(value))}"
-        for key, value in variables.items()
+        for key, value in {**variables, **env_variables}.items()
     )
-    script = (
-        f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n{_PRELUDE}{_ENVIRONMENT}{body}"
-    )
+    script = f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n{_PRELUDE}{env_script}{body}"
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
             f"bootstrap script is {len(script.encode())} bytes, over EC2's 16 KiB user-data limit"
@@ -89,7 +147,9 @@ def _render(variables: dict[str, object], body: str) -> str:
     return script
 
 
-def scheduler_script(cluster: str, idle_timeout: float | None) -> str:
+def scheduler_script(
+    cluster: str, idle_timeout: float | None, environment: EnvironmentRef | None = None
+) -> str:
     """User-data for the scheduler VM.
 
     Parameters
@@ -99,6 +159,8 @@ def scheduler_script(cluster: str, idle_timeout: float | None) -> str:
     idle_timeout
         Seconds with no client and no task after which the scheduler exits and
         its VM powers off; None never.
+    environment
+        The environment bundle to install; the image's Python when None.
     """
     return _render(
         {
@@ -109,6 +171,7 @@ def scheduler_script(cluster: str, idle_timeout: float | None) -> str:
             "RAWVM_IDLE_TIMEOUT": None if idle_timeout is None else int(idle_timeout),
         },
         _SCHEDULER,
+        environment,
     )
 
 
@@ -120,6 +183,7 @@ def worker_script(
     death_timeout: float,
     nthreads: int | None = None,
     memory_limit: str = "auto",
+    environment: EnvironmentRef | None = None,
 ) -> str:
     """User-data for a run of worker VMs launched in one call.
 
@@ -137,6 +201,8 @@ def worker_script(
         Threads per worker; Dask's default (the VM's CPU count) when None.
     memory_limit
         The Dask worker's ``--memory-limit``.
+    environment
+        The environment bundle to install; the image's Python when None.
     """
     return _render(
         {
@@ -148,6 +214,8 @@ def worker_script(
             "RAWVM_DEATH_TIMEOUT": int(death_timeout),
             "RAWVM_NTHREADS": nthreads,
             "RAWVM_MEMORY_LIMIT": memory_limit,
+            "RAWVM_SPOT_POLL": SPOT_POLL_SECONDS,
         },
         _WORKER,
+        environment,
     )

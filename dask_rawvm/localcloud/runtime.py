@@ -47,10 +47,36 @@ _HOOKED = False
 _IP_OCTET = 64 + os.getpid() % 160
 _IP_COUNTER = itertools.count(1)
 
+# A local VM runs on this machine's network, so it keeps this machine's view of it:
+# the trust store and the proxies (a real VM image would carry its own). Nothing
+# else of the user's environment reaches a VM.
+_HOST_NETWORK_VARIABLES = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+)
+
 # Stands in for the VM's `shutdown`/`poweroff`: ends every process of the VM.
 _SHUTDOWN_SHIM = (
     "#!/bin/sh\n# local cloud: powering off this VM ends its process group\nkill -TERM 0\n"
 )
+
+
+@functools.cache
+def _host_uv_cache() -> str:
+    if os.environ.get("UV_CACHE_DIR"):
+        return os.environ["UV_CACHE_DIR"]
+    from uv import find_uv_bin
+
+    result = subprocess.run([find_uv_bin(), "cache", "dir"], capture_output=True, text=True)
+    return result.stdout.strip() or os.path.expanduser("~/.cache/uv")
 
 
 def _allocate_ip() -> str:
@@ -227,8 +253,9 @@ class VMRuntime:
             shim = self._shim_dir / name
             shim.write_text(_SHUTDOWN_SHIM)
             shim.chmod(0o755)
-        # VMs of one local cloud share a uv cache, like a warm machine image.
-        self.uv_cache = workdir / "uv-cache"
+        # Local VMs share this machine's uv cache, like a warm machine image: their
+        # environments install from it without downloading.
+        self.uv_cache = _host_uv_cache()
         install_hooks()
         _RUNTIMES[account_id] = self
 
@@ -296,13 +323,18 @@ class VMRuntime:
             [
                 str(self._shim_dir),
                 *self.image_path,
+                # This environment (Python with Dask, and uv), then the base interpreter it
+                # was made from: uv makes VM venvs from a system Python, as on a real image.
                 os.path.dirname(sys.executable),
+                os.path.join(sys.base_prefix, "bin"),
                 "/usr/local/bin",
                 "/usr/bin",
                 "/bin",
             ]
         )
+        network = {k: os.environ[k] for k in _HOST_NETWORK_VARIABLES if k in os.environ}
         return {
+            **network,
             "PATH": image_path,
             "HOME": str(home),
             "TMPDIR": str(home),

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import logging
 import random
+import re
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,6 +18,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from dask_rawvm.environment.target import Target
 from dask_rawvm.providers.base import (
     CLUSTER_TAG,
     LIVE_STATES,
@@ -75,6 +78,8 @@ class AWSProvider(Provider):
         self.ec2: Any = None
         self._ec2_launch: Any = None
         self._ssm: Any = None
+        self._s3: Any = None
+        self.bucket: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -101,6 +106,14 @@ class AWSProvider(Provider):
             client("ec2", config=no_retry, **common)
         )
         self._ssm = await self._stack.enter_async_context(client("ssm", config=standard, **common))
+        # SigV4 presigned URLs (a default client presigns SigV2, which newer regions refuse);
+        # path-style addressing for endpoints other than AWS's own.
+        s3_config = AioConfig(
+            signature_version="s3v4",
+            retries={"mode": "standard", "max_attempts": 5},
+            s3={"addressing_style": "path"} if self.endpoint_url else None,
+        )
+        self._s3 = await self._stack.enter_async_context(client("s3", config=s3_config, **common))
 
     async def close(self) -> None:
         if self._stack is not None:
@@ -132,6 +145,21 @@ class AWSProvider(Provider):
     def architecture(self, vm_type: str) -> str:
         archs = self.vm_types[vm_type]["ProcessorInfo"]["SupportedArchitectures"]
         return "arm64" if "arm64" in archs else "x86_64"
+
+    def target_for(self, vm_type: str) -> Target:
+        """The platform an environment must be built for to run on ``vm_type``.
+
+        Amazon Linux 2023 has glibc 2.34; NVIDIA GPU types get CUDA 12 builds.
+        """
+        gpus = self.vm_types[vm_type].get("GpuInfo", {}).get("Gpus", [])
+        nvidia = any(g.get("Manufacturer", "").upper() == "NVIDIA" for g in gpus)
+        return Target(
+            arch="aarch64" if self.architecture(vm_type) == "arm64" else "x86_64",
+            accelerator="cuda" if nvidia else "cpu",
+            cuda_major=12 if nvidia else None,
+            python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+            glibc="2.34",
+        )
 
     def vcpus(self, vm_type: str) -> int:
         return int(self.vm_types[vm_type]["VCpuInfo"]["DefaultVCpus"])
@@ -216,7 +244,72 @@ class AWSProvider(Provider):
         ids = [m.id for m in await self.live_machines(cluster)]
         if ids:
             await self.terminate(ids)
+        await self._delete_bucket()
         return ids
+
+    # -- files for the VMs -------------------------------------------------------------
+    async def store(self, key: str, path: str) -> None:
+        """Upload a file the VMs will fetch to the cluster's bucket (created on first use)."""
+        if self.bucket is None:
+            self.bucket = await self._create_bucket()
+        with open(path, "rb") as f:
+            await self._s3_call(
+                self._s3.put_object,
+                "PutObject",
+                Bucket=self.bucket,
+                Key=key,
+                Body=f.read(),
+                ServerSideEncryption="AES256",
+            )
+
+    async def url_for(self, key: str, expires: int = 3600) -> str:
+        """An expiring GET URL for a stored file; presigning is local, no API call."""
+        assert self.bucket is not None, "store() the file first"
+        params = {"Bucket": self.bucket, "Key": key}
+        return str(
+            await self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+        )
+
+    async def _create_bucket(self) -> str:
+        # Bucket names are global: the cluster's name (sanitised) plus a random suffix.
+        stem = re.sub(r"[^a-z0-9-]", "-", self.cluster.lower())[:40].strip("-")
+        name = f"dask-rawvm-{stem}-{uuid.uuid4().hex[:8]}"
+        params: dict[str, Any] = {"Bucket": name}
+        if self.region != "us-east-1":
+            params["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        await self._s3_call(self._s3.create_bucket, "CreateBucket", **params)
+        tags = [{"Key": k, "Value": v} for k, v in self.tags("bucket").items()]
+        await self._s3_call(
+            self._s3.put_bucket_tagging,
+            "PutBucketTagging",
+            Bucket=name,
+            Tagging={"TagSet": tags},
+        )
+        return name
+
+    async def _delete_bucket(self) -> None:
+        if self.bucket is None:
+            return
+        paginator = self._s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=self.bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                await self._s3_call(
+                    self._s3.delete_objects,
+                    "DeleteObjects",
+                    Bucket=self.bucket,
+                    Delete={"Objects": keys},
+                )
+        await self._s3_call(self._s3.delete_bucket, "DeleteBucket", Bucket=self.bucket)
+        self.bucket = None
+
+    async def _s3_call(
+        self, method: Callable[..., Awaitable[Any]], action: str, **params: Any
+    ) -> Any:
+        try:
+            return await method(**params)
+        except (ClientError, BotoCoreError) as e:
+            raise ProviderError(f"S3 {action} failed: {e}") from e
 
     async def console_output(self, machine_id: str) -> str:
         response = await self._call(

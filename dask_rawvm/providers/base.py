@@ -81,6 +81,18 @@ class Provider(abc.ABC):
     async def cleanup(self, cluster: str) -> list[str]:
         """Terminate every live machine tagged with ``cluster``; return their ids."""
 
+    async def live_machines(self, cluster: str) -> list[Machine]:
+        """Every machine tagged with ``cluster`` that is not terminated."""
+        raise NotImplementedError
+
+    async def store(self, key: str, path: str) -> None:
+        """Keep a file (an environment bundle) where this provider's machines can fetch it."""
+        raise NotImplementedError
+
+    async def url_for(self, key: str, expires: int = 3600) -> str:
+        """An expiring URL a machine fetches a stored file from."""
+        raise NotImplementedError
+
     async def console_output(self, machine_id: str) -> str:
         """What the machine's boot printed, where the provider can tell."""
         return ""

@@ -1,0 +1,521 @@
+"""The bundle a VM installs: lock + locally built wheels + manifest, content-addressed.
+
+Layout of a bundle directory (and of its ``.tar.gz``)::
+
+    manifest.json      target, Python, sha256 of every file below
+    python-version     "3.11.7" (or "3.11" for another minor), read by the install script
+    index-strategy     (optional) uv's --index-strategy the lock was resolved with
+    requirements.txt   exact pins (``uv pip sync``), with the index options they need
+    wheels/*.whl       local code: editable projects, loose modules, local wheels
+
+The bundle may hold index credentials (in ``requirements.txt``), like the pip/uv configuration
+they came from: ship it by an expiring URL or path, never inside user-data.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from packaging import tags
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from dask_rawvm.environment.inventory import LocalCode
+from dask_rawvm.environment.lock import Lock, default_cache_dir, uv_binary, uv_environment
+from dask_rawvm.environment.target import Target
+from dask_rawvm.environment.translate import EnvironmentTranslationError, Problem
+
+#: Bumped when the bundle layout changes.
+BUNDLE_FORMAT = 1
+#: Directories never part of a local project's content hash (build output, caches, VCS).
+_SKIP_DIRS = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        ".venv",
+        "venv",
+        "__pycache__",
+        "build",
+        "dist",
+        ".tox",
+        ".nox",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        "node_modules",
+        ".eggs",
+    }
+)
+#: Timestamp inside generated archives (zip's epoch): equal inputs give equal bytes.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class EnvironmentBundleError(EnvironmentTranslationError):
+    """Local code cannot be built for the target (e.g. a compiled package, another arch)."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A content-addressed, installable environment.
+
+    Parameters
+    ----------
+    path : Path
+        The bundle directory (``<cache>/bundles/<digest>``).
+    digest : str
+        sha256 over the manifest, which holds the sha256 of every file: equal contents, equal
+        digest, wherever and whenever built.
+    target : Target
+    manifest : dict
+        What ``manifest.json`` holds.
+    lock : Lock
+    """
+
+    path: Path
+    digest: str
+    target: Target
+    manifest: Mapping[str, object] = field(repr=False)
+    lock: Lock = field(repr=False)
+
+    @property
+    def wheels(self) -> list[Path]:
+        """The local wheels shipped in the bundle."""
+        return sorted((self.path / "wheels").glob("*.whl"))
+
+    def write_archive(self, path: str | os.PathLike[str]) -> Path:
+        """Write the bundle as a reproducible ``.tar.gz`` (same contents, same bytes).
+
+        Parameters
+        ----------
+        path : path-like
+            A file name, or an existing directory (the archive is named
+            ``rawvm-env-<digest[:16]>.tar.gz`` there).
+
+        Returns
+        -------
+        Path
+            The archive written.
+        """
+        out = Path(path)
+        if out.is_dir():
+            out = out / f"rawvm-env-{self.digest[:16]}.tar.gz"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for file in _bundle_files(self.path):
+                rel = file.relative_to(self.path).as_posix()
+                info = tarfile.TarInfo(rel)
+                info.size, info.mode, info.mtime = file.stat().st_size, 0o644, 0
+                with file.open("rb") as handle:
+                    tar.addfile(info, handle)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        with (
+            tmp.open("wb") as raw,
+            gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
+        ):
+            gz.write(buffer.getvalue())
+        os.replace(tmp, out)
+        return out
+
+
+def _bundle_files(root: Path) -> list[Path]:
+    return sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.as_posix())
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------------
+
+
+def build_bundle(lock: Lock, *, cache_dir: str | os.PathLike[str] | None = None) -> Bundle:
+    """Build local wheels for the lock's target and assemble the bundle.
+
+    Parameters
+    ----------
+    lock : Lock
+        From :func:`~dask_rawvm.environment.lock.lock_environment`.
+    cache_dir : path-like, optional
+        Cache root (see :func:`~dask_rawvm.environment.lock.default_cache_dir`).
+
+    Returns
+    -------
+    Bundle
+
+    Raises
+    ------
+    EnvironmentBundleError
+        A local package builds a wheel that does not install on the target (compiled for
+        another architecture or Python), or fails to build.
+    """
+    root = default_cache_dir(cache_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=_mkdir(root / "bundles")))
+    try:
+        wheels_dir = _mkdir(staging / "wheels")
+        problems: list[Problem] = []
+        for code in lock.local_code:
+            try:
+                build_local_wheel(code, lock.target, wheels_dir, cache_dir=root)
+            except EnvironmentBundleError as exc:
+                problems += exc.problems
+        if problems:
+            raise EnvironmentBundleError(problems, lock.target)
+        (staging / "requirements.txt").write_text(lock.requirements_txt, encoding="utf-8")
+        (staging / "python-version").write_text(_vm_python_version(lock.target) + "\n")
+        if lock.index_strategy:
+            (staging / "index-strategy").write_text(lock.index_strategy + "\n")
+        manifest = _manifest(staging, lock)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        digest = _digest(manifest)
+        final = root / "bundles" / digest
+        try:
+            os.replace(staging, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(staging)  # identical content already there (maybe just built)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Bundle(final, digest, lock.target, manifest, lock)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _manifest(staging: Path, lock: Lock) -> dict[str, object]:
+    files = {
+        p.relative_to(staging).as_posix(): _sha256(p)
+        for p in _bundle_files(staging)
+        if p.name != "manifest.json"
+    }
+    return {
+        "format": BUNDLE_FORMAT,
+        "target": lock.target.as_dict(),
+        "python_version": lock.target.python_version,
+        "python_platform": lock.target.python_platform,
+        "lock_key": lock.key,
+        "resolver": lock.resolver,
+        "sdists": list(lock.sdists),
+        "files": files,
+    }
+
+
+def _digest(manifest: Mapping[str, object]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_local_wheel(
+    code: LocalCode,
+    target: Target,
+    out_dir: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Make the wheel of one piece of local code and check it installs on ``target``.
+
+    Parameters
+    ----------
+    code : LocalCode
+        A project (built with ``uv build --wheel``, cached by the source tree's content),
+        loose modules (packed into a pure-Python wheel here), or a wheel file (copied).
+    target : Target
+    out_dir : path-like
+        Where the wheel is written.
+    cache_dir : path-like, optional
+        Cache root for built project wheels.
+
+    Returns
+    -------
+    Path
+        The wheel in ``out_dir``.
+
+    Raises
+    ------
+    EnvironmentBundleError
+        The wheel does not fit the target, or the build failed.
+    """
+    out = Path(out_dir)
+    if code.kind == "modules":
+        return modules_wheel(code, out)
+    if code.kind == "wheel":
+        wheel = Path(code.path)
+    else:
+        wheel = _project_wheel(code, default_cache_dir(cache_dir) / "wheels")
+    if not wheel_fits_target(wheel, target):
+        reason = (
+            f"local package {code.name} builds {wheel.name}, which does not install on "
+            f"{target.describe()} (it is compiled for this machine)"
+        )
+        fix = (
+            f"environment_ignore=[{code.name!r}], publish {target.arch} wheels of it to your "
+            "index and install it from there, or use instance types of this machine's kind"
+        )
+        raise EnvironmentBundleError([Problem(code.name, reason, fix)], target)
+    destination = out / wheel.name
+    shutil.copyfile(wheel, destination)
+    return destination
+
+
+def _project_wheel(code: LocalCode, wheel_cache: Path) -> Path:
+    source = Path(code.path)
+    cached = wheel_cache / f"{code.name}-{_tree_hash(source)[:24]}"
+    found = sorted(cached.glob("*.whl"))
+    if found:
+        return found[0]
+    with tempfile.TemporaryDirectory(prefix="rawvm-wheel-") as tmp:
+        done = subprocess.run(
+            [
+                uv_binary(),
+                "build",
+                "--wheel",
+                "--quiet",
+                "--python",
+                sys.executable,
+                "--out-dir",
+                tmp,
+                str(source),
+            ],
+            capture_output=True,
+            text=True,
+            env=uv_environment(),
+            check=False,
+            timeout=900,
+        )
+        built = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not built:
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
+            raise EnvironmentBundleError(
+                [
+                    Problem(
+                        code.name,
+                        f"`uv build --wheel {source}` failed:\n{tail}",
+                        "fix the build, or environment_ignore=[...] it",
+                    )
+                ],
+                Target.local(),
+            )
+        _mkdir(cached)
+        final = cached / built[0].name
+        shutil.copyfile(built[0], final)
+        return final
+
+
+def _tree_hash(root: Path) -> str:
+    """Hash of a source tree's file names, sizes and mtimes (cheap; changes on any edit)."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(files):
+            if name.endswith((".pyc", ".so.tmp")):
+                continue
+            path = os.path.join(directory, name)
+            stat = os.stat(path)
+            rel = os.path.relpath(path, root)
+            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Wheels
+# --------------------------------------------------------------------------------------------
+
+
+def target_tags(target: Target) -> set[tags.Tag]:
+    """Every wheel tag the target's interpreter accepts (as pip would compute it there)."""
+    major, minor = (int(x) for x in target.glibc.split("."))
+    arch = target.arch
+    platforms = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, -1, -1)]
+    legacy = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
+    platforms += [f"{name}_{arch}" for name, m in legacy.items() if minor >= m]
+    platforms.append(f"linux_{arch}")
+    version = tuple(int(x) for x in target.python_version.split("."))
+    result = set(tags.cpython_tags(version, platforms=platforms))
+    result |= set(tags.compatible_tags(version, target.python_tag, platforms=platforms))
+    return result
+
+
+def wheel_fits_target(wheel: str | os.PathLike[str], target: Target) -> bool:
+    """True when the wheel (by its file name's tags) installs on the target."""
+    _, _, _, wheel_tags = parse_wheel_filename(Path(wheel).name)
+    return not wheel_tags.isdisjoint(target_tags(target))
+
+
+def write_wheel(
+    out_dir: str | os.PathLike[str],
+    name: str,
+    version: str,
+    files: Mapping[str, bytes],
+    *,
+    tag: str = "py3-none-any",
+    requires: Sequence[str] = (),
+) -> Path:
+    """Write a wheel from in-memory files, reproducibly (sorted entries, fixed timestamps).
+
+    Parameters
+    ----------
+    out_dir : path-like
+        Directory for the ``.whl``.
+    name, version : str
+        Distribution name and version.
+    files : mapping of str to bytes
+        Archive path (``pkg/__init__.py``) -> content.
+    tag : str
+        Wheel tag, ``py3-none-any`` for pure Python.
+    requires : sequence of str
+        ``Requires-Dist`` entries.
+
+    Returns
+    -------
+    Path
+        The wheel file.
+    """
+    dist_name = canonicalize_name(name).replace("-", "_")
+    info = f"{dist_name}-{version}.dist-info"
+    purelib = "true" if tag.endswith("-none-any") else "false"
+    metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+    metadata += [f"Requires-Dist: {r}" for r in requires]
+    entries = dict(sorted(files.items()))
+    entries[f"{info}/METADATA"] = ("\n".join(metadata) + "\n").encode()
+    entries[f"{info}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nGenerator: dask-rawvm\nRoot-Is-Purelib: {purelib}\nTag: {tag}\n"
+    ).encode()
+    record = [f"{path},sha256={_b64_sha256(data)},{len(data)}" for path, data in entries.items()]
+    entries[f"{info}/RECORD"] = ("\n".join([*record, f"{info}/RECORD,,"]) + "\n").encode()
+    out = Path(out_dir) / f"{dist_name}-{version}-{tag}.whl"
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path, data in entries.items():
+            entry = zipfile.ZipInfo(path, date_time=_ZIP_EPOCH)
+            entry.external_attr = 0o644 << 16
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(entry, data)
+    return out
+
+
+def _b64_sha256(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def modules_wheel(code: LocalCode, out_dir: str | os.PathLike[str]) -> Path:
+    """Pack loose modules (top-level ``.py`` files and packages of a directory) in a wheel.
+
+    The version is ``0+<content hash>``: a change in the code is a new wheel, and the VM's
+    installer never mistakes an old one for it.
+    """
+    root = Path(code.path)
+    files = dict(_module_files(root, code.modules))
+    content = hashlib.sha256()
+    for path, data in sorted(files.items()):
+        content.update(path.encode() + b"\0" + data)
+    version = f"0+{content.hexdigest()[:12]}"
+    return write_wheel(out_dir, code.name, version, files)
+
+
+def _module_files(root: Path, modules: Iterable[str]) -> Iterable[tuple[str, bytes]]:
+    for module in modules:
+        path = root / module
+        if path.is_file():
+            yield module, path.read_bytes()
+            continue
+        for directory, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+            for name in sorted(names):
+                if name.endswith((".pyc", ".pyo")):
+                    continue
+                file = Path(directory) / name
+                yield file.relative_to(root).as_posix(), file.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------
+# What the VM runs
+# --------------------------------------------------------------------------------------------
+
+_INSTALL_SCRIPT = r"""# dask-rawvm: install the environment bundle (needs RAWVM_BUNDLE, RAWVM_VENV)
+(
+set -eu
+: "${RAWVM_BUNDLE:?must name the extracted bundle directory}"
+: "${RAWVM_VENV:?must name the virtualenv to create}"
+if command -v uv >/dev/null 2>&1; then
+  rawvm_uv() { uv "$@"; }
+else
+  # No uv on the image: install it with pip (from the configured index), then run it as a
+  # module. PEP 668 images refuse --user installs without --break-system-packages.
+  rawvm_py=$(command -v python3 || command -v python)
+  if ! "$rawvm_py" -m uv --version >/dev/null 2>&1; then
+    "$rawvm_py" -m pip install --quiet --user uv \
+      || "$rawvm_py" -m pip install --quiet --user --break-system-packages uv
+  fi
+  rawvm_uv() { "$rawvm_py" -m uv "$@"; }
+fi
+# UV_CACHE_DIR, when set, is a warm cache (shared by the local cloud's VMs): uv reads it itself.
+rawvm_python_version=$(cat "$RAWVM_BUNDLE/python-version")
+if [ -f "$RAWVM_BUNDLE/index-strategy" ]; then
+  UV_INDEX_STRATEGY=$(cat "$RAWVM_BUNDLE/index-strategy")
+  export UV_INDEX_STRATEGY
+fi
+rawvm_uv venv --quiet --no-config --allow-existing --python "$rawvm_python_version" "$RAWVM_VENV"
+rawvm_uv pip sync --quiet --no-config --python "$RAWVM_VENV/bin/python" \
+  "$RAWVM_BUNDLE/requirements.txt"
+set -- "$RAWVM_BUNDLE"/wheels/*.whl
+if [ -e "$1" ]; then
+  rawvm_uv pip install --quiet --no-config --no-deps --python "$RAWVM_VENV/bin/python" "$@"
+fi
+)
+"""
+
+
+def _vm_python_version(target: Target) -> str:
+    """The Python the VM's venv gets: this interpreter's exact release when the target's
+    minor version is ours, since Dask warns when client, scheduler and workers differ."""
+    local = platform.python_version()
+    return local if local.startswith(target.python_version + ".") else target.python_version
+
+
+def install_script() -> str:
+    """The POSIX shell snippet that installs an extracted bundle on a VM.
+
+    It reads ``RAWVM_BUNDLE`` (the extracted bundle directory) and ``RAWVM_VENV`` (the
+    virtualenv to create), uses ``uv`` from PATH or else installs it with pip, honours
+    ``UV_CACHE_DIR``, and runs in a subshell so that its ``set -eu`` and positional parameters
+    do not leak into the surrounding script; its exit status is the install's. The steps are
+    :func:`install_commands`.
+
+    Returns
+    -------
+    str
+        Shell text ending with a newline, for embedding in the user-data script.
+    """
+    return _INSTALL_SCRIPT
+
+
+def install_commands() -> list[str]:
+    """What the VM runs, step by step (documentation of :func:`install_script`)."""
+    return [
+        "command -v uv || python3 -m pip install --user uv",
+        'uv venv --python "$(cat $RAWVM_BUNDLE/python-version)" "$RAWVM_VENV"',
+        'uv pip sync --python "$RAWVM_VENV/bin/python" "$RAWVM_BUNDLE/requirements.txt"',
+        'uv pip install --no-deps --python "$RAWVM_VENV/bin/python" "$RAWVM_BUNDLE"/wheels/*.whl',
+    ]

@@ -1,0 +1,586 @@
+"""What the environment must be on the target: one rule per known platform difference.
+
+Exact versions never change. What changes is *which distribution* provides a package on the
+target (``onnxruntime`` -> ``onnxruntime-gpu``), extras that select a build (``jax[cuda12]``),
+build labels that only exist on other indexes (``+cpu``), and packages that cannot exist there
+(Windows-only, x86-only). Every change is a :class:`Decision`; everything that cannot be
+translated is collected into one :class:`EnvironmentTranslationError`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+from packaging.markers import InvalidMarker, Marker, UndefinedEnvironmentName
+from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from dask_rawvm.environment.inventory import (
+    EnvironmentSpec,
+    IndexConfig,
+    LocalCode,
+    PackagePin,
+    redact_url,
+)
+from dask_rawvm.environment.target import Target
+
+Action = Literal["keep", "rewrite", "drop", "add", "note"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One translation step: ``package`` went from ``before`` to ``after`` because ``reason``.
+
+    ``after`` is None when the package is dropped.
+    """
+
+    package: str
+    action: Action
+    before: str | None
+    after: str | None
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A package that cannot be installed on the target, why, and what the user can do."""
+
+    package: str
+    reason: str
+    fix: str
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+class EnvironmentTranslationError(ValueError):
+    """The environment cannot be reproduced on the target; raised before any VM launches.
+
+    Attributes
+    ----------
+    problems : list of Problem
+        Each package, why, and the fix.
+    target : Target
+    """
+
+    def __init__(self, problems: Sequence[Problem], target: Target, detail: str = "") -> None:
+        self.problems = list(problems)
+        self.target = target
+        lines = [f"The environment cannot be installed on {target.describe()} VMs:"]
+        for problem in self.problems:
+            lines.append(f"  - {problem.package}: {problem.reason}\n    fix: {problem.fix}")
+        names = sorted({p.package for p in self.problems if not p.package.startswith("(")})
+        if names:
+            lines.append(f"To leave them all out: environment_ignore={names!r}.")
+        lines.append("Nothing was launched.")
+        if detail:
+            lines.append(detail)
+        super().__init__("\n".join(lines))
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The environment as it must be on the target, ready to lock.
+
+    Parameters
+    ----------
+    spec : EnvironmentSpec
+        The source.
+    target : Target
+    requirements : tuple of str
+        PEP 508 requirements asked for (roots), markers already evaluated for the target.
+    constraints : tuple of str
+        Pins of dependencies: the same version is used where the target needs the package.
+    local_code : tuple of LocalCode
+        Local code to build into wheels.
+    index : IndexConfig
+    decisions : tuple of Decision
+        Every package's fate, changes first.
+    problems : tuple of Problem
+        Non-empty only with ``strict=False``.
+    """
+
+    spec: EnvironmentSpec
+    target: Target
+    requirements: tuple[str, ...]
+    constraints: tuple[str, ...]
+    local_code: tuple[LocalCode, ...]
+    index: IndexConfig
+    decisions: tuple[Decision, ...]
+    problems: tuple[Problem, ...] = ()
+
+    def changes(self) -> list[Decision]:
+        """Decisions other than "keep"."""
+        return [d for d in self.decisions if d.action != "keep"]
+
+    def raise_for_problems(self) -> None:
+        """Raise :class:`EnvironmentTranslationError` if anything could not be translated."""
+        if self.problems:
+            raise EnvironmentTranslationError(self.problems, self.target)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables (why each entry is here is said once, above the table)
+# --------------------------------------------------------------------------------------------
+
+#: Packages that exist for one operating system only; on Linux VMs nothing imports them
+#: (their users guard the import by platform), so they are dropped.
+OS_ONLY: dict[str, str] = {
+    "pywin32": "Windows",
+    "pywin32-ctypes": "Windows",
+    "pywinpty": "Windows",
+    "wmi": "Windows",
+    "comtypes": "Windows",
+    "windows-curses": "Windows",
+    "pyreadline3": "Windows",
+    "winkerberos": "Windows",
+    "pypiwin32": "Windows",
+    "appnope": "macOS",
+    "macfsevents": "macOS",
+}
+_OS_ONLY_PREFIXES = {"pyobjc": "macOS"}
+
+#: Intel runtime libraries published for x86_64 only. Nothing imports them directly; the
+#: packages that link them (numpy/scipy/torch from PyPI) use other BLAS/threading on aarch64.
+X86_ONLY_RUNTIME = frozenset(
+    {
+        "intel-openmp",
+        "tbb",
+        "tbb-devel",
+        "tcmlib",
+        "umf",
+        "impi-rt",
+        "dpcpp-cpp-rt",
+        "intel-cmplr-lib-rt",
+        "intel-cmplr-lib-ur",
+        "intel-cmplr-lic-rt",
+        "intel-sycl-rt",
+        "intel-opencl-rt",
+        "oneccl-bind-pt",
+    }
+)
+_X86_ONLY_RUNTIME_PREFIXES = ("mkl", "onemkl-")
+
+#: Libraries users import that exist for x86_64 only: dropping them would break their code.
+X86_ONLY_LIBRARIES = frozenset(
+    {
+        "scikit-learn-intelex",
+        "daal4py",
+        "daal",
+        "intel-extension-for-pytorch",
+        "intel-extension-for-tensorflow",
+        "dpctl",
+        "dpnp",
+        "numba-dpex",
+    }
+)
+
+#: CPU distribution -> CUDA distribution of the same project and version.
+CPU_TO_CUDA: dict[str, str] = {
+    "onnxruntime": "onnxruntime-gpu",
+    "tensorflow-cpu": "tensorflow",
+    "xgboost-cpu": "xgboost",
+    "tensorflow-gpu": "tensorflow",
+}
+#: CUDA distribution -> CPU distribution, where a CPU build exists.
+CUDA_TO_CPU: dict[str, str] = {"onnxruntime-gpu": "onnxruntime", "tensorflow-gpu": "tensorflow"}
+
+#: Local version labels that name a build variant (PyTorch's indexes: +cpu, +cu121, +rocm6.1,
+#: +xpu). PyPI has no local versions; its Linux torch wheels are CUDA builds.
+_BUILD_LABEL = re.compile(r"^(cpu|cuda\d*|cu\d+|rocm[\d.]*|xpu)$")
+_RAPIDS = re.compile(r"^(?P<base>.+)-cu(?P<major>\d+)$")
+_CUPY = re.compile(r"^cupy(-cuda(?P<major>\d+)x)?$")
+_JAX_PLUGIN = re.compile(r"^jax-cuda(?P<major>\d+)-(?P<kind>plugin|pjrt)$")
+_NVIDIA = re.compile(r"^nvidia-.+-cu(?P<major>\d+)$")
+
+_IGNORE_FIX = "environment_ignore=[{name!r}] if the workers do not import it"
+
+
+# --------------------------------------------------------------------------------------------
+# Translation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    """A rule's verdict: a rewritten pin, a drop, or a problem."""
+
+    pin: PackagePin | None
+    reason: str
+    problem: Problem | None = None
+
+
+Rule = Callable[[PackagePin, Target, EnvironmentSpec], "_Outcome | None"]
+
+
+def translate_environment(
+    spec: EnvironmentSpec,
+    target: Target,
+    *,
+    extra: Iterable[PackagePin | LocalCode] = (),
+    strict: bool = True,
+) -> Translation:
+    """Translate ``spec`` for ``target``, recording every decision.
+
+    Parameters
+    ----------
+    spec : EnvironmentSpec
+        From :func:`~dask_rawvm.environment.inventory.resolve_environment_spec`.
+    target : Target
+        The VMs' platform.
+    extra : iterable of PackagePin or LocalCode
+        Packages the VM needs whatever the user's environment says (e.g. ``distributed``),
+        added (as roots) when ``spec`` does not already have them.
+    strict : bool
+        Raise :class:`EnvironmentTranslationError` for untranslatable packages (default);
+        False returns them in ``Translation.problems`` (for ``dask-rawvm env``).
+
+    Returns
+    -------
+    Translation
+    """
+    decisions: list[Decision] = []
+    problems: list[Problem] = []
+    spec = _with_extra(spec, extra, decisions)
+    requirements: list[str] = []
+    constraints: list[str] = []
+    for pin in spec.packages:
+        result = _translate_pin(pin, target, spec, decisions, problems)
+        if result is None:
+            continue
+        text = result.requirement(with_marker=False)
+        (requirements if result.root else constraints).append(text)
+    local = _translate_local(spec, target, decisions, problems)
+    _python_decision(spec, target, decisions)
+    _index_decisions(spec.index, decisions)
+    translation = Translation(
+        spec=spec,
+        target=target,
+        requirements=tuple(sorted(set(requirements))),
+        constraints=tuple(sorted(set(constraints) - set(requirements))),
+        local_code=tuple(local),
+        index=spec.index,
+        decisions=tuple(sorted(decisions, key=lambda d: (d.action == "keep", d.package))),
+        problems=tuple(problems),
+    )
+    if strict:
+        translation.raise_for_problems()
+    return translation
+
+
+def _with_extra(
+    spec: EnvironmentSpec, extra: Iterable[PackagePin | LocalCode], decisions: list[Decision]
+) -> EnvironmentSpec:
+    names = spec.names()
+    pins, local = list(spec.packages), list(spec.local_code)
+    for item in extra:
+        if item.name in names:
+            continue
+        if isinstance(item, LocalCode):
+            local.append(item)
+            after = f"{item.name} (local {item.kind})"
+        else:
+            pins.append(replace(item, root=True))
+            after = item.requirement()
+        decisions.append(Decision(item.name, "add", None, after, "needed by the Dask worker"))
+    return replace(spec, packages=tuple(pins), local_code=tuple(local))
+
+
+def _translate_pin(
+    pin: PackagePin,
+    target: Target,
+    spec: EnvironmentSpec,
+    decisions: list[Decision],
+    problems: list[Problem],
+) -> PackagePin | None:
+    before = pin.requirement()
+    current: PackagePin | None = pin
+    reasons: list[str] = []
+    for rule in _RULES:
+        assert current is not None
+        outcome = rule(current, target, spec)
+        if outcome is None:
+            continue
+        reasons.append(outcome.reason)
+        if outcome.problem is not None:
+            problems.append(outcome.problem)
+            decisions.append(Decision(pin.name, "drop", before, None, outcome.reason))
+            return None
+        current = outcome.pin
+        if current is None:
+            decisions.append(Decision(pin.name, "drop", before, None, outcome.reason))
+            return None
+    assert current is not None
+    after = current.requirement()
+    if after == before and not reasons:
+        decisions.append(Decision(pin.name, "keep", before, after, _keep_reason(pin)))
+    else:
+        decisions.append(Decision(pin.name, "rewrite", before, after, "; ".join(reasons)))
+    return current
+
+
+def _keep_reason(pin: PackagePin) -> str:
+    if pin.root:
+        return "same version on the target"
+    return "dependency: same version if the target needs it"
+
+
+def _rule_ignore(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    if pin.name in spec.ignore or (pin.conda_name and pin.conda_name in spec.ignore):
+        return _Outcome(None, "left out by environment_ignore")
+    return None
+
+
+def _rule_marker(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    if not pin.marker:
+        return None
+    try:
+        applies = Marker(pin.marker).evaluate({**target.marker_environment(), "extra": ""})
+    except (InvalidMarker, UndefinedEnvironmentName):
+        return None
+    if applies:
+        return None  # requirements are written without markers once evaluated
+    return _Outcome(None, f"marker `{pin.marker}` is false on {target.describe()}")
+
+
+def _rule_os_only(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    system = OS_ONLY.get(pin.name) or next(
+        (s for prefix, s in _OS_ONLY_PREFIXES.items() if pin.name.startswith(prefix)), None
+    )
+    if system is None:
+        return None
+    return _Outcome(None, f"{system}-only package, not used on Linux VMs")
+
+
+def _rule_arch(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    if target.arch == "x86_64":
+        return None
+    if pin.name in X86_ONLY_RUNTIME or pin.name.startswith(_X86_ONLY_RUNTIME_PREFIXES):
+        return _Outcome(
+            None,
+            f"x86_64-only Intel runtime library; not needed on {target.arch} "
+            "(PyPI builds there use OpenBLAS/OpenMP)",
+        )
+    if pin.name in X86_ONLY_LIBRARIES:
+        reason = f"published for x86_64 only; there is no {target.arch} build"
+        fix = f"{_IGNORE_FIX.format(name=pin.name)}, or an x86_64 instance type (arm=False)"
+        return _Outcome(None, reason, Problem(pin.name, reason, fix))
+    return None
+
+
+def _rule_conda(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    if pin.source != "conda":
+        return None
+    if not pin.python:
+        reason = (
+            f"conda package {pin.conda_name} has no Python code, so no PyPI counterpart; conda "
+            "channels are not reachable from the VMs' installer (conda solving is not supported "
+            "yet)"
+        )
+        fix = (
+            f"environment_ignore=[{pin.conda_name!r}] and provide it in the VM image, "
+            "or depend on a PyPI package that bundles it"
+        )
+        return _Outcome(None, reason, Problem(pin.conda_name or pin.name, reason, fix))
+    renamed = f" as {pin.name}" if pin.name != pin.conda_name else ""
+    return _Outcome(
+        replace(pin, source="index"),
+        f"conda package {pin.conda_name} installed from PyPI{renamed}, same version "
+        "(conda channels are not used for the VMs)",
+    )
+
+
+def _rule_accelerator(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    if target.accelerator == "cuda":
+        return _to_cuda(pin, target.cuda_major or 12)
+    return _to_cpu(pin)
+
+
+def _to_cuda(pin: PackagePin, major: int) -> _Outcome | None:
+    name = pin.name
+    if name in CPU_TO_CUDA:
+        new = CPU_TO_CUDA[name]
+        extras = {"and-cuda"} if new == "tensorflow" else set()
+        return _Outcome(
+            replace(pin, name=new, extras=tuple(sorted(set(pin.extras) | extras))),
+            f"{name} is the CPU build; {new} is the CUDA build of the same version",
+        )
+    if name == "tensorflow" and "and-cuda" not in pin.extras:
+        return _Outcome(
+            replace(pin, extras=tuple(sorted({*pin.extras, "and-cuda"}))),
+            "tensorflow[and-cuda] brings the CUDA libraries TensorFlow needs on a GPU",
+        )
+    if name == "jax":
+        extras = {e for e in pin.extras if not re.fullmatch(r"cuda\d+(-local)?", e)}
+        new_extras = tuple(sorted(extras | {f"cuda{major}"}))
+        if new_extras == tuple(sorted(pin.extras)):
+            return None
+        return _Outcome(
+            replace(pin, extras=new_extras), f"jax[cuda{major}] is jax for CUDA {major}"
+        )
+    return _cuda_major_rename(pin, major)
+
+
+def _cuda_major_rename(pin: PackagePin, major: int) -> _Outcome | None:
+    name = pin.name
+    cupy = _CUPY.match(name)
+    if cupy:
+        new = f"cupy-cuda{major}x"
+        if new == name:
+            return None
+        return _Outcome(replace(pin, name=new), f"{new} is the CuPy wheel for CUDA {major}")
+    plugin = _JAX_PLUGIN.match(name)
+    nvidia = _NVIDIA.match(name)
+    if nvidia and int(nvidia["major"]) != major:
+        return _Outcome(None, f"CUDA {nvidia['major']} library; the resolver picks CUDA {major}'s")
+    if plugin and int(plugin["major"]) != major:
+        new = f"jax-cuda{major}-{plugin['kind']}"
+        return _Outcome(replace(pin, name=new), f"{new} is the JAX plugin for CUDA {major}")
+    rapids = _RAPIDS.match(name)
+    if rapids and not nvidia and int(rapids["major"]) != major:
+        new = f"{rapids['base']}-cu{major}"
+        return _Outcome(replace(pin, name=new), f"{new} is the CUDA {major} build")
+    return None
+
+
+def _to_cpu(pin: PackagePin) -> _Outcome | None:
+    name = pin.name
+    if name in CUDA_TO_CPU:
+        new = CUDA_TO_CPU[name]
+        return _Outcome(replace(pin, name=new), f"{new} is the CPU build of {name}")
+    cuda_extras = {e for e in pin.extras if re.fullmatch(r"cuda\d*(-local)?|and-cuda", e)}
+    if name in ("jax", "tensorflow") and cuda_extras:
+        return _Outcome(
+            replace(pin, extras=tuple(sorted(set(pin.extras) - cuda_extras))),
+            f"CPU target: {name} without the CUDA extra {sorted(cuda_extras)}",
+        )
+    if _JAX_PLUGIN.match(name):
+        return _Outcome(None, "JAX CUDA plugin, not used on a CPU target")
+    if _CUPY.match(name) or (_RAPIDS.match(name) and not _NVIDIA.match(name)):
+        reason = f"{name} needs an NVIDIA GPU and has no CPU build"
+        fix = f"{_IGNORE_FIX.format(name=name)}, or a GPU instance type (gpu=True)"
+        return _Outcome(None, reason, Problem(name, reason, fix))
+    return None
+
+
+def _rule_local_label(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
+    version = pin.version
+    if not version or "+" not in version:
+        return None
+    public, _, label = version.partition("+")
+    if not _BUILD_LABEL.match(label):
+        return None  # e.g. a company build on a private index: keep as is
+    wanted = "cpu" if target.accelerator == "cpu" else f"cu{target.cuda_major}"
+    if label.startswith(wanted) and _has_private_index(spec.index):
+        return None  # the same build, and an index that may carry it
+    note = (
+        "PyPI's Linux wheels are CUDA builds"
+        if target.accelerator == "cuda"
+        else "PyPI's build runs on CPU"
+    )
+    return _Outcome(
+        replace(pin, specifier=f"=={public}"),
+        f"local label +{label} names a build that is not on PyPI; {note}, same version",
+    )
+
+
+def _has_private_index(index: IndexConfig) -> bool:
+    return bool(index.extra_index_urls or index.find_links or index.index_url)
+
+
+_RULES: tuple[Rule, ...] = (
+    _rule_ignore,
+    _rule_marker,
+    _rule_os_only,
+    _rule_arch,
+    _rule_conda,
+    _rule_accelerator,
+    _rule_local_label,
+    _rule_ignore,  # again: the user may name the translated package (onnxruntime-gpu)
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Local code, Python version, indexes
+# --------------------------------------------------------------------------------------------
+
+
+def _translate_local(
+    spec: EnvironmentSpec, target: Target, decisions: list[Decision], problems: list[Problem]
+) -> list[LocalCode]:
+    kept = []
+    for code in spec.local_code:
+        label = f"{code.name} ({code.kind} {code.path})"
+        if code.name in spec.ignore:
+            decisions.append(Decision(code.name, "drop", label, None, "left out by ignore"))
+            continue
+        problem = _wheel_problem(code, target) if code.kind == "wheel" else None
+        if problem is not None:
+            problems.append(problem)
+            decisions.append(Decision(code.name, "drop", label, None, problem.reason))
+            continue
+        reason = {
+            "project": "local project: built into a wheel and shipped",
+            "modules": f"loose modules {', '.join(code.modules)}: packed into a wheel and shipped",
+            "wheel": "local wheel: shipped as is",
+        }[code.kind]
+        decisions.append(Decision(code.name, "keep", label, label, reason))
+        kept.append(code)
+    return kept
+
+
+def _wheel_problem(code: LocalCode, target: Target) -> Problem | None:
+    from dask_rawvm.environment.bundle import wheel_fits_target
+
+    try:
+        parse_wheel_filename(code.path.rsplit("/", 1)[-1])
+    except ValueError:
+        return Problem(code.name, f"{code.path} is not a wheel file name", "rebuild the wheel")
+    if wheel_fits_target(code.path, target):
+        return None
+    return Problem(
+        code.name,
+        f"the local wheel {code.path} is not built for {target.describe()}",
+        f"build it for {target.arch}, {_IGNORE_FIX.format(name=code.name)}, "
+        "or use matching instance types",
+    )
+
+
+def _python_decision(spec: EnvironmentSpec, target: Target, decisions: list[Decision]) -> None:
+    if spec.python_version and spec.python_version != target.python_version:
+        decisions.append(
+            Decision(
+                "python",
+                "rewrite",
+                spec.python_version,
+                target.python_version,
+                "the VMs run another Python; the same pins are resolved for it",
+            )
+        )
+
+
+def _index_decisions(index: IndexConfig, decisions: list[Decision]) -> None:
+    for url in (*index.extra_index_urls, *index.find_links, index.index_url or ""):
+        if url and ("://" not in url or url.startswith("file:")):
+            decisions.append(
+                Decision(
+                    "index",
+                    "note",
+                    redact_url(url),
+                    redact_url(url),
+                    "a path on this machine: used to lock; only VMs on this machine "
+                    "(local cloud) can install from it",
+                )
+            )
+
+
+def canonical(names: Iterable[str]) -> tuple[str, ...]:
+    """Canonical (PEP 503) forms of package names, sorted and unique."""
+    return tuple(sorted({canonicalize_name(n) for n in names}))
