@@ -29,6 +29,7 @@ from distributed.utils import Log, Logs
 from dask_rawvm.config import ClusterOptions, resolve_options
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
+from dask_rawvm.providers import Provider, create_provider
 from dask_rawvm.providers.aws import MAX_IDS_PER_CALL, AWSProvider
 from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
 
@@ -228,13 +229,7 @@ class RawVMCluster(SpecCluster):
             )
             await asyncio.to_thread(self.cloud.start)
             endpoint_url, credentials = self.cloud.endpoint_url, CREDENTIALS
-        provider = AWSProvider(
-            self.cluster_name,
-            region=options.region,
-            endpoint_url=endpoint_url,
-            credentials=credentials,
-            ami=options.ami,
-        )
+        provider = create_provider(options, self.cluster_name, endpoint_url, credentials)
         self.pool.provider = provider
         try:
             await provider.start()
@@ -248,15 +243,13 @@ class RawVMCluster(SpecCluster):
             self.pool.provider = None
             raise
 
-    async def _preflight(self, provider: AWSProvider) -> None:
+    async def _preflight(self, provider: Provider) -> None:
         """Every problem we can see is raised here, before any VM is launched."""
         options = self.options
         roles = {"worker": options.worker_vm_type}
         if options.scheduler == "vm":
             roles["scheduler"] = options.scheduler_vm_type
-        await provider.check_vm_types(list(roles.values()))
-        for vm_type in set(roles.values()):
-            await provider.image_for(vm_type)
+        await provider.preflight(roles)
         if options.environment is not None:
             targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
             await self.pool.prepare_environments(targets)

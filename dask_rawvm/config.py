@@ -22,7 +22,7 @@ _DEFAULTS = os.path.join(os.path.dirname(__file__), "rawvm.yaml")
 with open(_DEFAULTS) as f:
     dask.config.update_defaults(yaml.safe_load(f))
 
-PROVIDERS = ("local", "aws")
+PROVIDERS = ("local", "aws", "ssh")
 SCHEDULER_PLACEMENTS = ("vm", "local")
 
 
@@ -48,6 +48,9 @@ class ClusterOptions:
     tags: dict[str, str] = field(default_factory=dict)
     environment: Any = "local"
     environment_ignore: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+    workers_per_host: int = 1
+    connect_options: dict[str, Any] = field(default_factory=dict)
 
 
 

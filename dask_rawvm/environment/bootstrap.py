@@ -36,12 +36,20 @@ SPOT_POLL_SECONDS = 2
 _PRELUDE = r"""
 log() { echo "[dask-rawvm $(date -u +%H:%M:%S)] $*"; }
 IMDS="${RAWVM_IMDS:-http://169.254.169.254}"
-TOKEN=$(curl -sf --retry 10 --retry-connrefused -X PUT \
-    -H "X-aws-ec2-metadata-token-ttl-seconds: 21600" "$IMDS/latest/api/token")
-meta() { curl -sf --retry 5 -H "X-aws-ec2-metadata-token: $TOKEN" "$IMDS/latest/meta-data/$1"; }
-poweroff_vm() { log "powering off"; shutdown -h now; exit "${1:-0}"; }
-INSTANCE_ID=$(meta instance-id)
-ADDRESS=$(meta local-ipv4)
+# A host that is not a cloud VM (the SSH provider) passes its identity in
+# RAWVM_INSTANCE_ID, RAWVM_ADDRESS and RAWVM_LAUNCH_INDEX and has no metadata service.
+if [ -z "${RAWVM_INSTANCE_ID:-}" ]; then
+    TOKEN=$(curl -sf --retry 10 --retry-connrefused -X PUT \
+        -H "X-aws-ec2-metadata-token-ttl-seconds: 21600" "$IMDS/latest/api/token")
+fi
+meta() { curl -sf --retry 5 -H "X-aws-ec2-metadata-token: ${TOKEN:-}" "$IMDS/latest/meta-data/$1"; }
+# Power off only a machine that is ours to power off (RAWVM_POWEROFF=no on shared hosts).
+poweroff_vm() {
+    if [ "${RAWVM_POWEROFF:-yes}" = yes ]; then log "powering off"; shutdown -h now; fi
+    exit "${1:-0}"
+}
+INSTANCE_ID=${RAWVM_INSTANCE_ID:-$(meta instance-id)}
+ADDRESS=${RAWVM_ADDRESS:-$(meta local-ipv4)}
 [ -n "$ADDRESS" ] || { log "no instance metadata at $IMDS"; poweroff_vm 1; }
 """
 
@@ -101,7 +109,7 @@ poweroff_vm
 """
 
 _WORKER = r"""
-INDEX=$(meta ami-launch-index)
+INDEX=${RAWVM_LAUNCH_INDEX:-$(meta ami-launch-index)}
 NAME="$RAWVM_NAME_PREFIX$((RAWVM_FIRST_INDEX + INDEX))"
 log "worker $NAME of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
 # A spot VM gets two minutes' notice: retire gracefully, so its data moves first.
@@ -123,7 +131,7 @@ async def retire(address, name):
         await scheduler.retire_workers(names=[name], close_workers=True, remove=True)
 asyncio.run(retire(*sys.argv[1:]))
 '
-watch_for_interruption &
+[ -n "${RAWVM_INSTANCE_ID:-}" ] || watch_for_interruption &
 ARGS=(--name "$NAME" --host "$ADDRESS" --death-timeout "$RAWVM_DEATH_TIMEOUT"
       --memory-limit "$RAWVM_MEMORY_LIMIT")
 [ -n "$RAWVM_NTHREADS" ] && ARGS+=(--nthreads "$RAWVM_NTHREADS")

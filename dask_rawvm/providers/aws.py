@@ -121,6 +121,11 @@ class AWSProvider(Provider):
             self._stack = None
 
     # -- preflight -----------------------------------------------------------------
+    async def preflight(self, roles: dict[str, str]) -> None:
+        await self.check_vm_types(list(roles.values()))
+        for vm_type in set(roles.values()):
+            await self.image_for(vm_type)
+
     async def check_vm_types(self, vm_types: list[str]) -> dict[str, dict[str, Any]]:
         """Describe instance types, failing clearly on unknown ones; cache the answer."""
         missing = sorted(set(vm_types) - set(self.vm_types))

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dask_rawvm.environment.target import Target
 
 #: The tag every resource of a cluster carries: its value is the cluster's name.
 CLUSTER_TAG = "dask-rawvm:cluster"
@@ -64,6 +68,14 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections (not machines)."""
+
+    @abc.abstractmethod
+    async def preflight(self, roles: dict[str, str]) -> None:
+        """Check every machine choice (``role -> vm_type``) before anything is created."""
+
+    @abc.abstractmethod
+    def target_for(self, vm_type: str) -> Target:
+        """The platform an environment must be built for to run on ``vm_type``."""
 
     @abc.abstractmethod
     async def launch(self, spec: LaunchSpec) -> list[Machine]:
