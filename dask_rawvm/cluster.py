@@ -103,6 +103,13 @@ class RawVMCluster(SpecCluster):
         Local cloud only: seconds a VM stays pending.
     tags
         Extra tags for every resource.
+    environment
+        What the VMs install: ``"local"`` (default: this environment, translated
+        for the VMs' platform, with editable installs and loose local modules
+        shipped as wheels), a list of requirements, or the path of a lock file
+        (``requirements.txt``, ``uv.lock``, ``conda-lock.yml``).
+    environment_ignore
+        Packages of the environment the VMs do without.
     **kwargs
         Passed to :class:`distributed.deploy.spec.SpecCluster` (``asynchronous``,
         ``loop``, ``security``, ``shutdown_on_close``, ``silence_logs``).
@@ -134,6 +141,8 @@ class RawVMCluster(SpecCluster):
         scheduler_timeout: float | str | None = None,
         boot_delay: float | str | None = None,
         tags: dict[str, str] | None = None,
+        environment: str | list[str] | None = None,
+        environment_ignore: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.options: ClusterOptions = resolve_options(
@@ -153,6 +162,8 @@ class RawVMCluster(SpecCluster):
             scheduler_timeout=scheduler_timeout,
             boot_delay=boot_delay,
             tags=tags,
+            environment=environment,
+            environment_ignore=environment_ignore,
         )
         if n_workers < 0:
             raise ValueError(f"n_workers={n_workers} must be 0 or more")

@@ -1,0 +1,200 @@
+"""A lifecycle a data scientist can trust: adapt, reconnect, spot interruptions, no orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import boto3
+import dask
+import dask.array as da
+import pytest
+from helpers import live_instances, wait_for
+
+from dask_rawvm import RawVMCluster
+from dask_rawvm.config import resolve_options
+from dask_rawvm.localcloud import CREDENTIALS, LocalCloud, RemoteCloud
+
+
+def names(client) -> set[str]:  # noqa: ANN001
+    return {w["name"] for w in client.scheduler_info()["workers"].values()}
+
+
+def test_adapt_scales_to_zero_when_idle_and_back_up_under_load(cloud: LocalCloud) -> None:
+    with RawVMCluster(
+        endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+    ) as cluster:
+        client = cluster.get_client()
+        cluster.adapt(minimum=0, maximum=2)
+        assert client.submit(lambda: 42, pure=False).result(timeout=120) == 42
+        wait_for(lambda: not names(client) and not live_instances(cloud), 60, "scale to zero")
+        futures = client.map(time.sleep, [0.5] * 20, pure=False)
+        wait_for(lambda: len(names(client)) >= 1, 120, "scale up again under load")
+        client.gather(futures)
+        # Every worker this cluster ever had got a new name.
+        assert len(cluster._launched) == len(set(cluster._launched))
+
+
+def test_pending_vms_are_cancelled_first_when_the_target_drops(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    with (
+        LocalCloud(boot_delay=3600) as cloud,
+        RawVMCluster(
+            endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+        ) as cluster,
+    ):
+        client = cluster.get_client()
+        cluster.adapt(minimum=0, maximum=3)
+        futures = client.map(time.sleep, [1] * 30, pure=False)
+        wait_for(lambda: len(live_instances(cloud)) > 0, 60, "VMs requested")
+        client.cancel(futures)
+        del futures
+        wait_for(lambda: not live_instances(cloud), 60, "requested VMs cancelled")
+        assert cloud.calls["TerminateInstances"] >= 1
+
+
+def test_named_cluster_reconnects_instead_of_starting_another(cloud: LocalCloud) -> None:
+    options = {"endpoint_url": cloud.endpoint_url, "region": cloud.region, "name": "prod"}
+    first = RawVMCluster(n_workers=2, shutdown_on_close=False, **options)
+    client = first.get_client()
+    client.wait_for_workers(2, timeout=120)
+    data = client.persist(da.arange(1000, chunks=100))
+    client.publish_dataset(numbers=data)
+    address = first.scheduler_address
+    client.close()
+    first.close()  # leaves the cluster running
+    assert len(live_instances(cloud, "prod")) == 3
+
+    launched = cloud.calls["RunInstances"]
+    with RawVMCluster(**options) as second:
+        assert second.scheduler_address == address
+        assert sorted(second.workers) == ["worker-0", "worker-1"]
+        assert cloud.calls["RunInstances"] == launched  # nothing new launched
+        client = second.get_client()
+        assert int(client.get_dataset("numbers").sum().compute()) == 499500
+        second.scale(3)
+        client.wait_for_workers(3, timeout=120)
+        assert "worker-2" in names(client)  # a fresh name, after the adopted ones
+    assert live_instances(cloud, "prod") == []
+
+
+def test_spot_interruption_moves_data_and_replaces_the_worker(cloud: LocalCloud) -> None:
+    with RawVMCluster(
+        n_workers=3, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+    ) as cluster:
+        client = cluster.get_client()
+        client.wait_for_workers(3, timeout=120)
+        data = client.persist(da.random.random((600, 600), chunks=100))
+        expected = float(data.sum().compute())
+        victim = max(client.has_what().items(), key=lambda kv: len(kv[1]))[0]
+        victim_name = client.scheduler_info()["workers"][victim]["name"]
+        cloud.interrupt(cluster.instances[victim_name], delay=20)
+        wait_for(lambda: victim_name not in names(client), 30, "the interrupted worker retired")
+        # Its data moved before its VM went: nothing is recomputed or lost.
+        assert all(who for who in client.who_has(data).values())
+        assert float(data.sum().compute()) == pytest.approx(expected)
+        wait_for(lambda: len(names(client)) == 3, 120, "a replacement worker")
+        assert victim_name not in names(client)  # under a new name
+
+
+def test_killed_client_leaves_nothing_running(tmp_path) -> None:  # noqa: ANN001
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    client_process = None
+    try:
+        assert server.stdout is not None
+        endpoint = server.stdout.readline().split("endpoint: ")[1].strip()
+        remote = RemoteCloud(endpoint)
+        script = textwrap.dedent(f"""
+            from dask_rawvm import RawVMCluster
+            cluster = RawVMCluster(n_workers=2, endpoint_url={endpoint!r}, region="us-east-1",
+                                   name="abandoned", idle_timeout="6s", death_timeout="6s")
+            cluster.get_client().wait_for_workers(2, timeout=120)
+            print("ready", flush=True)
+            import time
+            time.sleep(600)
+        """)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+        client_process = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+        assert client_process.stdout is not None
+        assert client_process.stdout.readline().strip() == "ready"
+        ec2 = boto3.client("ec2", **remote.client_kwargs())
+
+        def live() -> int:
+            filters = [
+                {"Name": "tag:dask-rawvm:cluster", "Values": ["abandoned"]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+            reservations = ec2.describe_instances(Filters=filters)["Reservations"]
+            return sum(len(r["Instances"]) for r in reservations)
+
+        assert live() == 3
+        os.killpg(client_process.pid, signal.SIGKILL)  # laptop lid closed
+        client_process.wait()
+        # idle_timeout (scheduler VM exits) + death_timeout (workers exit) + margin
+        wait_for(lambda: live() == 0, 60, "every VM of the abandoned cluster to power off")
+    finally:
+        if client_process is not None and client_process.poll() is None:
+            os.killpg(client_process.pid, signal.SIGKILL)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_config_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Packaged default
+    assert resolve_options().worker_vm_type == "t3.large"
+    # Environment variable, as dask reads it
+    monkeypatch.setenv("DASK_RAWVM__LOCAL__WORKER_VM_TYPE", "m6i.large")
+    dask.config.refresh()
+    try:
+        assert resolve_options().worker_vm_type == "m6i.large"
+        # A user's profile section, over its provider's section
+        profile = {"provider": "aws", "region": "eu-west-1", "worker-vm-type": "g5.xlarge"}
+        with dask.config.set({"rawvm.gpu-spot": profile}):
+            options = resolve_options("gpu-spot")
+            assert (options.provider, options.region) == ("aws", "eu-west-1")
+            assert options.worker_vm_type == "g5.xlarge"
+            assert options.scheduler_vm_type == "t3.medium"  # from the aws section
+            # An explicit keyword wins over everything
+            assert resolve_options("gpu-spot", worker_vm_type="c7g.large").worker_vm_type == (
+                "c7g.large"
+            )
+        with dask.config.set({"rawvm.typo": {"provider": "aws", "wrker-vm-type": "x"}}):
+            with pytest.raises(ValueError, match="wrker-vm-type"):
+                resolve_options("typo")
+        with pytest.raises(ValueError, match="no configuration section 'rawvm.nope'"):
+            resolve_options("nope")
+        with pytest.raises(TypeError, match="worker_vm_typo"):
+            resolve_options(worker_vm_typo="x")
+    finally:
+        monkeypatch.delenv("DASK_RAWVM__LOCAL__WORKER_VM_TYPE")
+        dask.config.refresh()
+
+
+def test_user_data_is_the_script_a_worker_boots_with(cloud: LocalCloud) -> None:
+    with RawVMCluster(
+        n_workers=1, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+    ) as cluster:
+        script = cluster.user_data()
+        assert script.startswith("#!/bin/bash")
+        assert "RAWVM_FIRST_INDEX=1" in script  # the next worker's name
+        assert "PRIVATE KEY" not in script and len(script.encode()) < 16 * 1024
+        cluster.get_client().wait_for_workers(1, timeout=120)
+        logs = cluster.get_logs()
+        assert "worker worker-0 of cluster" in logs["worker-0"]
