@@ -24,7 +24,7 @@ def read_on_a_worker(cluster: RawVMCluster, module: str) -> str:
 
 
 @pytest.fixture
-def editable_package(tmp_path: Path):  # noqa: ANN201
+def editable_package(tmp_path: Path):
     """A package installed in editable mode into this environment, removed afterwards."""
     source = tmp_path / "rawvm_probe_pkg"
     (source / "rawvm_probe_pkg").mkdir(parents=True)

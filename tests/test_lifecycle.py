@@ -20,7 +20,7 @@ from dask_rawvm.config import resolve_options
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud, RemoteCloud
 
 
-def names(client) -> set[str]:  # noqa: ANN001
+def names(client) -> set[str]:
     return {w["name"] for w in client.scheduler_info()["workers"].values()}
 
 
@@ -39,7 +39,7 @@ def test_adapt_scales_to_zero_when_idle_and_back_up_under_load(cloud: LocalCloud
         assert len(cluster._launched) == len(set(cluster._launched))
 
 
-def test_pending_vms_are_cancelled_first_when_the_target_drops(monkeypatch) -> None:  # noqa: ANN001
+def test_pending_vms_are_cancelled_first_when_the_target_drops(monkeypatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
     with (
@@ -102,7 +102,7 @@ def test_spot_interruption_moves_data_and_replaces_the_worker(cloud: LocalCloud)
         assert victim_name not in names(client)  # under a new name
 
 
-def test_killed_client_leaves_nothing_running(tmp_path) -> None:  # noqa: ANN001
+def test_killed_client_leaves_nothing_running(tmp_path) -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -175,10 +175,10 @@ def test_config_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
             assert resolve_options("gpu-spot", worker_vm_type="c7g.large").worker_vm_type == (
                 "c7g.large"
             )
-        with dask.config.set({"rawvm.typo": {"provider": "aws", "wrker-vm-type": "x"}}):
-            with pytest.raises(ValueError, match="wrker-vm-type"):
-                resolve_options("typo")
-        with pytest.raises(ValueError, match="no configuration section 'rawvm.nope'"):
+        typo = {"rawvm.typo": {"provider": "aws", "wrker-vm-type": "x"}}
+        with dask.config.set(typo), pytest.raises(ValueError, match="wrker-vm-type"):
+            resolve_options("typo")
+        with pytest.raises(ValueError, match=r"no configuration section 'rawvm\.nope'"):
             resolve_options("nope")
         with pytest.raises(TypeError, match="worker_vm_typo"):
             resolve_options(worker_vm_typo="x")
