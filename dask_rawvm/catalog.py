@@ -121,9 +121,9 @@ class VMType:
         return f"{self.name} ({', '.join(parts)})"
 
 
-def parse_instance_types(describe_instance_types_pages: Iterable[Mapping[str, Any]]) -> dict[
-    str, VMType
-]:
+def parse_instance_types(
+    describe_instance_types_pages: Iterable[Mapping[str, Any]],
+) -> dict[str, VMType]:
     """Instance types from raw ``DescribeInstanceTypes`` responses.
 
     Parameters
@@ -301,7 +301,9 @@ async def _describe_instance_types(ec2_client: Any) -> dict[str, VMType]:
         types = {name: vm for name, vm in types.items() if name in offered}
     logger.info(
         "described %d instance types in %d page(s), %.1f s",
-        len(types), len(pages), time.perf_counter() - start,
+        len(types),
+        len(pages),
+        time.perf_counter() - start,
     )
     return types
 
@@ -364,8 +366,11 @@ class PriceTable:
         data = json.loads(text)
         multiplier = data["region_multipliers"].get(region)
         if multiplier is None:
-            logger.info("no price multiplier for region %s; assuming %s", region,
-                        data["default_region_multiplier"])
+            logger.info(
+                "no price multiplier for region %s; assuming %s",
+                region,
+                data["default_region_multiplier"],
+            )
             multiplier = data["default_region_multiplier"]
         return cls(
             region=region,
@@ -407,8 +412,10 @@ class PriceTable:
         on_demand, _ = self.on_demand(vm)
         wanted = set(zones) if zones is not None else None
         live = [
-            p for (name, zone), p in self.live_spot.items()
-            if name == vm.name and (wanted is None or zone in wanted)
+            p
+            for (name, zone), p in self.live_spot.items()
+            if name == vm.name
+            and (wanted is None or zone in wanted)
             and p >= MIN_PLAUSIBLE_SPOT_FRACTION * on_demand
         ]
         if live:
@@ -425,7 +432,10 @@ class PriceTable:
         on_demand, estimated = self.on_demand(vm)
         spot, live = self.spot(vm)
         return dataclasses.replace(
-            vm, on_demand_price=on_demand, spot_price=spot, price_estimated=estimated,
+            vm,
+            on_demand_price=on_demand,
+            spot_price=spot,
+            price_estimated=estimated,
             spot_price_live=live,
         )
 
@@ -631,51 +641,77 @@ def _needs_list(needs: Needs) -> list[_Need]:
     result = []
     if needs.cpu:
         cpu = needs.cpu
-        result.append(_Need(
-            f">= {cpu} vCPU", lambda t: t.vcpus >= cpu, lambda t: -t.vcpus,
-            "ask for fewer vCPUs per worker (a smaller worker_cpu) and use more workers",
-            f"worker_cpu={cpu}",
-        ))
+        result.append(
+            _Need(
+                f">= {cpu} vCPU",
+                lambda t: t.vcpus >= cpu,
+                lambda t: -t.vcpus,
+                "ask for fewer vCPUs per worker (a smaller worker_cpu) and use more workers",
+                f"worker_cpu={cpu}",
+            )
+        )
     if needs.memory_mib:
         mem = needs.memory_mib
-        result.append(_Need(
-            f">= {format_bytes(mem * _MiB)} memory", lambda t: t.memory_mib >= mem,
-            lambda t: -t.memory_mib,
-            "ask for less memory per worker (a smaller worker_memory) and use more workers",
-            "worker_memory",
-        ))
+        result.append(
+            _Need(
+                f">= {format_bytes(mem * _MiB)} memory",
+                lambda t: t.memory_mib >= mem,
+                lambda t: -t.memory_mib,
+                "ask for less memory per worker (a smaller worker_memory) and use more workers",
+                "worker_memory",
+            )
+        )
     if needs.gpus:
         gpus = needs.gpus
-        result.append(_Need(
-            f">= {gpus} GPU", lambda t: t.gpus >= gpus, lambda t: -t.gpus,
-            "ask for fewer GPUs per worker (worker_gpu) and use more workers", "worker_gpu",
-        ))
+        result.append(
+            _Need(
+                f">= {gpus} GPU",
+                lambda t: t.gpus >= gpus,
+                lambda t: -t.gpus,
+                "ask for fewer GPUs per worker (worker_gpu) and use more workers",
+                "worker_gpu",
+            )
+        )
     if needs.gpu_model:
         key = _gpu_key(needs.gpu_model)
-        result.append(_Need(
-            f"GPU model {needs.gpu_model}",
-            lambda t: t.gpu_model is not None and _gpu_key(t.gpu_model) == key,
-            lambda t: abs(t.gpus - needs.gpus), "choose another GPU model (worker_gpu=...)",
-            "worker_gpu",
-        ))
+        result.append(
+            _Need(
+                f"GPU model {needs.gpu_model}",
+                lambda t: t.gpu_model is not None and _gpu_key(t.gpu_model) == key,
+                lambda t: abs(t.gpus - needs.gpus),
+                "choose another GPU model (worker_gpu=...)",
+                "worker_gpu",
+            )
+        )
     if needs.arch:
         arch = needs.arch
-        result.append(_Need(
-            arch, lambda t: t.arch == arch, lambda t: 0.0,
-            "set arm=None to accept either architecture", f"arm={needs.arm}",
-        ))
+        result.append(
+            _Need(
+                arch,
+                lambda t: t.arch == arch,
+                lambda t: 0.0,
+                "set arm=None to accept either architecture",
+                f"arm={needs.arm}",
+            )
+        )
     if needs.market == "spot":
-        result.append(_Need(
-            "spot support", lambda t: t.supports("spot"), lambda t: 0.0,
-            "use on-demand for these workers", "spot_policy",
-        ))
+        result.append(
+            _Need(
+                "spot support",
+                lambda t: t.supports("spot"),
+                lambda t: 0.0,
+                "use on-demand for these workers",
+                "spot_policy",
+            )
+        )
     return result
 
 
 def _pool(types: Mapping[str, VMType], needs: Needs) -> list[VMType]:
     """The types worth considering at all for a need-based choice."""
     return [
-        t for t in types.values()
+        t
+        for t in types.values()
         if t.arch in ARCHITECTURES
         # (Spot support is a need of its own, so that its absence can be explained.)
         and (needs.market == "spot" or t.supports("on-demand"))
@@ -706,9 +742,7 @@ def _rank_key(vm: VMType, market: str) -> tuple[float, bool, bool, int, int, str
         price *= PREVIOUS_GENERATION_PENALTY
     if vm.price_estimated:
         price *= ESTIMATE_PENALTY
-    return (
-        price, not vm.current_generation, vm.price_estimated, vm.vcpus, vm.memory_mib, vm.name
-    )
+    return (price, not vm.current_generation, vm.price_estimated, vm.vcpus, vm.memory_mib, vm.name)
 
 
 def rank_candidates(
@@ -878,10 +912,14 @@ def _check_named_meets(vm: VMType, needs: Needs, types: Mapping[str, VMType]) ->
 def _same_shape(vm: VMType, arch: str, types: Mapping[str, VMType]) -> str:
     """A few types of ``arch`` with ``vm``'s vCPUs and memory, newest families first."""
     same = [
-        t.name for t in types.values()
-        if t.arch == arch and t.vcpus == vm.vcpus and t.memory_mib == vm.memory_mib
+        t.name
+        for t in types.values()
+        if t.arch == arch
+        and t.vcpus == vm.vcpus
+        and t.memory_mib == vm.memory_mib
         # Plain families (m7g, m7i, m8a): no local disk, network or flex variants.
-        and t.current_generation and re.fullmatch(r"[a-z]\d+[agi]", t.family)
+        and t.current_generation
+        and re.fullmatch(r"[a-z]\d+[agi]", t.family)
     ]
     same.sort(key=lambda n: (-_generation(n), n))
     return " or ".join(same[:3]) or f"any {arch} type"

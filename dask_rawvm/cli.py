@@ -60,6 +60,23 @@ def localcloud(port: int, region: str, boot_delay: float) -> None:
     click.echo("local cloud stopped; its VMs are terminated")
 
 
+@main.command()
+@click.option("--config-name", default=None, help="Section of rawvm in dask's config.")
+def config(config_name: str | None) -> None:
+    """Print the options a RawVMCluster would run with, resolved from dask's config."""
+    import dataclasses
+
+    import yaml
+
+    from dask_rawvm.config import resolve_options
+
+    options = resolve_options(config_name)
+    values = {
+        f.name.replace("_", "-"): getattr(options, f.name) for f in dataclasses.fields(options)
+    }
+    click.echo(yaml.safe_dump({"rawvm": {config_name or "(default)": values}}, sort_keys=False))
+
+
 main.add_command(env_command, "env")
 
 if __name__ == "__main__":

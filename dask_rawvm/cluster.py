@@ -7,11 +7,13 @@ provider through :class:`dask_rawvm.machines.VMPool`.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import math
 import time
 import uuid
 import weakref
+from collections import Counter
 from contextlib import suppress
 from typing import Any
 
@@ -29,6 +31,7 @@ from distributed.utils import Log, Logs
 from dask_rawvm.config import ClusterOptions, resolve_options
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
+from dask_rawvm.progress import Progress
 from dask_rawvm.providers import Provider, create_provider
 from dask_rawvm.providers.aws import MAX_IDS_PER_CALL, AWSProvider
 from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
@@ -110,6 +113,12 @@ class RawVMCluster(SpecCluster):
         (``requirements.txt``, ``uv.lock``, ``conda-lock.yml``).
     environment_ignore
         Packages of the environment the VMs do without.
+    max_workers
+        A ceiling: starting, scaling or adapting past it is an error before any
+        VM is launched (adapt's ``maximum`` is clamped to it).
+    hosts, workers_per_host, connect_options
+        ``provider="ssh"``: the machines (``"user@host"``, ``"host:2222"``), how
+        many workers each may run, and extra ``asyncssh.connect`` options.
     **kwargs
         Passed to :class:`distributed.deploy.spec.SpecCluster` (``asynchronous``,
         ``loop``, ``security``, ``shutdown_on_close``, ``silence_logs``).
@@ -143,6 +152,10 @@ class RawVMCluster(SpecCluster):
         tags: dict[str, str] | None = None,
         environment: str | list[str] | None = None,
         environment_ignore: list[str] | None = None,
+        max_workers: int | None = None,
+        hosts: list[str] | None = None,
+        workers_per_host: int | None = None,
+        connect_options: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         self.options: ClusterOptions = resolve_options(
@@ -164,9 +177,14 @@ class RawVMCluster(SpecCluster):
             tags=tags,
             environment=environment,
             environment_ignore=environment_ignore,
+            max_workers=max_workers,
+            hosts=hosts,
+            workers_per_host=workers_per_host,
+            connect_options=connect_options,
         )
         if n_workers < 0:
             raise ValueError(f"n_workers={n_workers} must be 0 or more")
+        self._check_limit(n_workers)
         if not kwargs.get("shutdown_on_close", True) and self.options.provider == "local":
             raise ValueError(
                 "shutdown_on_close=False needs a cloud that outlives this process, and an "
@@ -220,16 +238,27 @@ class RawVMCluster(SpecCluster):
 
     # -- start and stop -------------------------------------------------------------
     async def _start(self) -> None:
-        if self.pool.provider is None and self.status == Status.created:
-            try:
-                await self._start_provider()
-            except BaseException:
-                self.status = Status.failed
-                await self._release_cloud()
-                raise
-        await super()._start()
-        if self.pool.adopted_workers:
-            await self._adopt_workers()
+        if self.pool.provider is not None or self.status != Status.created:
+            await super()._start()
+            return
+        progress = Progress(f"RawVMCluster {self.cluster_name}", self.options.progress)
+        self.pool.report = progress.update
+        try:
+            progress.update(stage="checking the machines and building the environment")
+            await self._start_provider()
+        except BaseException:
+            self.status = Status.failed
+            progress.close()
+            await self._release_cloud()
+            raise
+        try:
+            await super()._start()
+            if self.pool.adopted_workers:
+                await self._adopt_workers()
+            progress.update(stage=f"scheduler ready at {self.scheduler_address}")
+        finally:
+            progress.close()
+            self.pool.report = lambda **fields: None
 
     async def _start_provider(self) -> None:
         options = self.options
@@ -244,6 +273,7 @@ class RawVMCluster(SpecCluster):
         self.pool.provider = provider
         try:
             await provider.start()
+            provider.check_capacity(self._n_workers)
             await self._preflight(provider)
             if options.name is not None:
                 await self.pool.find_running(provider)
@@ -335,8 +365,21 @@ class RawVMCluster(SpecCluster):
         The workers removed are those not yet connected, then those holding the
         least data.
         """
+        self._check_limit(n)
         self._order_by_value()
         return super().scale(n, memory=memory, cores=cores)
+
+    def _check_limit(self, n: int) -> None:
+        """Refuse a size over ``max_workers`` or the provider's capacity, before any launch."""
+        limit = self.options.max_workers
+        if limit is not None and n > limit:
+            raise ValueError(
+                f"asked for {n} workers, over max_workers={limit}: ask for fewer, or raise "
+                "max_workers (in the call or the rawvm config)"
+            )
+        provider = getattr(getattr(self, "pool", None), "provider", None)
+        if provider is not None:
+            provider.check_capacity(n)
 
     def _order_by_value(self) -> None:
         """Re-order the worker spec so the cheapest workers to lose come last.
@@ -421,6 +464,13 @@ class RawVMCluster(SpecCluster):
         default :class:`RawVMAdaptive` gives idle VMs back within seconds and
         terminates only workers that retired.
         """
+        ceiling = min(
+            self.options.max_workers or math.inf,
+            self.pool.provider.capacity if self.pool.provider else math.inf,
+        )
+        if maximum > ceiling:
+            logger.info("adapt maximum %s clamped to %s (max_workers/capacity)", maximum, ceiling)
+            maximum = ceiling
         return super().adapt(
             Adaptive,
             minimum,
@@ -471,29 +521,81 @@ class RawVMCluster(SpecCluster):
     async def _wait_for_workers(self, n_workers: int = 0, timeout: Any = None) -> None:
         """Wait for workers; a worker VM that died at boot is an error with its log, not a hang."""
         deadline = time.monotonic() + parse_timedelta(timeout) if timeout else None
-        checked = time.monotonic()
-        while True:
-            assert self.scheduler_comm is not None
-            self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity())
-            connected = {w["name"] for w in self.scheduler_info["workers"].values()}
-            if len(connected) >= n_workers:
-                return
-            waiting = [w for n, w in self.workers.items() if n not in connected and w.machine]
-            if time.monotonic() - checked > 3:
-                checked = time.monotonic()
-                await self.pool.raise_if_dead([w.machine for w in waiting if w.machine])
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(connected)} of {n_workers} workers connected within {timeout}; "
-                    + await self.pool.describe_waiting({w.name: w.machine for w in waiting})
+        progress = Progress(
+            f"{self.cluster_name}: waiting for {n_workers} workers", self.options.progress
+        )
+        checked, running = time.monotonic(), 0
+        try:
+            while True:
+                assert self.scheduler_comm is not None
+                self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity())
+                connected = {w["name"] for w in self.scheduler_info["workers"].values()}
+                progress.update(
+                    vms=self._vm_summary(),
+                    requested=len(self.workers),
+                    running=max(running, len(connected)),
+                    connected=len(connected),
                 )
-            await asyncio.sleep(0.2)
+                if len(connected) >= n_workers:
+                    return
+                waiting = [w for n, w in self.workers.items() if n not in connected and w.machine]
+                if time.monotonic() - checked > 3:
+                    checked = time.monotonic()
+                    booting = await self.pool.raise_if_dead(
+                        [w.machine for w in waiting if w.machine]
+                    )
+                    running = len(connected) + sum(m.state == "running" for m in booting)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"only {len(connected)} of {n_workers} workers connected within "
+                        f"{timeout}; "
+                        + await self.pool.describe_waiting({w.name: w.machine for w in waiting})
+                    )
+                await asyncio.sleep(0.2)
+        finally:
+            progress.close()
+
+    @property
+    def cost_per_hour(self) -> float:
+        """Estimated USD per hour of the VMs running now (list prices)."""
+        return self.pool.meter.cost_per_hour()
+
+    @property
+    def spent(self) -> float:
+        """Estimated USD spent on this cluster's VMs so far (per second, 60 s minimum)."""
+        return self.pool.meter.spent()
+
+    def _vm_summary(self) -> str:
+        """``3 x t3.large on-demand in us-east-1a``, one phrase per kind of VM."""
+        kinds = Counter((m.vm_type, m.market, m.zone or "?") for m in self.pool.live())
+        return ", ".join(f"{n} x {t} {mk} in {z}" for (t, mk, z), n in sorted(kinds.items()))
 
     def __repr__(self) -> str:
         return (
             f"RawVMCluster({self.cluster_name!r}, provider={self.options.provider!r}, "
-            f"workers={len(self.workers)}, status={self.status.name})"
+            f"workers={len(self.workers)}, status={self.status.name}, "
+            f"vms=[{self._vm_summary()}], cost=${self.cost_per_hour:.3f}/h)"
         )
+
+    def _repr_html_(self, cluster_status: Any = None) -> str:
+        connected = len(self.scheduler_info.get("workers", {})) if self.scheduler_info else 0
+        rows = {
+            "Provider": f"{self.options.provider} ({self.options.region or 'default region'})",
+            "Dashboard": f'<a href="{self.dashboard_link}" target="_blank">'
+            f"{self.dashboard_link}</a>"
+            if self.scheduler_address
+            else "",
+            "Workers": f"{connected} connected of {len(self.workers)} requested",
+            "VMs": self._vm_summary() or "none",
+            "Cost": f"${self.cost_per_hour:.3f}/h now, ${self.spent:.2f} spent",
+            "Status": self.status.name,
+        }
+        body = "".join(
+            f'<tr><th style="text-align:left">{k}</th><td style="text-align:left">{v}</td></tr>'
+            for k, v in rows.items()
+        )
+        title = f"<h3>RawVMCluster {html.escape(self.cluster_name)}</h3>"
+        return f"<div>{title}<table>{body}</table></div>"
 
 
 def _terminate_leftovers(pool: VMPool) -> None:
@@ -503,6 +605,10 @@ def _terminate_leftovers(pool: VMPool) -> None:
     may be gone and executors refuse new work, which aiobotocore needs.
     """
     provider = pool.provider
+    cleanup_blocking = getattr(provider, "cleanup_blocking", None)
+    if cleanup_blocking is not None:  # a provider with its own synchronous sweep (SSH)
+        cleanup_blocking()
+        return
     if not isinstance(provider, AWSProvider):
         return
     import botocore.session

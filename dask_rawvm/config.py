@@ -51,7 +51,8 @@ class ClusterOptions:
     hosts: list[str] = field(default_factory=list)
     workers_per_host: int = 1
     connect_options: dict[str, Any] = field(default_factory=dict)
-
+    progress: bool | None = None
+    max_workers: int | None = None
 
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(ClusterOptions)]
@@ -80,9 +81,7 @@ def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOpt
     """
     unknown = set(kwargs) - set(OPTION_NAMES)
     if unknown:
-        raise TypeError(
-            f"unknown option(s) {sorted(unknown)}; valid options are {OPTION_NAMES}"
-        )
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options are {OPTION_NAMES}")
     given = {k: v for k, v in kwargs.items() if v is not None}
     if config_name is None:
         config_name = _default_section(given)

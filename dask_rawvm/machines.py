@@ -25,6 +25,7 @@ from distributed.core import Status, rpc
 from distributed.deploy.spec import ProcessInterface
 
 from dask_rawvm.config import ClusterOptions
+from dask_rawvm.cost import CostMeter
 from dask_rawvm.environment import Bundle, Target, bootstrap, prepare_environment
 from dask_rawvm.environment.bootstrap import EnvironmentRef
 from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, Provider, ProviderError
@@ -116,6 +117,8 @@ class VMPool:
         self.bundles: dict[str, Bundle] = {}  # the environment of each role's VMs
         self.adopted_scheduler: Machine | None = None  # when reconnecting to a running cluster
         self.adopted_workers: list[Machine] = []
+        self.meter = CostMeter()  # what the VMs cost so far, and per hour now
+        self.report: Callable[..., None] = lambda **fields: None  # progress display
         self._launches: Coalescer[tuple[str, str], Machine] = Coalescer(
             self._launch_workers, options.launch_window
         )
@@ -237,8 +240,13 @@ class VMPool:
         return machines
 
     async def _launch(self, spec: LaunchSpec) -> list[Machine]:
-        machines = await self._provider().launch(spec)
+        provider = self._provider()
+        machines = await provider.launch(spec)
         self.machines.update((m.id, m) for m in machines)
+        for m in machines:
+            self.meter.launched(
+                m.id, m.vm_type, m.market, provider.hourly_price(m.vm_type, m.market)
+            )
         logger.info("launched %d %s VM(s) of type %s", len(machines), spec.role, spec.vm_type)
         return machines
 
@@ -249,8 +257,18 @@ class VMPool:
 
     async def _terminate(self, ids: list[str]) -> dict[str, BaseException | None]:
         await self._provider().terminate(ids)
-        self.terminated.update(ids)
+        self._record_terminated(ids)
         return dict.fromkeys(ids)
+
+    def _record_terminated(self, ids: list[str]) -> None:
+        for machine_id in set(ids) - self.terminated:
+            self.terminated.add(machine_id)
+            if machine_id in self.meter.running():
+                self.meter.terminated(machine_id)
+
+    def live(self) -> list[Machine]:
+        """The machines launched and not yet terminated, as last described."""
+        return [m for i, m in self.machines.items() if i not in self.terminated]
 
     async def close(self) -> list[str]:
         """Terminate whatever the cluster still has, by its tag; return those ids."""
@@ -258,7 +276,8 @@ class VMPool:
             return []
         try:
             leftovers = await self.provider.cleanup(self.cluster)
-            self.terminated.update(leftovers)
+            self._record_terminated(leftovers)
+            self._record_terminated(list(self.machines))  # everything is gone now
             return leftovers
         finally:
             await self.provider.close()
@@ -273,13 +292,15 @@ class VMPool:
     async def console_output(self, machine_id: str) -> str:
         return await self._provider().console_output(machine_id)
 
-    async def raise_if_dead(self, machines: list[Machine]) -> None:
-        """Raise, with its boot log, if a VM that should be booting has gone."""
+    async def raise_if_dead(self, machines: list[Machine]) -> list[Machine]:
+        """Describe booting VMs; raise, with its boot log, if one has gone."""
         if not machines:
-            return
-        for machine in await self._provider().describe([m.id for m in machines]):
+            return []
+        described = await self._provider().describe([m.id for m in machines])
+        for machine in described:
             if machine.state not in ("pending", "running"):
                 raise ProviderError(await self.boot_failure(machine, "a worker VM died at boot"))
+        return described
 
     async def describe_waiting(self, machines: dict[str | None, Machine | None]) -> str:
         """What each VM we are waiting for is doing: its state and last log line."""
@@ -320,7 +341,11 @@ class SchedulerVM(ProcessInterface):
         self.contact_address: str | None = None
 
     async def start(self) -> None:
+        self.pool.report(stage="launching the scheduler VM")
         self.machine = await self.pool.launch_scheduler()
+        self.pool.report(
+            stage=f"scheduler VM {self.machine.id} ({self.machine.vm_type}) is booting"
+        )
         deadline = time.monotonic() + self.pool.options.scheduler_timeout
         machine = await self._wait_running(deadline)
         port = bootstrap.SCHEDULER_PORT
@@ -353,6 +378,8 @@ class SchedulerVM(ProcessInterface):
                 polled = time.monotonic()
                 machine = await self.pool.describe(self.machine.id)
                 await self._check(machine, deadline, "the scheduler did not start")
+                log = (await self.pool.console_output(machine.id)).strip().splitlines()
+                self.pool.report(stage=f"scheduler VM: {log[-1][:100] if log else 'booting'}")
             elif time.monotonic() > deadline:
                 await self._check(self.machine, deadline, "the scheduler did not start")
             await asyncio.sleep(0.5)

@@ -284,8 +284,11 @@ def security_from_material(material: dict[str, str]) -> Security:
     return Security(
         require_encryption=True,
         tls_ca_file=material[CA_FILE],
-        **{f"tls_{role}_{part}": pem for role in ("scheduler", "worker", "client")
-           for part, pem in (("cert", cert), ("key", key))},
+        **{
+            f"tls_{role}_{part}": pem
+            for role in ("scheduler", "worker", "client")
+            for part, pem in (("cert", cert), ("key", key))
+        },
     )
 
 
@@ -450,8 +453,9 @@ async def delete_vm_material(s3: Any, bucket: str, key: str) -> None:
     await s3.delete_object(Bucket=bucket, Key=key)
 
 
-async def delete_cluster_material(s3: Any, bucket: str, cluster: str,
-                                  prefix: str = "dask-rawvm") -> int:
+async def delete_cluster_material(
+    s3: Any, bucket: str, cluster: str, prefix: str = "dask-rawvm"
+) -> int:
     """Delete every bundle of ``cluster`` (cleanup after a crash); return how many."""
     paginator = s3.get_paginator("list_objects_v2")
     deleted = 0
@@ -565,7 +569,8 @@ def check_cidrs(cidrs: Iterable[str]) -> list[str]:
         if network.prefixlen == 0:
             logger.warning(
                 "allow_ingress_from=%s opens the scheduler and dashboard ports to the whole "
-                "internet (still TLS with client certificates, but anyone can knock)", network,
+                "internet (still TLS with client certificates, but anyone can knock)",
+                network,
             )
         networks.append(str(network))
     return list(dict.fromkeys(networks))
@@ -616,8 +621,13 @@ def ingress_permissions(
     permissions: list[dict[str, Any]] = []
     if v4 or v6:
         permissions += [
-            {"IpProtocol": "tcp", "FromPort": port, "ToPort": port,
-             "IpRanges": v4, "Ipv6Ranges": v6}
+            {
+                "IpProtocol": "tcp",
+                "FromPort": port,
+                "ToPort": port,
+                "IpRanges": v4,
+                "Ipv6Ranges": v6,
+            }
             for port in ports
         ]
     # Workers reach the scheduler and each other (ephemeral worker, nanny and
@@ -678,10 +688,15 @@ async def create_cluster_security_group(
             GroupName=name,
             Description=f"dask-rawvm cluster {cluster}: Dask ports from the client, all within",
             VpcId=vpc_id,
-            TagSpecifications=[{
-                "ResourceType": "security-group",
-                "Tags": [{"Key": CLUSTER_TAG, "Value": cluster}, {"Key": "Name", "Value": name}],
-            }],
+            TagSpecifications=[
+                {
+                    "ResourceType": "security-group",
+                    "Tags": [
+                        {"Key": CLUSTER_TAG, "Value": cluster},
+                        {"Key": "Name", "Value": name},
+                    ],
+                }
+            ],
         )
         group_id = str(response["GroupId"])
     except ClientError as e:
@@ -700,9 +715,12 @@ async def create_cluster_security_group(
 
 async def _adopt_group(ec2: Any, cluster: str, vpc_id: str, name: str) -> str:
     """Take over this cluster's leftover group (a crashed earlier run): revoke its ingress."""
-    response = await ec2.describe_security_groups(Filters=[
-        {"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc_id]},
-    ])
+    response = await ec2.describe_security_groups(
+        Filters=[
+            {"Name": "group-name", "Values": [name]},
+            {"Name": "vpc-id", "Values": [vpc_id]},
+        ]
+    )
     groups = response.get("SecurityGroups", [])
     tags = {t["Key"]: t["Value"] for g in groups for t in g.get("Tags", [])}
     if not groups or tags.get(CLUSTER_TAG) != cluster:
@@ -714,8 +732,11 @@ async def _adopt_group(ec2: Any, cluster: str, vpc_id: str, name: str) -> str:
     rules = await ec2.describe_security_group_rules(
         Filters=[{"Name": "group-id", "Values": [group_id]}]
     )
-    ingress = [r["SecurityGroupRuleId"] for r in rules.get("SecurityGroupRules", [])
-               if not r.get("IsEgress")]
+    ingress = [
+        r["SecurityGroupRuleId"]
+        for r in rules.get("SecurityGroupRules", [])
+        if not r.get("IsEgress")
+    ]
     if ingress:
         await ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=ingress)
     logger.info("adopted leftover security group %s of cluster %s", group_id, cluster)

@@ -13,7 +13,7 @@ import boto3
 import dask
 import dask.array as da
 import pytest
-from helpers import live_instances, wait_for
+from helpers import async_wait_for, live_instances, wait_for
 
 from dask_rawvm import RawVMCluster
 from dask_rawvm.config import resolve_options
@@ -198,3 +198,23 @@ def test_user_data_is_the_script_a_worker_boots_with(cloud: LocalCloud) -> None:
         cluster.get_client().wait_for_workers(1, timeout=120)
         logs = cluster.get_logs()
         assert "worker worker-0 of cluster" in logs["worker-0"]
+
+
+async def test_idle_means_no_client_and_no_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    from distributed import Client, Scheduler
+
+    # The way the bootstrap runs it: a preload reading the exported timeout.
+    monkeypatch.setenv("RAWVM_IDLE_TIMEOUT", "0.3")
+    async with Scheduler(
+        host="127.0.0.1", dashboard_address=":0", preload=["dask_rawvm.vm"]
+    ) as scheduler:
+        plugin = scheduler.plugins["dask-rawvm-idle-shutdown"]
+        async with Client(scheduler.address, asynchronous=True):
+            # A connected notebook that is thinking is not idle: many timeouts pass.
+            await async_wait_for(lambda: plugin.checks >= 10, 30, "checks while connected")
+            assert scheduler.status.name == "running"
+        await async_wait_for(
+            lambda: scheduler.status.name in ("closing", "closed"),
+            30,
+            "shutdown once the client left",
+        )

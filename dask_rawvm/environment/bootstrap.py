@@ -60,7 +60,11 @@ RAWVM_HOME="${HOME:-/root}/dask-rawvm"
 RAWVM_BUNDLE="$RAWVM_HOME/bundle-$RAWVM_BUNDLE_DIGEST"
 RAWVM_VENV="$RAWVM_HOME/venv-$RAWVM_BUNDLE_DIGEST"
 export RAWVM_BUNDLE RAWVM_VENV
-if [ ! -x "$RAWVM_VENV/bin/python" ]; then
+# Several Dask processes of one host (SSH provider) share the venv: one installs it
+# while the others wait; a marker, written last, says an install is complete.
+mkdir -p "$RAWVM_HOME" && exec 9>"$RAWVM_HOME/.install-$RAWVM_BUNDLE_DIGEST.lock"
+command -v flock >/dev/null && flock 9
+if [ ! -f "$RAWVM_VENV/.dask-rawvm-installed" ]; then
     log "installing environment ${RAWVM_BUNDLE_DIGEST:0:12}"
     mkdir -p "$RAWVM_BUNDLE"
     curl -sf --retry 10 --retry-connrefused -o "$RAWVM_BUNDLE.tar.gz" "$RAWVM_BUNDLE_URL" \
@@ -69,8 +73,10 @@ if [ ! -x "$RAWVM_VENV/bin/python" ]; then
 """
 _AFTER_INSTALL = r"""
     [ $? -eq 0 ] || { log "environment install failed"; poweroff_vm 1; }
+    touch "$RAWVM_VENV/.dask-rawvm-installed"
     log "environment installed"
 fi
+exec 9>&-
 PYTHON="$RAWVM_VENV/bin/python"
 """
 # Without a bundle the VM image must bring Python, else the client's dask from PyPI.
@@ -98,11 +104,21 @@ def _environment(ref: EnvironmentRef | None) -> tuple[dict[str, object], str]:
     variables: dict[str, object] = {"RAWVM_BUNDLE_DIGEST": ref.digest, "RAWVM_BUNDLE_URL": ref.url}
     return variables, _FETCH_BUNDLE + install_script() + _AFTER_INSTALL
 
+
 _SCHEDULER = r"""
 log "scheduler of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
 ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT"
       --dashboard-address "$ADDRESS:$RAWVM_DASHBOARD_PORT")
-[ -n "$RAWVM_IDLE_TIMEOUT" ] && ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
+if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
+    # Idle = no client and no task (dask_rawvm.vm); distributed's own idle timeout
+    # ignores clients, and is the fallback on an image without dask_rawvm.
+    if "$PYTHON" -c "import dask_rawvm.vm" 2>/dev/null; then
+        export RAWVM_IDLE_TIMEOUT
+        ARGS+=(--preload dask_rawvm.vm)
+    else
+        ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
+    fi
+fi
 "$PYTHON" -m distributed.cli.dask_scheduler "${ARGS[@]}"
 log "scheduler exited with code $?"
 poweroff_vm

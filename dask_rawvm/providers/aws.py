@@ -18,6 +18,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
+from dask_rawvm.catalog import PriceTable, parse_instance_types
 from dask_rawvm.environment.target import Target
 from dask_rawvm.providers.base import (
     CLUSTER_TAG,
@@ -80,6 +81,7 @@ class AWSProvider(Provider):
         self._ssm: Any = None
         self._s3: Any = None
         self.bucket: str | None = None
+        self._prices: PriceTable | None = None
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -165,6 +167,13 @@ class AWSProvider(Provider):
             python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
             glibc="2.34",
         )
+
+    def hourly_price(self, vm_type: str, market: str) -> float:
+        """List price from the packaged table, scaled to the region (an estimate)."""
+        if self._prices is None:
+            self._prices = PriceTable.load(self.region or "us-east-1")
+        (vm,) = parse_instance_types([{"InstanceTypes": [self.vm_types[vm_type]]}]).values()
+        return self._prices.price(vm, market)
 
     def vcpus(self, vm_type: str) -> int:
         return int(self.vm_types[vm_type]["VCpuInfo"]["DefaultVCpus"])

@@ -7,6 +7,7 @@ Providers know clouds, not Dask: the cluster hands them a :class:`LaunchSpec`
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -104,6 +105,23 @@ class Provider(abc.ABC):
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring URL a machine fetches a stored file from."""
         raise NotImplementedError
+
+    @property
+    def capacity(self) -> float:
+        """Most workers this provider can run at once (clouds: their quotas decide)."""
+        return math.inf
+
+    def check_capacity(self, workers: int) -> None:
+        """Raise a ProviderError, naming the limit and the fix, if ``workers`` cannot run."""
+        if workers > self.capacity:
+            raise ProviderError(
+                f"asked for {workers} workers; this provider runs at most "
+                f"{self.capacity:g}: ask for fewer"
+            )
+
+    def hourly_price(self, vm_type: str, market: str) -> float:
+        """USD per hour of a machine; 0.0 where nobody bills for it (machines you own)."""
+        return 0.0
 
     async def console_output(self, machine_id: str) -> str:
         """What the machine's boot printed, where the provider can tell."""

@@ -1,0 +1,695 @@
+"""EC2 Fleet launches: over HTTP against the local cloud, and the failover logic on responses
+shaped like AWS's (moto's CreateFleet never reports per-pool errors nor partial fulfilment)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import boto3
+import pytest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import ClientError
+from helpers import live_instances
+
+from dask_rawvm.catalog import VMType
+from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.providers.aws import AMI_PARAMETER
+from dask_rawvm.providers.base import CLUSTER_TAG, ROLE_TAG, ProviderError
+from dask_rawvm.providers.fleet import (
+    Backoff,
+    FailoverPlanner,
+    FleetLaunchError,
+    FleetTopUp,
+    LaunchTemplate,
+    PoolError,
+    delete_launch_templates,
+    ensure_launch_template,
+    fleet_request,
+    launch_fleet,
+    make_pools,
+    parse_fleet_response,
+    whole_call_error,
+)
+
+CLUSTER = "fleet-test"
+SCRIPT = "#!/bin/sh\necho worker\n"
+FAST = Backoff(0.001, 0.01)
+# Best first: an x86 type given as a catalog VMType, an arm type and another x86 type as pairs.
+CANDIDATES: list[VMType | tuple[str, str]] = [
+    VMType("m6i.large", vcpus=2, memory_mib=8192, arch="x86_64"),
+    ("m7g.large", "arm64"),
+    ("c6i.large", "x86_64"),
+]
+
+
+@dataclass
+class Network:
+    subnets: list[tuple[str, str]]
+    amis: dict[str, str]
+    security_group: str
+
+
+@pytest.fixture
+def idle_cloud() -> Iterator[LocalCloud]:
+    """A local cloud whose instances never boot: launch tests need no processes."""
+    with LocalCloud(boot_delay=3600) as cloud:
+        yield cloud
+
+
+@pytest.fixture
+async def ec2(idle_cloud: LocalCloud) -> AsyncIterator[Any]:
+    """A launch client as the provider makes one: botocore retries off."""
+    config = AioConfig(retries={"total_max_attempts": 1})
+    async with get_session().create_client(
+        "ec2", config=config, **idle_cloud.client_kwargs()
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def network(idle_cloud: LocalCloud) -> Network:
+    ec2 = boto3.client("ec2", **idle_cloud.client_kwargs())
+    default = [{"Name": "default-for-az", "Values": ["true"]}]
+    subnets = sorted(
+        (s["SubnetId"], s["AvailabilityZone"])
+        for s in ec2.describe_subnets(Filters=default)["Subnets"]
+    )
+    subnets.sort(key=lambda s: s[1])
+    ssm = boto3.client("ssm", **idle_cloud.client_kwargs())
+    amis = {
+        arch: ssm.get_parameter(Name=AMI_PARAMETER.format(arch=arch))["Parameter"]["Value"]
+        for arch in ("x86_64", "arm64")
+    }
+    group = ec2.describe_security_groups(GroupNames=["default"])["SecurityGroups"][0]["GroupId"]
+    idle_cloud.reset_calls()
+    return Network(subnets[:3], amis, group)
+
+
+async def _template(ec2: Any, network: Network, script: str = SCRIPT) -> LaunchTemplate:
+    return await ensure_launch_template(
+        ec2,
+        CLUSTER,
+        user_data=script,
+        tags={ROLE_TAG: "worker"},
+        security_group_ids=[network.security_group],
+    )
+
+
+def _launch(ec2: Any, network: Network, template: LaunchTemplate, **kwargs: Any) -> Any:
+    options: dict[str, Any] = {
+        "template": template,
+        "candidates": CANDIDATES,
+        "subnets": network.subnets,
+        "ami_by_arch": network.amis,
+        "cluster": CLUSTER,
+        "throttle_backoff": FAST,
+        "capacity_backoff": FAST,
+        **kwargs,
+    }
+    return launch_fleet(ec2, **options)
+
+
+def _ice(vm_type: str, zone: str) -> str:
+    """InsufficientInstanceCapacity as AWS words it: the zone asked for, then the others."""
+    return (
+        f"We currently do not have sufficient {vm_type} capacity in the Availability Zone you "
+        f"requested ({zone}). Our system will be working on provisioning additional capacity. "
+        f"You can currently get {vm_type} capacity by not specifying an Availability Zone in "
+        "your request or choosing us-east-1b, us-east-1c, us-east-1d."
+    )
+
+
+# -- the happy path ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("market", ["on-demand", "spot"])
+async def test_25_machines_land_in_one_create_fleet(
+    idle_cloud: LocalCloud, ec2: Any, network: Network, market: str
+) -> None:
+    template = await _template(ec2, network)
+    result = await _launch(ec2, network, template, count=25, spot_policy=market)
+    calls = idle_cloud.calls
+
+    assert (len(result.instances), result.missing, result.calls) == (25, 0, 1)
+    assert {i.market for i in result.instances} == {market}
+    assert {i.zone for i in result.instances} <= {z for _, z in network.subnets}
+    # A template and a fleet: within the ceil(N/1000) + 3 budget.
+    assert calls == {"CreateLaunchTemplate": 1, "CreateFleet": 1}
+    assert sum(calls.values()) <= math.ceil(25 / 1000) + 3
+    assert "launched 25 of 25" in result.summary()
+
+    live = {i["InstanceId"]: i for i in live_instances(idle_cloud, CLUSTER)}
+    assert set(live) == set(result.ids)
+    for instance in live.values():
+        tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+        assert tags[CLUSTER_TAG] == CLUSTER and tags[ROLE_TAG] == "worker"
+        assert (instance.get("InstanceLifecycle") == "spot") == (market == "spot")
+
+
+async def test_instances_carry_the_template_s_user_data_and_volume_tags(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    result = await _launch(ec2, network, template, count=2)
+    client = boto3.client("ec2", **idle_cloud.client_kwargs())
+    data = client.describe_instance_attribute(InstanceId=result.ids[0], Attribute="userData")
+    assert base64.b64decode(data["UserData"]["Value"]).decode() == SCRIPT
+    volumes = client.describe_volumes(
+        Filters=[{"Name": "attachment.instance-id", "Values": result.ids}]
+    )["Volumes"]
+    assert len(volumes) == 2
+    assert all({"Key": CLUSTER_TAG, "Value": CLUSTER} in v["Tags"] for v in volumes)
+
+
+async def test_a_later_launch_costs_one_version_at_most(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    first = await _template(ec2, network)
+    same = await ensure_launch_template(
+        ec2,
+        CLUSTER,
+        user_data=SCRIPT,
+        tags={ROLE_TAG: "worker"},
+        security_group_ids=[network.security_group],
+        template=first,
+    )
+    assert same == first and idle_cloud.calls == {"CreateLaunchTemplate": 1}
+
+    newer = await ensure_launch_template(
+        ec2,
+        CLUSTER,
+        user_data="#!/bin/sh\necho newer\n",
+        tags={ROLE_TAG: "worker"},
+        security_group_ids=[network.security_group],
+        template=first,
+    )
+    assert (newer.id, newer.version) == (first.id, "2")
+    result = await _launch(ec2, network, newer, count=1)
+    assert idle_cloud.calls == {
+        "CreateLaunchTemplate": 1,
+        "CreateLaunchTemplateVersion": 1,
+        "CreateFleet": 1,
+    }
+    client = boto3.client("ec2", **idle_cloud.client_kwargs())
+    data = client.describe_instance_attribute(InstanceId=result.ids[0], Attribute="userData")
+    assert b"newer" in base64.b64decode(data["UserData"]["Value"])
+
+
+async def test_a_template_left_by_an_earlier_run_is_reused(ec2: Any, network: Network) -> None:
+    first = await _template(ec2, network)
+    again = await _template(ec2, network)  # a new process knows no template: it finds it
+    assert (again.id, again.version) == (first.id, "2")
+
+
+async def test_cleanup_removes_the_cluster_s_templates_only(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    mine = await _template(ec2, network)
+    other = await ensure_launch_template(ec2, "other-cluster", user_data=SCRIPT)
+    assert await delete_launch_templates(ec2, CLUSTER) == [mine.id]
+    client = boto3.client("ec2", **idle_cloud.client_kwargs())
+    left = [t["LaunchTemplateId"] for t in client.describe_launch_templates()["LaunchTemplates"]]
+    assert left == [other.id]
+    assert await delete_launch_templates(ec2, CLUSTER) == []
+
+
+async def test_chunks_of_1000_per_create_fleet(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    started = time.monotonic()
+    template = await _template(ec2, network)
+    result = await _launch(ec2, network, template, count=2500)
+    assert (len(result.instances), len(set(result.ids)), result.calls) == (2500, 2500, 3)
+    assert idle_cloud.calls == {"CreateLaunchTemplate": 1, "CreateFleet": 3}
+    assert time.monotonic() - started < 30
+
+
+async def test_1200_machines_take_two_create_fleet_calls(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    await _launch(ec2, network, template, count=1200)
+    assert idle_cloud.calls == {"CreateFleet": 2}
+
+
+# -- failover over HTTP ------------------------------------------------------------------------
+
+
+async def test_spot_with_fallback_fills_the_spot_shortfall_on_demand_in_the_same_pass(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    """The first spot chunk finds no m6i.large in the first zone: that chunk goes on-demand,
+    the later chunks get spot from the pools left."""
+    template = await _template(ec2, network)
+    first_subnet, first_zone = network.subnets[0]
+    idle_cloud.reset_calls()
+    idle_cloud.inject(
+        "CreateFleet",
+        error="InsufficientInstanceCapacity",
+        message=_ice("m6i.large", first_zone),
+    )
+    result = await _launch(
+        ec2, network, template, count=25, spot_policy="spot_with_fallback", max_per_call=10
+    )
+
+    assert (result.missing, result.count("spot"), result.count("on-demand")) == (0, 15, 10)
+    # spot (ICE), on-demand for its 10, then spot 10 and spot 5 elsewhere.
+    assert idle_cloud.calls == {"CreateFleet": 4}
+    assert result.failovers == [
+        f"spot m6i.large in {first_zone}: InsufficientInstanceCapacity -> on-demand"
+    ]
+    spot_pools = {(i.vm_type, i.subnet_id) for i in result.instances if i.market == "spot"}
+    assert ("m6i.large", first_subnet) not in spot_pools
+
+
+async def test_spot_with_fallback_goes_on_demand_when_spot_is_gone(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject("CreateFleet", error="InsufficientInstanceCapacity")  # names no pool
+    result = await _launch(ec2, network, template, count=25, spot_policy="spot_with_fallback")
+    assert (result.count("spot"), result.count("on-demand")) == (0, 25)
+    assert idle_cloud.calls == {"CreateFleet": 2}
+    assert result.failovers == ["spot any type: InsufficientInstanceCapacity -> on-demand"]
+
+
+async def test_ice_on_a_named_pool_fails_over_to_the_next_zone_not_to_botocore(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    first_subnet, first_zone = network.subnets[0]
+    idle_cloud.reset_calls()
+    idle_cloud.inject(
+        "CreateFleet", error="InsufficientInstanceCapacity", message=_ice("m6i.large", first_zone)
+    )
+    result = await _launch(ec2, network, template, count=5)
+    assert idle_cloud.calls == {"CreateFleet": 2}  # ICE is an HTTP 500 botocore did not resend
+    assert result.missing == 0 and first_subnet not in {i.subnet_id for i in result.instances}
+    assert result.failovers == [
+        f"on-demand m6i.large in {first_zone}: InsufficientInstanceCapacity -> other types/zones"
+    ]
+
+
+async def test_no_capacity_anywhere_returns_what_it_got_at_once(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject("CreateFleet", error="InsufficientInstanceCapacity")
+    result = await _launch(ec2, network, template, count=7)
+    assert (result.instances, result.missing, idle_cloud.calls) == ([], 7, {"CreateFleet": 1})
+    assert "7 still missing" in result.summary()
+
+
+async def test_capacity_retry_timeout_keeps_asking_until_capacity_returns(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject("CreateFleet", error="InsufficientInstanceCapacity", count=3)
+    result = await _launch(ec2, network, template, count=7, capacity_retry_timeout=30)
+    assert result.missing == 0 and idle_cloud.calls == {"CreateFleet": 4}
+    assert len(result.failovers) == 3
+
+
+async def test_throttling_backs_off_and_completes(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject("CreateFleet", error="RequestLimitExceeded", count=2)
+    result = await _launch(ec2, network, template, count=25, spot_policy="spot")
+    assert (result.missing, result.calls, result.failovers) == (0, 3, [])
+    assert idle_cloud.calls == {"CreateFleet": 3}
+
+
+@pytest.mark.parametrize(
+    ("code", "fix"),
+    [
+        ("UnauthorizedOperation", "ec2:CreateFleet"),
+        ("VcpuLimitExceeded", "Service Quotas"),
+        ("InvalidParameterValue", "AMI of each architecture"),
+    ],
+)
+async def test_an_error_no_failover_fixes_is_one_clear_provider_error(
+    idle_cloud: LocalCloud, ec2: Any, network: Network, code: str, fix: str
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject("CreateFleet", error=code, message="refused")
+    with pytest.raises(ProviderError, match=code) as raised:
+        await _launch(ec2, network, template, count=5, capacity_retry_timeout=60)
+    assert fix in str(raised.value)
+    assert isinstance(raised.value, FleetLaunchError) and raised.value.result.instances == []
+    assert idle_cloud.calls == {"CreateFleet": 1}
+
+
+async def test_spot_quota_falls_back_but_is_fatal_without_fallback(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.inject("CreateFleet", error="MaxSpotInstanceCountExceeded")
+    result = await _launch(ec2, network, template, count=3, spot_policy="spot_with_fallback")
+    assert result.count("on-demand") == 3
+    idle_cloud.inject("CreateFleet", error="MaxSpotInstanceCountExceeded")
+    with pytest.raises(ProviderError, match="spot_with_fallback"):
+        await _launch(ec2, network, template, count=3, spot_policy="spot")
+
+
+async def test_bad_inputs_fail_before_any_call(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = LaunchTemplate("lt-0", "x", "1")
+    with pytest.raises(ProviderError, match="no AMI for architecture"):
+        await _launch(ec2, network, template, count=1, ami_by_arch={"x86_64": "ami-1"})
+    with pytest.raises(ProviderError, match="spot_policy"):
+        await _launch(ec2, network, template, count=1, spot_policy="cheap")
+    no_spot = [VMType("hpc7g.4xlarge", 16, 131072, "arm64", usage_classes=("on-demand",))]
+    with pytest.raises(ProviderError, match="can be bought on spot"):
+        await _launch(ec2, network, template, count=1, candidates=no_spot, spot_policy="spot")
+    with pytest.raises(ProviderError, match="16384"):
+        await ensure_launch_template(ec2, CLUSTER, user_data="x" * 20000)
+    assert idle_cloud.calls == {}
+
+
+# -- the background top-up ---------------------------------------------------------------------
+
+
+async def test_top_up_keeps_asking_and_reports_each_batch(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject("CreateFleet", error="InsufficientInstanceCapacity", count=3)
+    first = await _launch(ec2, network, template, count=12)
+    assert first.missing == 12
+
+    batches: list[list[Any]] = []
+    launch = partial(
+        launch_fleet,
+        ec2,
+        template=template,
+        candidates=CANDIDATES,
+        subnets=network.subnets,
+        ami_by_arch=network.amis,
+        capacity_backoff=FAST,
+    )
+    topup = FleetTopUp(launch, first.missing, timeout=30, on_launch=batches.append, first_delay=0)
+    result = await topup.start().wait()
+    assert result.missing == 0 and sum(len(b) for b in batches) == 12
+    assert idle_cloud.calls == {"CreateFleet": 4}
+
+
+async def test_top_up_stops_when_asked(idle_cloud: LocalCloud, ec2: Any, network: Network) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.inject("CreateFleet", error="InsufficientInstanceCapacity", count=10**6)
+    launch = partial(_launch, ec2, network, template, capacity_backoff=Backoff(0.05, 0.05))
+    topup = FleetTopUp(launch, 5, timeout=600, on_launch=print, first_delay=0).start()
+    topup.stop()
+    with pytest.raises(asyncio.CancelledError):
+        await topup.wait()
+
+
+# -- the failover logic on responses shaped like AWS's (moto never sends these) ---------------
+
+SUBNETS = [("subnet-a", "us-east-1a"), ("subnet-b", "us-east-1b")]
+POOLS = make_pools([("m6i.large", "x86_64"), ("m7g.large", "arm64")], SUBNETS)
+AMIS = {"x86_64": "ami-x86", "arm64": "ami-arm"}
+TEMPLATE = LaunchTemplate("lt-1", "dask-rawvm-x", "3")
+
+
+def _override(vm_type: str, subnet: str) -> dict[str, Any]:
+    return {
+        "LaunchTemplateSpecification": {"LaunchTemplateId": "lt-1", "Version": "3"},
+        "Overrides": {"InstanceType": vm_type, "SubnetId": subnet, "Priority": 0.0},
+    }
+
+
+def _response(
+    instances: list[tuple[str, str, str, int]], errors: list[tuple[str, str, str, str]]
+) -> dict[str, Any]:
+    """A CreateFleet (instant) response: (type, subnet, lifecycle, n) and
+    (type, subnet, lifecycle, error code)."""
+    counter = iter(range(10**6))
+    return {
+        "FleetId": "fleet-1",
+        "Instances": [
+            {
+                "LaunchTemplateAndOverrides": _override(t, s),
+                "Lifecycle": life,
+                "InstanceIds": [f"i-{next(counter):017x}" for _ in range(n)],
+                "InstanceType": t,
+            }
+            for t, s, life, n in instances
+        ],
+        "Errors": [
+            {
+                "LaunchTemplateAndOverrides": _override(t, s),
+                "Lifecycle": life,
+                "ErrorCode": code,
+                "ErrorMessage": f"{code} for {t} in {s}",
+            }
+            for t, s, life, code in errors
+        ],
+    }
+
+
+def test_the_request_has_one_config_per_architecture_and_one_override_per_pool() -> None:
+    request = fleet_request(TEMPLATE, POOLS, "spot", 25, AMIS, "token-1", cluster="c")
+    assert request["Type"] == "instant" and request["ClientToken"] == "token-1"
+    assert request["TargetCapacitySpecification"] == {
+        "TotalTargetCapacity": 25,
+        "DefaultTargetCapacityType": "spot",
+    }
+    assert request["SpotOptions"] == {"AllocationStrategy": "price-capacity-optimized"}
+    assert request["OnDemandOptions"] == {"AllocationStrategy": "prioritized"}
+    x86, arm = request["LaunchTemplateConfigs"]
+    assert x86["LaunchTemplateSpecification"] == {"LaunchTemplateId": "lt-1", "Version": "3"}
+    assert x86["Overrides"] == [
+        {"InstanceType": "m6i.large", "SubnetId": s, "ImageId": "ami-x86", "Priority": 0.0}
+        for s, _ in SUBNETS
+    ]
+    assert {o["ImageId"] for o in arm["Overrides"]} == {"ami-arm"}
+    assert {o["Priority"] for o in arm["Overrides"]} == {1.0}
+
+
+def test_partial_spot_fulfilment_is_parsed_and_its_shortfall_goes_on_demand() -> None:
+    response = _response(
+        instances=[("m7g.large", "subnet-b", "spot", 15)],
+        errors=[
+            ("m6i.large", "subnet-a", "spot", "InsufficientInstanceCapacity"),
+            ("m6i.large", "subnet-b", "spot", "UnfulfillableCapacity"),
+        ],
+    )
+    launched, errors = parse_fleet_response(response, POOLS, "spot")
+    assert len(launched) == 15
+    assert {(i.vm_type, i.zone, i.market) for i in launched} == {
+        ("m7g.large", "us-east-1b", "spot")
+    }
+    assert [(e.vm_type, e.zone, e.code) for e in errors] == [
+        ("m6i.large", "us-east-1a", "InsufficientInstanceCapacity"),
+        ("m6i.large", "us-east-1b", "UnfulfillableCapacity"),
+    ]
+
+    planner = FailoverPlanner(POOLS, "spot_with_fallback")
+    assert planner.record("spot", errors, shortfall=10) == [
+        "spot m6i.large in us-east-1a: InsufficientInstanceCapacity -> on-demand",
+        "spot m6i.large in us-east-1b: UnfulfillableCapacity -> on-demand",
+    ]
+    assert {p.vm_type for p in planner.available("spot")} == {"m7g.large"}
+    assert len(planner.available("on-demand")) == 4  # on-demand capacity is another pool
+
+
+def test_without_fallback_the_failed_pools_are_dropped_and_the_rest_asked_again() -> None:
+    planner = FailoverPlanner(POOLS, "spot")
+    errors = [PoolError("spot", "InsufficientInstanceCapacity", "", "m6i.large", "subnet-a")]
+    assert planner.record("spot", errors, shortfall=3) == [
+        "spot m6i.large in subnet-a: InsufficientInstanceCapacity -> other types/zones"
+    ]
+    assert planner.market() == "spot" and len(planner.available("spot")) == 3
+    # A shortfall nothing explains drops the market: asking again at once would not help.
+    assert planner.record("spot", [], shortfall=3) == [
+        "spot: 3 not launched -> none left, retrying later"
+    ]
+    assert planner.market() is None
+    planner.reset()
+    assert len(planner.available("spot")) == 4
+
+
+def test_errors_with_a_full_fleet_only_steer_later_requests() -> None:
+    planner = FailoverPlanner(POOLS, "spot_with_fallback")
+    errors = [PoolError("spot", "Unsupported", "", "m7g.large", "subnet-a", "us-east-1a")]
+    assert planner.record("spot", errors, shortfall=0) == [
+        "spot m7g.large in us-east-1a: Unsupported -> filled from other pools"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("code", "policy", "fatal"),
+    [
+        ("InsufficientInstanceCapacity", "spot", False),
+        ("SpotMaxPriceTooLow", "spot", False),
+        ("MaxSpotInstanceCountExceeded", "spot_with_fallback", False),
+        ("MaxSpotInstanceCountExceeded", "spot", True),
+        ("VcpuLimitExceeded", "on-demand", True),
+        ("InvalidParameterValue", "spot_with_fallback", True),
+    ],
+)
+def test_which_errors_no_failover_can_fix(code: str, policy: str, fatal: bool) -> None:
+    market = "on-demand" if policy == "on-demand" else "spot"
+    assert FailoverPlanner(POOLS, policy).fatal(PoolError(market, code)) is fatal
+
+
+def test_a_whole_call_capacity_error_is_tied_to_the_pool_its_message_names() -> None:
+    error = whole_call_error(
+        "InsufficientInstanceCapacity", _ice("m7g.large", "us-east-1b"), "spot", POOLS
+    )
+    assert (error.vm_type, error.zone) == ("m7g.large", "us-east-1b")
+    unsupported = whole_call_error(
+        "Unsupported",
+        "Your requested instance type (m6i.large) is not supported in your requested "
+        "Availability Zone (us-east-1a). Please retry your request by not specifying an "
+        "Availability Zone or choosing us-east-1b.",
+        "on-demand",
+        POOLS,
+    )
+    assert (unsupported.vm_type, unsupported.zone) == ("m6i.large", "us-east-1a")
+    vague = whole_call_error("InsufficientInstanceCapacity", "no capacity", "spot", POOLS)
+    assert (vague.vm_type, vague.zone) == (None, None)
+
+
+class ScriptedEC2:
+    """An EC2 stand-in answering CreateFleet from a script of AWS-shaped responses.
+
+    Not a patched client: it is what moto cannot be, a cloud that fulfils part of a fleet
+    and says why. It records each request so the test can read what was asked.
+    """
+
+    def __init__(self, *responses: dict[str, Any] | Exception) -> None:
+        self.responses = list(responses)
+        self.requests: list[dict[str, Any]] = []
+
+    async def create_fleet(self, **params: Any) -> dict[str, Any]:
+        self.requests.append(params)
+        answer = self.responses.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _pools_asked(request: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (o["InstanceType"], o["SubnetId"])
+        for config in request["LaunchTemplateConfigs"]
+        for o in config["Overrides"]
+    }
+
+
+async def test_the_fallback_pass_on_a_partially_fulfilled_spot_fleet() -> None:
+    ec2 = ScriptedEC2(
+        _response(
+            [("m7g.large", "subnet-b", "spot", 15)],
+            [
+                ("m6i.large", "subnet-a", "spot", "InsufficientInstanceCapacity"),
+            ],
+        ),
+        _response([("m6i.large", "subnet-a", "on-demand", 10)], []),
+    )
+    result = await launch_fleet(
+        ec2,
+        template=TEMPLATE,
+        candidates=[("m6i.large", "x86_64"), ("m7g.large", "arm64")],
+        subnets=SUBNETS,
+        count=25,
+        ami_by_arch=AMIS,
+        spot_policy="spot_with_fallback",
+    )
+    assert (result.count("spot"), result.count("on-demand"), result.calls) == (15, 10, 2)
+    spot, on_demand = ec2.requests
+    assert spot["TargetCapacitySpecification"]["DefaultTargetCapacityType"] == "spot"
+    assert on_demand["TargetCapacitySpecification"] == {
+        "TotalTargetCapacity": 10,
+        "DefaultTargetCapacityType": "on-demand",
+    }
+    assert len(_pools_asked(on_demand)) == 4
+    assert spot["ClientToken"] != on_demand["ClientToken"]
+    assert result.summary() == (
+        "launched 25 of 25 (15 spot, 10 on-demand) in 2 CreateFleet calls; failovers: "
+        "spot m6i.large in us-east-1a: InsufficientInstanceCapacity -> on-demand"
+    )
+
+
+async def test_a_spot_only_pass_asks_the_pools_left_for_the_shortfall() -> None:
+    ec2 = ScriptedEC2(
+        _response(
+            [("m6i.large", "subnet-b", "spot", 4)],
+            [
+                ("m6i.large", "subnet-a", "spot", "InsufficientInstanceCapacity"),
+                ("m7g.large", "subnet-a", "spot", "Unsupported"),
+            ],
+        ),
+        _response([("m7g.large", "subnet-b", "spot", 6)], []),
+    )
+    result = await launch_fleet(
+        ec2,
+        template=TEMPLATE,
+        candidates=[("m6i.large", "x86_64"), ("m7g.large", "arm64")],
+        subnets=SUBNETS,
+        count=10,
+        ami_by_arch=AMIS,
+        spot_policy="spot",
+    )
+    assert result.missing == 0 and result.count("spot") == 10
+    assert _pools_asked(ec2.requests[1]) == {("m6i.large", "subnet-b"), ("m7g.large", "subnet-b")}
+    assert ec2.requests[1]["TargetCapacitySpecification"]["TotalTargetCapacity"] == 6
+
+
+async def test_a_fatal_per_pool_error_keeps_what_launched() -> None:
+    ec2 = ScriptedEC2(
+        _response(
+            [("m6i.large", "subnet-a", "on-demand", 3)],
+            [
+                ("m6i.large", "subnet-b", "on-demand", "VcpuLimitExceeded"),
+            ],
+        ),
+    )
+    with pytest.raises(FleetLaunchError, match="3 of 8 launched") as raised:
+        await launch_fleet(
+            ec2,
+            template=TEMPLATE,
+            candidates=[("m6i.large", "x86_64")],
+            subnets=SUBNETS,
+            count=8,
+            ami_by_arch=AMIS,
+        )
+    assert len(raised.value.result.ids) == 3
+
+
+async def test_a_throttled_request_is_sent_again_with_the_same_client_token() -> None:
+    throttled = ClientError(
+        {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}},
+        "CreateFleet",
+    )
+    ec2 = ScriptedEC2(throttled, throttled, _response([("m6i.large", "subnet-a", "spot", 2)], []))
+    result = await launch_fleet(
+        ec2,
+        template=TEMPLATE,
+        candidates=[("m6i.large", "x86_64")],
+        subnets=SUBNETS,
+        count=2,
+        ami_by_arch=AMIS,
+        spot_policy="spot",
+        throttle_backoff=FAST,
+    )
+    assert result.missing == 0 and result.calls == 3
+    assert len({r["ClientToken"] for r in ec2.requests}) == 1
