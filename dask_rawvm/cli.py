@@ -5,8 +5,10 @@ Thin over the library: each command parses its options and calls one function.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
+from collections.abc import Callable
 
 import click
 
@@ -75,6 +77,49 @@ def config(config_name: str | None) -> None:
         f.name.replace("_", "-"): getattr(options, f.name) for f in dataclasses.fields(options)
     }
     click.echo(yaml.safe_dump({"rawvm": {config_name or "(default)": values}}, sort_keys=False))
+
+
+def _cloud_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option in (
+        click.option(
+            "--endpoint-url", default=None, help="An EC2-compatible endpoint; AWS if not."
+        ),
+        click.option("--region", default=None, help="AWS region; the default chain's if not."),
+    ):
+        command = option(command)
+    return command
+
+
+@main.command(name="ls")
+@_cloud_options
+def ls(endpoint_url: str | None, region: str | None) -> None:
+    """List dask-rawvm clusters in a region and the resources each one has."""
+    from dask_rawvm.admin import list_clusters
+
+    clusters = asyncio.run(list_clusters(endpoint_url, region))
+    if not clusters:
+        click.echo("no dask-rawvm resources")
+    for name, resources in sorted(clusters.items()):
+        kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
+        click.echo(f"{name}: {kinds}")
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every dask-rawvm cluster in the region.")
+@_cloud_options
+def down(
+    names: tuple[str, ...], everything: bool, endpoint_url: str | None, region: str | None
+) -> None:
+    """Terminate and delete everything of the named clusters (even one whose client died)."""
+    from dask_rawvm.admin import remove_clusters
+
+    if not names and not everything:
+        raise click.UsageError("name the clusters to take down, or pass --all")
+    removed = asyncio.run(remove_clusters(endpoint_url, region, names or None))
+    for name, resources in sorted(removed.items()):
+        kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
+        click.echo(f"{name}: removed {kinds or 'nothing'}")
 
 
 main.add_command(env_command, "env")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import boto3
 
-from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.localcloud import LocalCloud, RemoteCloud
 from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
 
 
-def live_instances(cloud: LocalCloud, cluster: str | None = None) -> list[dict]:
+def live_instances(cloud: LocalCloud | RemoteCloud, cluster: str | None = None) -> list[dict]:
     """Instances that are not terminated, as DescribeInstances reports them."""
     ec2 = boto3.client("ec2", **cloud.client_kwargs())
     filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
@@ -48,3 +54,48 @@ def pypi_reachable() -> bool:
         return True
     except OSError:
         return False
+
+
+@contextmanager
+def standalone_cloud() -> Iterator[RemoteCloud]:
+    """``dask-rawvm localcloud`` in its own process (it outlives a killed client)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        yield RemoteCloud(server.stdout.readline().split("endpoint: ")[1].strip())
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@contextmanager
+def client_process(script: str, workdir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A Python client in its own process group; killed at the end if still running.
+
+    The script prints "ready" once its cluster is up; the caller kills it.
+    """
+    errors = workdir / "client.err"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    with open(errors, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            cwd=workdir,
+            start_new_session=True,
+        )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready", errors.read_text()[-3000:]
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

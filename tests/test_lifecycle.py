@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
-import boto3
 import dask
 import dask.array as da
 import pytest
-from helpers import async_wait_for, live_instances, wait_for
+from helpers import async_wait_for, client_process, live_instances, standalone_cloud, wait_for
 
 from dask_rawvm import RawVMCluster
 from dask_rawvm.config import resolve_options
-from dask_rawvm.localcloud import CREDENTIALS, LocalCloud, RemoteCloud
+from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 
 
 def names(client) -> set[str]:
@@ -103,57 +100,27 @@ def test_spot_interruption_moves_data_and_replaces_the_worker(cloud: LocalCloud)
 
 
 def test_killed_client_leaves_nothing_running(tmp_path) -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    client_process = None
-    try:
-        assert server.stdout is not None
-        endpoint = server.stdout.readline().split("endpoint: ")[1].strip()
-        remote = RemoteCloud(endpoint)
-        script = textwrap.dedent(f"""
-            from dask_rawvm import RawVMCluster
-            cluster = RawVMCluster(n_workers=2, endpoint_url={endpoint!r}, region="us-east-1",
-                                   name="abandoned", idle_timeout="6s", death_timeout="6s")
-            cluster.get_client().wait_for_workers(2, timeout=120)
-            print("ready", flush=True)
-            import time
-            time.sleep(600)
-        """)
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
-        client_process = subprocess.Popen(
-            [sys.executable, "-c", script],
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-        assert client_process.stdout is not None
-        assert client_process.stdout.readline().strip() == "ready"
-        ec2 = boto3.client("ec2", **remote.client_kwargs())
-
-        def live() -> int:
-            filters = [
-                {"Name": "tag:dask-rawvm:cluster", "Values": ["abandoned"]},
-                {"Name": "instance-state-name", "Values": ["pending", "running"]},
-            ]
-            reservations = ec2.describe_instances(Filters=filters)["Reservations"]
-            return sum(len(r["Instances"]) for r in reservations)
-
-        assert live() == 3
-        os.killpg(client_process.pid, signal.SIGKILL)  # laptop lid closed
-        client_process.wait()
+    script = textwrap.dedent("""
+        import sys
+        from dask_rawvm import RawVMCluster
+        cluster = RawVMCluster(n_workers=2, endpoint_url=sys.argv[1], region="us-east-1",
+                               name="abandoned", idle_timeout="6s", death_timeout="6s")
+        cluster.get_client().wait_for_workers(2, timeout=120)
+        print("ready", flush=True)
+        import time
+        time.sleep(600)
+    """)
+    with standalone_cloud() as cloud:
+        script = script.replace("sys.argv[1]", repr(cloud.endpoint_url))
+        with client_process(script, tmp_path) as client:
+            assert len(live_instances(cloud, "abandoned")) == 3
+            os.killpg(client.pid, signal.SIGKILL)  # laptop lid closed
         # idle_timeout (scheduler VM exits) + death_timeout (workers exit) + margin
-        wait_for(lambda: live() == 0, 60, "every VM of the abandoned cluster to power off")
-    finally:
-        if client_process is not None and client_process.poll() is None:
-            os.killpg(client_process.pid, signal.SIGKILL)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        wait_for(
+            lambda: not live_instances(cloud, "abandoned"),
+            60,
+            "every VM of the abandoned cluster to power off",
+        )
 
 
 def test_config_precedence(monkeypatch: pytest.MonkeyPatch) -> None:

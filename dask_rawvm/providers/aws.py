@@ -255,11 +255,64 @@ class AWSProvider(Provider):
         return machines
 
     async def cleanup(self, cluster: str) -> list[str]:
-        ids = [m.id for m in await self.live_machines(cluster)]
-        if ids:
-            await self.terminate(ids)
-        await self._delete_bucket()
-        return ids
+        """Remove everything tagged with ``cluster``; return the instances terminated."""
+        return (await self.remove_cluster(cluster)).get("instances", [])
+
+    # -- every cluster's resources, by tag (dask-rawvm ls / down) ----------------------
+    async def clusters(self) -> dict[str, dict[str, list[str]]]:
+        """Each cluster with resources in this region, and its resources by kind."""
+        found: dict[str, dict[str, list[str]]] = {}
+
+        def add(tags: list[dict[str, str]], kind: str, resource: str) -> None:
+            cluster = {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG)
+            if cluster is not None:
+                found.setdefault(cluster, {}).setdefault(kind, []).append(resource)
+
+        tagged = [{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
+        live = [*tagged, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+        async for page in self.ec2.get_paginator("describe_instances").paginate(Filters=live):
+            for instance in (i for r in page["Reservations"] for i in r["Instances"]):
+                add(instance.get("Tags", []), "instances", instance["InstanceId"])
+        templates = await self._call(
+            self.ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=tagged
+        )
+        for template in templates.get("LaunchTemplates", []):
+            add(template.get("Tags", []), "launch-templates", template["LaunchTemplateId"])
+        groups = await self._call(
+            self.ec2.describe_security_groups, "DescribeSecurityGroups", Filters=tagged
+        )
+        for group in groups.get("SecurityGroups", []):
+            add(group.get("Tags", []), "security-groups", group["GroupId"])
+        for bucket, tags in await self._our_buckets():
+            add(tags, "buckets", bucket)
+        return found
+
+    async def _our_buckets(self) -> list[tuple[str, list[dict[str, str]]]]:
+        buckets = (await self._s3_call(self._s3.list_buckets, "ListBuckets")).get("Buckets", [])
+        result = []
+        for bucket in (b["Name"] for b in buckets if b["Name"].startswith("dask-rawvm-")):
+            try:
+                tagging = await self._s3.get_bucket_tagging(Bucket=bucket)
+            except ClientError:
+                continue  # untagged: not provably ours
+            result.append((bucket, tagging.get("TagSet", [])))
+        return result
+
+    async def remove_cluster(self, cluster: str) -> dict[str, list[str]]:
+        """Terminate and delete everything tagged with ``cluster``, whoever made it."""
+        from dask_rawvm.providers.fleet import delete_launch_templates
+        from dask_rawvm.security import delete_cluster_security_group
+
+        resources = (await self.clusters()).get(cluster, {})
+        if resources.get("instances"):
+            await self.terminate(resources["instances"])
+        for bucket in resources.get("buckets", []):
+            await self._delete_bucket(bucket)
+        self.bucket = None
+        await delete_launch_templates(self.ec2, cluster)
+        for group in resources.get("security-groups", []):  # after the instances that hold them
+            await delete_cluster_security_group(self.ec2, group)
+        return resources
 
     # -- files for the VMs -------------------------------------------------------------
     async def store(self, key: str, path: str) -> None:
@@ -301,21 +354,18 @@ class AWSProvider(Provider):
         )
         return name
 
-    async def _delete_bucket(self) -> None:
-        if self.bucket is None:
-            return
+    async def _delete_bucket(self, bucket: str) -> None:
         paginator = self._s3.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.bucket):
+        async for page in paginator.paginate(Bucket=bucket):
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
                 await self._s3_call(
                     self._s3.delete_objects,
                     "DeleteObjects",
-                    Bucket=self.bucket,
+                    Bucket=bucket,
                     Delete={"Objects": keys},
                 )
-        await self._s3_call(self._s3.delete_bucket, "DeleteBucket", Bucket=self.bucket)
-        self.bucket = None
+        await self._s3_call(self._s3.delete_bucket, "DeleteBucket", Bucket=bucket)
 
     async def _s3_call(
         self, method: Callable[..., Awaitable[Any]], action: str, **params: Any
