@@ -1,10 +1,10 @@
 """Adaptive scale-down benchmark: from idle to every worker VM terminated.
 
-For N workers (holding persisted data), the cluster goes idle and ``adapt(minimum=0)``
-takes over; measured: seconds until every worker instance is terminated (asked of
-the EC2 API), the TerminateInstances calls it took, and whether the persisted data
-survived until the last worker left. Side by side, in the same run: LocalCluster's
-adaptive scale-down of N local worker processes to zero.
+For N workers holding persisted data, the cluster goes idle and adapt takes over:
+first down to one worker (the data must survive: it moves), then to zero. Measured:
+seconds until every worker instance is terminated (asked of the EC2 API) and the
+TerminateInstances calls it took. Side by side, in the same run and the same
+scenario: LocalCluster's adaptive scale-down of N local worker processes.
 
     python benchmarks/adapt.py [--sizes 4 50]
 """
@@ -33,35 +33,50 @@ def wait(condition: Callable[[], bool], timeout: float) -> float:
     return time.perf_counter() - began
 
 
-def rawvm_idle_to_terminated(cloud: LocalCloud, n: int) -> tuple[float, int, bool]:
+def idle_to_zero(
+    cluster: object, client: Client, n: int, live: Callable[[], int]
+) -> tuple[float, bool]:
+    """The same scenario for both clusters: N workers, persisted data, then idle.
+
+    Adapt first down to one worker (the data must survive), then to zero; the time
+    is until ``live()`` (worker VMs, or worker processes) reaches zero.
+    """
+    client.wait_for_workers(n, timeout=600)
+    data = client.persist(da.ones((n * 100, 1000), chunks=(100, 1000)))
+    expected = float(data.sum().compute())
+    cluster.adapt(minimum=1, maximum=n)  # type: ignore[attr-defined]
+    elapsed = wait(lambda: live() == 1, 600)
+    kept = float(data.sum().compute()) == expected
+    del data
+    cluster.adapt(minimum=0, maximum=n)  # type: ignore[attr-defined]
+    return elapsed + wait(lambda: live() == 0, 600), kept
+
+
+def rawvm(cloud: LocalCloud, n: int) -> tuple[float, bool, int]:
     with RawVMCluster(
-        endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local",
-        worker_nthreads=1, worker_memory_limit="1GiB",
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        worker_nthreads=1,
+        worker_memory_limit="1GiB",
     ) as cluster:
         client = cluster.get_client()
         cluster.scale(n)
-        client.wait_for_workers(n, timeout=600)
-        data = client.persist(da.ones((n * 100, 1000), chunks=(100, 1000)))
-        expected = float(data.sum().compute())
         before = cloud.calls["TerminateInstances"]
-        name = cluster.cluster_name
-        # Data held, no task running: idle. Adapt down to one, check the data, then to zero.
-        cluster.adapt(minimum=1, maximum=n)
-        elapsed = wait(lambda: len(live_instances(cloud, name)) == 1, 600)
-        kept = float(data.sum().compute()) == expected
-        del data
-        cluster.adapt(minimum=0, maximum=n)
-        elapsed += wait(lambda: not live_instances(cloud, name), 600)
-        calls = cloud.calls["TerminateInstances"] - before
-    return elapsed, calls, kept
+        elapsed, kept = idle_to_zero(
+            cluster, client, n, lambda: len(live_instances(cloud, cluster.cluster_name))
+        )
+        return elapsed, kept, cloud.calls["TerminateInstances"] - before
 
 
-def local_idle_to_zero(n: int) -> float:
-    with LocalCluster(n_workers=n, threads_per_worker=1, memory_limit="1GiB",
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
-        client.wait_for_workers(n)
-        cluster.adapt(minimum=0, maximum=n)
-        return wait(lambda: not client.scheduler_info()["workers"], 600)
+def local(n: int) -> tuple[float, bool]:
+    with (
+        LocalCluster(
+            n_workers=n, threads_per_worker=1, memory_limit="1GiB", dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        return idle_to_zero(cluster, client, n, lambda: len(client.scheduler_info()["workers"]))
 
 
 def main(sizes: list[int]) -> None:
@@ -69,13 +84,13 @@ def main(sizes: list[int]) -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
     with LocalCloud() as cloud:
         for n in sizes:
-            ours, calls, kept = rawvm_idle_to_terminated(cloud, n)
-            local = local_idle_to_zero(n)
+            ours, kept, calls = rawvm(cloud, n)
+            theirs, their_kept = local(n)
             print(
                 f"adapt N={n}: dask_rawvm idle -> all {n} worker VMs terminated in {ours:.1f} s "
-                f"({calls} TerminateInstances call(s), persisted data "
-                f"{'kept' if kept else 'LOST'} through scale-down); "
-                f"LocalCluster idle -> 0 workers in {local:.1f} s"
+                f"({calls} TerminateInstances call(s), data {'kept' if kept else 'LOST'}); "
+                f"LocalCluster, same scenario -> 0 workers in {theirs:.1f} s "
+                f"(data {'kept' if their_kept else 'LOST'})"
             )
 
 
