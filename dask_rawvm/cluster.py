@@ -7,6 +7,7 @@ provider through :class:`dask_rawvm.machines.VMPool`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import logging
 import math
@@ -28,7 +29,9 @@ from distributed.objects import SchedulerInfo
 from distributed.scheduler import Scheduler
 from distributed.utils import Log, Logs
 
+from dask_rawvm.catalog import Needs
 from dask_rawvm.config import ClusterOptions, resolve_options
+from dask_rawvm.cost import affordable_count, check_budget
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
 from dask_rawvm.progress import Progress
@@ -116,6 +119,17 @@ class RawVMCluster(SpecCluster):
     max_workers
         A ceiling: starting, scaling or adapting past it is an error before any
         VM is launched (adapt's ``maximum`` is clamped to it).
+    worker_cpu, worker_memory, worker_gpu, arm
+        Choose the worker type by need instead of by name: at least ``worker_cpu``
+        vCPUs and ``worker_memory`` ("16 GiB"), GPUs (``1``, ``"A10G"`` or
+        ``(4, "A100")``), Graviton (``arm=True``); the cheapest type that fits wins.
+    max_hourly_cost
+        USD per hour the cluster may not exceed: a start or scale-up that would
+        is refused before anything launches (estimated from list prices).
+    allow_ingress_from
+        CIDRs that may reach the scheduler and dashboard ports (the cluster's own
+        security group); this machine's public address by default, never 0.0.0.0/0
+        unless given.
     hosts, workers_per_host, connect_options
         ``provider="ssh"``: the machines (``"user@host"``, ``"host:2222"``), how
         many workers each may run, and extra ``asyncssh.connect`` options.
@@ -153,6 +167,12 @@ class RawVMCluster(SpecCluster):
         environment: str | list[str] | None = None,
         environment_ignore: list[str] | None = None,
         max_workers: int | None = None,
+        worker_cpu: int | None = None,
+        worker_memory: str | None = None,
+        worker_gpu: int | str | tuple[int, str] | None = None,
+        arm: bool | None = None,
+        max_hourly_cost: float | None = None,
+        allow_ingress_from: list[str] | None = None,
         hosts: list[str] | None = None,
         workers_per_host: int | None = None,
         connect_options: dict[str, Any] | None = None,
@@ -178,6 +198,12 @@ class RawVMCluster(SpecCluster):
             environment=environment,
             environment_ignore=environment_ignore,
             max_workers=max_workers,
+            worker_cpu=worker_cpu,
+            worker_memory=worker_memory,
+            worker_gpu=worker_gpu,
+            arm=arm,
+            max_hourly_cost=max_hourly_cost,
+            allow_ingress_from=allow_ingress_from,
             hosts=hosts,
             workers_per_host=workers_per_host,
             connect_options=connect_options,
@@ -287,10 +313,17 @@ class RawVMCluster(SpecCluster):
     async def _preflight(self, provider: Provider) -> None:
         """Every problem we can see is raised here, before any VM is launched."""
         options = self.options
+        needs = (options.worker_cpu, options.worker_memory, options.worker_gpu, options.arm)
+        if any(need is not None for need in needs):
+            chosen = await provider.choose(needs=Needs.from_options(*needs))
+            self.options = self.pool.options = dataclasses.replace(options, worker_vm_type=chosen)
+            options = self.options
+            logger.info("worker VMs: %s, the cheapest type that fits", chosen)
         roles = {"worker": options.worker_vm_type}
         if options.scheduler == "vm":
             roles["scheduler"] = options.scheduler_vm_type
         await provider.preflight(roles)
+        self._check_budget(self._n_workers, provider)
         if options.environment is not None:
             targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
             await self.pool.prepare_environments(targets)
@@ -369,6 +402,25 @@ class RawVMCluster(SpecCluster):
         self._order_by_value()
         return super().scale(n, memory=memory, cores=cores)
 
+    def _check_budget(self, n: int, provider: Provider | None = None) -> None:
+        """Refuse a size whose estimated cost would pass ``max_hourly_cost``; say the estimate."""
+        provider = provider or self.pool.provider
+        if provider is None:
+            return
+        options = self.options
+        worker_price = provider.hourly_price(options.worker_vm_type, "on-demand")
+        running = self.pool.meter.cost_per_hour()
+        if self.pool.meter.running():
+            added = worker_price * max(0, n - len(self.worker_spec))
+        else:  # nothing launched yet: the scheduler VM is part of what is about to be
+            scheduler = options.scheduler == "vm"
+            added = worker_price * n + (
+                provider.hourly_price(options.scheduler_vm_type, "on-demand") if scheduler else 0
+            )
+        if added:
+            logger.info("estimated cost: +$%.3f/h (now $%.3f/h)", added, running)
+        check_budget(running, added, options.max_hourly_cost)
+
     def _check_limit(self, n: int) -> None:
         """Refuse a size over ``max_workers`` or the provider's capacity, before any launch."""
         limit = self.options.max_workers
@@ -380,6 +432,7 @@ class RawVMCluster(SpecCluster):
         provider = getattr(getattr(self, "pool", None), "provider", None)
         if provider is not None:
             provider.check_capacity(n)
+            self._check_budget(n, provider)
 
     def _order_by_value(self) -> None:
         """Re-order the worker spec so the cheapest workers to lose come last.
@@ -464,12 +517,22 @@ class RawVMCluster(SpecCluster):
         default :class:`RawVMAdaptive` gives idle VMs back within seconds and
         terminates only workers that retired.
         """
+        provider = self.pool.provider
         ceiling = min(
             self.options.max_workers or math.inf,
-            self.pool.provider.capacity if self.pool.provider else math.inf,
+            provider.capacity if provider else math.inf,
         )
+        if provider is not None:
+            price = provider.hourly_price(self.options.worker_vm_type, "on-demand")
+            more = affordable_count(
+                self.pool.meter.cost_per_hour(), price, self.options.max_hourly_cost
+            )
+            if more is not None:
+                ceiling = min(ceiling, len(self.workers) + more)
         if maximum > ceiling:
-            logger.info("adapt maximum %s clamped to %s (max_workers/capacity)", maximum, ceiling)
+            logger.info(
+                "adapt maximum %s clamped to %s (max_workers, capacity, budget)", maximum, ceiling
+            )
             maximum = ceiling
         return super().adapt(
             Adaptive,

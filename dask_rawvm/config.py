@@ -53,6 +53,12 @@ class ClusterOptions:
     connect_options: dict[str, Any] = field(default_factory=dict)
     progress: bool | None = None
     max_workers: int | None = None
+    worker_cpu: int | None = None
+    worker_memory: str | None = None
+    worker_gpu: Any = None
+    arm: bool | None = None
+    max_hourly_cost: float | None = None
+    allow_ingress_from: list[str] | None = None
 
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(ClusterOptions)]

@@ -70,7 +70,7 @@ def standalone_cloud() -> Iterator[RemoteCloud]:
         yield RemoteCloud(server.stdout.readline().split("endpoint: ")[1].strip())
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        assert server.wait(timeout=30) == 0, "the local cloud did not stop cleanly"
 
 
 @contextmanager

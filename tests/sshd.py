@@ -24,24 +24,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dask_rawvm.localcloud.runtime import HOST_NETWORK_VARIABLES  # a test host keeps them too
+
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 # sshd refuses to start without its privilege separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
-# What a login on a test host keeps of this machine's environment: the trust store
-# and proxies (a real host has its own).
-_NETWORK_VARIABLES = (
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-)
 
 
 def sshd_available() -> bool:
@@ -95,7 +83,7 @@ def image_environment(home: Path) -> dict[str, str]:
         "/sbin",
     ]
     return {
-        **{k: os.environ[k] for k in _NETWORK_VARIABLES if k in os.environ},
+        **{k: os.environ[k] for k in HOST_NETWORK_VARIABLES if k in os.environ},
         "HOME": str(home),
         "PATH": os.pathsep.join(dict.fromkeys(path)),
         "UV_CACHE_DIR": uv_cache,
@@ -158,8 +146,17 @@ class SSHServer:
         PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
         with open(self.directory / "sshd.log", "ab") as log:
             self.process = subprocess.Popen(
-                [SSHD, "-D", "-e", "-f", str(config), "-p", str(self.port),
-                 "-o", f"ListenAddress={self.address}"],
+                [
+                    SSHD,
+                    "-D",
+                    "-e",
+                    "-f",
+                    str(config),
+                    "-p",
+                    str(self.port),
+                    "-o",
+                    f"ListenAddress={self.address}",
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from helpers import wait_for
+from helpers import standalone_cloud, wait_for
 
-from dask_rawvm.localcloud import LocalCloud, RemoteCloud
+from dask_rawvm.localcloud import LocalCloud
 
 # A boot script that reports what IMDS told it, then waits to be stopped.
 REPORTER = """#!/bin/bash
@@ -141,16 +138,7 @@ def test_two_clouds_share_nothing(cloud: LocalCloud) -> None:
 
 
 def test_standalone_server_and_remote_control() -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert server.stdout is not None
-        endpoint = server.stdout.readline().split("endpoint: ")[1].strip()
-        remote = RemoteCloud(endpoint)
+    with standalone_cloud() as remote:  # stops with SIGTERM and exit code 0
         remote.inject("RunInstances", error="InsufficientInstanceCapacity")
         ec2 = boto3.client(
             "ec2", config=Config(retries={"total_max_attempts": 1}), **remote.client_kwargs()
@@ -162,9 +150,6 @@ def test_standalone_server_and_remote_control() -> None:
         )["Instances"]
         assert remote.calls["RunInstances"] == 2
         wait_for(lambda: "bye" in remote.console_output(instance["InstanceId"]), 30, "boot")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        assert server.wait(timeout=30) == 0
 
 
 def _alive(pid: int) -> bool:

@@ -50,7 +50,7 @@ _IP_COUNTER = itertools.count(1)
 # A local VM runs on this machine's network, so it keeps this machine's view of it:
 # the trust store and the proxies (a real VM image would carry its own). Nothing
 # else of the user's environment reaches a VM.
-_HOST_NETWORK_VARIABLES = (
+HOST_NETWORK_VARIABLES = (
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
     "REQUESTS_CA_BUNDLE",
@@ -332,7 +332,7 @@ class VMRuntime:
                 "/bin",
             ]
         )
-        network = {k: os.environ[k] for k in _HOST_NETWORK_VARIABLES if k in os.environ}
+        network = {k: os.environ[k] for k in HOST_NETWORK_VARIABLES if k in os.environ}
         return {
             **network,
             "PATH": image_path,

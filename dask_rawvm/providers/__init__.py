@@ -25,6 +25,7 @@ def create_provider(
             endpoint_url=endpoint_url or options.endpoint_url,
             credentials=credentials,
             ami=options.ami,
+            allow_ingress_from=options.allow_ingress_from,
         )
     if options.provider == "ssh":
         from dask_rawvm.providers.ssh import SSHProvider

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
-import random
 import re
 import sys
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -18,7 +15,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dask_rawvm.catalog import PriceTable, parse_instance_types
+from dask_rawvm.catalog import (
+    Needs,
+    PriceTable,
+    VMType,
+    choose_vm_types,
+    fetch_instance_types,
+)
 from dask_rawvm.environment.target import Target
 from dask_rawvm.providers.base import (
     CLUSTER_TAG,
@@ -29,12 +32,12 @@ from dask_rawvm.providers.base import (
     Provider,
     ProviderError,
 )
+from dask_rawvm.providers.fleet import ec2_call
 
 logger = logging.getLogger(__name__)
 
 # Amazon Linux 2023, by architecture, as AWS publishes it in SSM.
 AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
-THROTTLING = {"RequestLimitExceeded", "Throttling", "ThrottlingException"}
 # EC2 takes at most 1000 ids per TerminateInstances / DescribeInstances call.
 MAX_IDS_PER_CALL = 1000
 
@@ -56,6 +59,9 @@ class AWSProvider(Provider):
         Machine image for every VM; AL2023 of the type's architecture when None.
     throttle_timeout
         How long to keep backing off a throttled call before giving up.
+    allow_ingress_from
+        CIDRs that may reach the scheduler and dashboard ports; this machine's
+        public address when None (the cluster's members always reach each other).
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class AWSProvider(Provider):
         credentials: dict[str, str] | None = None,
         ami: str | None = None,
         throttle_timeout: float = 120.0,
+        allow_ingress_from: list[str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.region = region
@@ -73,7 +80,9 @@ class AWSProvider(Provider):
         self.credentials = credentials or {}
         self.ami = ami
         self.throttle_timeout = throttle_timeout
-        self.vm_types: dict[str, dict[str, Any]] = {}
+        self.allow_ingress_from = allow_ingress_from
+        self.security_group: str | None = None
+        self.catalog: dict[str, VMType] = {}  # the types chosen or checked, by name
         self._amis: dict[str, str] = {}
         self._stack: AsyncExitStack | None = None
         self.ec2: Any = None
@@ -124,42 +133,37 @@ class AWSProvider(Provider):
 
     # -- preflight -----------------------------------------------------------------
     async def preflight(self, roles: dict[str, str]) -> None:
-        await self.check_vm_types(list(roles.values()))
+        """Every type known in this region (with suggestions when not), and its image."""
+        await self.choose(names=sorted(set(roles.values())))
         for vm_type in set(roles.values()):
             await self.image_for(vm_type)
 
-    async def check_vm_types(self, vm_types: list[str]) -> dict[str, dict[str, Any]]:
-        """Describe instance types, failing clearly on unknown ones; cache the answer."""
-        missing = sorted(set(vm_types) - set(self.vm_types))
-        if missing:
-            try:
-                response = await self._call(
-                    self.ec2.describe_instance_types,
-                    "DescribeInstanceTypes",
-                    InstanceTypes=missing,
-                )
-            except ProviderError as e:
-                raise ProviderError(
-                    f"instance type(s) {missing} not available in {self.region}: {e}"
-                ) from e
-            for info in response["InstanceTypes"]:
-                self.vm_types[info["InstanceType"]] = info
-            unknown = sorted(set(missing) - set(self.vm_types))
-            if unknown:
-                raise ProviderError(f"unknown instance type(s) {unknown} in {self.region}")
-        return {t: self.vm_types[t] for t in vm_types}
+    async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> str:
+        """The named types checked, or the cheapest type meeting ``needs``; the first's name.
+
+        Raises :class:`~dask_rawvm.catalog.CatalogError` naming the cause and the fix
+        (an unknown type with close names, a need no type meets, a GPU not in the region).
+        """
+        types = await fetch_instance_types(self.ec2)
+        chosen = choose_vm_types(types, self._price_table(), names=names, needs=needs)
+        self.catalog.update((vm.name, vm) for vm in chosen)
+        return chosen[0].name
+
+    def _price_table(self) -> PriceTable:
+        if self._prices is None:
+            self._prices = PriceTable.load(self.region or "us-east-1")
+        return self._prices
 
     def architecture(self, vm_type: str) -> str:
-        archs = self.vm_types[vm_type]["ProcessorInfo"]["SupportedArchitectures"]
-        return "arm64" if "arm64" in archs else "x86_64"
+        return "arm64" if self.catalog[vm_type].arch == "arm64" else "x86_64"
 
     def target_for(self, vm_type: str) -> Target:
         """The platform an environment must be built for to run on ``vm_type``.
 
         Amazon Linux 2023 has glibc 2.34; NVIDIA GPU types get CUDA 12 builds.
         """
-        gpus = self.vm_types[vm_type].get("GpuInfo", {}).get("Gpus", [])
-        nvidia = any(g.get("Manufacturer", "").upper() == "NVIDIA" for g in gpus)
+        vm = self.catalog[vm_type]
+        nvidia = vm.gpus > 0 and "radeon" not in (vm.gpu_model or "").lower()
         return Target(
             arch="aarch64" if self.architecture(vm_type) == "arm64" else "x86_64",
             accelerator="cuda" if nvidia else "cpu",
@@ -170,13 +174,7 @@ class AWSProvider(Provider):
 
     def hourly_price(self, vm_type: str, market: str) -> float:
         """List price from the packaged table, scaled to the region (an estimate)."""
-        if self._prices is None:
-            self._prices = PriceTable.load(self.region or "us-east-1")
-        (vm,) = parse_instance_types([{"InstanceTypes": [self.vm_types[vm_type]]}]).values()
-        return self._prices.price(vm, market)
-
-    def vcpus(self, vm_type: str) -> int:
-        return int(self.vm_types[vm_type]["VCpuInfo"]["DefaultVCpus"])
+        return self._price_table().price(self.catalog[vm_type], market)
 
     async def image_for(self, vm_type: str) -> str:
         """The AMI for a type: the explicit one, else AL2023 for its architecture."""
@@ -191,7 +189,8 @@ class AWSProvider(Provider):
 
     # -- machines ------------------------------------------------------------------
     async def launch(self, spec: LaunchSpec) -> list[Machine]:
-        await self.check_vm_types([spec.vm_type])
+        if spec.vm_type not in self.catalog:
+            await self.choose(names=[spec.vm_type])
         tags = [{"Key": k, "Value": v} for k, v in self.tags(spec.role, spec.tags).items()]
         response = await self._call(
             self._ec2_launch.run_instances,
@@ -200,6 +199,7 @@ class AWSProvider(Provider):
             InstanceType=spec.vm_type,
             MinCount=spec.count,
             MaxCount=spec.count,
+            SecurityGroupIds=[await self._security_group()],
             UserData=spec.user_data,
             InstanceInitiatedShutdownBehavior="terminate",
             MetadataOptions={
@@ -215,6 +215,22 @@ class AWSProvider(Provider):
             ClientToken=uuid.uuid4().hex,
         )
         return sorted((_machine(i) for i in response["Instances"]), key=lambda m: m.launch_index)
+
+    async def _security_group(self) -> str:
+        """The cluster's security group, created on first launch (preflight creates nothing)."""
+        if self.security_group is None:
+            from dask_rawvm.security import (
+                create_cluster_security_group,
+                default_vpc_id,
+                ingress_cidrs,
+            )
+
+            cidrs = await ingress_cidrs(self.allow_ingress_from, self.endpoint_url)
+            vpc = await default_vpc_id(self.ec2)
+            self.security_group = await create_cluster_security_group(
+                self.ec2, self.cluster, vpc, cidrs
+            )
+        return self.security_group
 
     def tags(self, role: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {
@@ -312,6 +328,8 @@ class AWSProvider(Provider):
         await delete_launch_templates(self.ec2, cluster)
         for group in resources.get("security-groups", []):  # after the instances that hold them
             await delete_cluster_security_group(self.ec2, group)
+        if cluster == self.cluster:
+            self.security_group = None
         return resources
 
     # -- files for the VMs -------------------------------------------------------------
@@ -387,23 +405,7 @@ class AWSProvider(Provider):
 
     # -- calls -----------------------------------------------------------------------
     async def _call(self, method: Callable[..., Awaitable[Any]], action: str, **params: Any) -> Any:
-        """One API call: throttling backs off with full jitter; anything else is a ProviderError."""
-        deadline = time.monotonic() + self.throttle_timeout
-        delay = 0.2
-        while True:
-            try:
-                return await method(**params)
-            except ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                if code in THROTTLING and time.monotonic() < deadline:
-                    logger.info("EC2 throttled %s; backing off", action)
-                    await asyncio.sleep(random.uniform(0, delay))
-                    delay = min(delay * 2, 20.0)
-                    continue
-                message = e.response.get("Error", {}).get("Message", "")
-                raise ProviderError(f"EC2 {action} failed: {code}: {message}") from e
-            except BotoCoreError as e:
-                raise ProviderError(f"EC2 {action} failed: {e}") from e
+        return await ec2_call(method, action, throttle_timeout=self.throttle_timeout, **params)
 
 
 def _machine(instance: dict[str, Any]) -> Machine:

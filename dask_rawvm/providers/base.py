@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dask_rawvm.catalog import Needs
     from dask_rawvm.environment.target import Target
 
 #: The tag every resource of a cluster carries: its value is the cluster's name.
@@ -73,6 +74,13 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     async def preflight(self, roles: dict[str, str]) -> None:
         """Check every machine choice (``role -> vm_type``) before anything is created."""
+
+    async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> str:
+        """The machine type to use: one of ``names`` checked, or the best for ``needs``."""
+        raise ProviderError(
+            f"{type(self).__name__} has no catalog of machine types: worker_cpu, worker_memory, "
+            "worker_gpu and arm choose cloud VMs"
+        )
 
     @abc.abstractmethod
     def target_for(self, vm_type: str) -> Target:

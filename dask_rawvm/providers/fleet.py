@@ -332,7 +332,7 @@ async def ensure_launch_template(
         return await _new_version(ec2, template.id, template.name, data, digest)
     name = template_name(cluster)
     try:
-        response = await _call(
+        response = await ec2_call(
             ec2.create_launch_template,
             "CreateLaunchTemplate",
             LaunchTemplateName=name,
@@ -349,7 +349,7 @@ async def ensure_launch_template(
         # Left by an earlier run of a cluster of this name, or made concurrently: reuse it.
         if "AlreadyExists" not in str(e):
             raise
-        found = await _call(
+        found = await ec2_call(
             ec2.describe_launch_templates, "DescribeLaunchTemplates", LaunchTemplateNames=[name]
         )
         return await _new_version(
@@ -364,7 +364,7 @@ async def ensure_launch_template(
 async def _new_version(
     ec2: Any, template_id: str, name: str, data: dict[str, Any], digest: str
 ) -> LaunchTemplate:
-    response = await _call(
+    response = await ec2_call(
         ec2.create_launch_template_version,
         "CreateLaunchTemplateVersion",
         LaunchTemplateId=template_id,
@@ -381,11 +381,9 @@ async def delete_launch_templates(ec2: Any, cluster: str) -> list[str]:
     ids: list[str] = []
     token: str | None = None
     while True:
-        page = await _call(
-            ec2.describe_launch_templates,
-            "DescribeLaunchTemplates",
-            Filters=filters,
-            **({"NextToken": token} if token else {}),
+        paging: dict[str, Any] = {"NextToken": token} if token else {}
+        page = await ec2_call(
+            ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=filters, **paging
         )
         ids += [t["LaunchTemplateId"] for t in page.get("LaunchTemplates", [])]
         token = page.get("NextToken")
@@ -394,7 +392,7 @@ async def delete_launch_templates(ec2: Any, cluster: str) -> list[str]:
     deleted = []
     for template_id in ids:
         try:
-            await _call(
+            await ec2_call(
                 ec2.delete_launch_template, "DeleteLaunchTemplate", LaunchTemplateId=template_id
             )
         except ProviderError as e:
@@ -871,9 +869,16 @@ class FleetTopUp:
 # -- calls ------------------------------------------------------------------------------------
 
 
-async def _call(method: Callable[..., Awaitable[Any]], action: str, **params: Any) -> Any:
-    """One non-launch call: throttling backs off with full jitter; the rest is a ProviderError."""
-    deadline = time.monotonic() + 120.0
+async def ec2_call(
+    method: Callable[..., Awaitable[Any]],
+    action: str,
+    *,
+    throttle_timeout: float = 120.0,
+    **params: Any,
+) -> Any:
+    """One EC2 call (not a launch): throttling backs off with full jitter until
+    ``throttle_timeout``; any other error is a ProviderError naming the action and cause."""
+    deadline = time.monotonic() + throttle_timeout
     delays = THROTTLE_BACKOFF.delays()
     while True:
         try:
@@ -881,6 +886,7 @@ async def _call(method: Callable[..., Awaitable[Any]], action: str, **params: An
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in THROTTLING and time.monotonic() < deadline:
+                logger.info("EC2 throttled %s; backing off", action)
                 await asyncio.sleep(next(delays))
                 continue
             message = e.response.get("Error", {}).get("Message", "")

@@ -1,0 +1,156 @@
+"""Choosing machines, preflight errors and the cost guard: all before money is spent."""
+
+from __future__ import annotations
+
+import boto3
+import pytest
+from helpers import live_instances
+
+from dask_rawvm import RawVMCluster
+from dask_rawvm.catalog import CatalogError
+from dask_rawvm.cost import BudgetExceeded
+from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+
+
+@pytest.fixture
+def quiet_cloud(monkeypatch: pytest.MonkeyPatch):
+    """VMs never boot here: these tests are about what is asked for, not what runs."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    with LocalCloud(boot_delay=3600) as cloud:
+        yield cloud
+
+
+def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:
+    return {
+        "endpoint_url": cloud.endpoint_url,
+        "region": cloud.region,
+        "scheduler": "local",
+        "environment": None,
+        **kwargs,
+    }
+
+
+def launched_types(cloud: LocalCloud) -> set[str]:
+    return {i["InstanceType"] for i in live_instances(cloud)}
+
+
+def test_worker_type_chosen_by_need(quiet_cloud: LocalCloud) -> None:
+    with RawVMCluster(
+        n_workers=2, worker_cpu=4, worker_memory="16 GiB", **options(quiet_cloud)
+    ) as cluster:
+        chosen = cluster.options.worker_vm_type
+        vm = cluster.pool.provider.catalog[chosen]  # type: ignore[union-attr]
+        assert vm.vcpus >= 4 and vm.memory_mib >= 16 * 1024
+        assert vm.arch == "x86_64" or vm.arch == "arm64"
+        assert launched_types(quiet_cloud) == {chosen}
+        assert cluster.cost_per_hour > 0
+
+
+def test_arm_need_picks_a_graviton_type(quiet_cloud: LocalCloud) -> None:
+    with RawVMCluster(worker_cpu=2, arm=True, **options(quiet_cloud)) as cluster:
+        vm = cluster.pool.provider.catalog[cluster.options.worker_vm_type]  # type: ignore[union-attr]
+        assert vm.arch == "arm64"
+
+
+def test_gpu_model_missing_in_region_fails_before_anything(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    with LocalCloud(region="us-west-1") as cloud:
+        with pytest.raises(CatalogError) as error:
+            RawVMCluster(n_workers=1, worker_gpu="A10G", **options(cloud))
+        assert "A10G" in str(error.value) and "us-west-1" in str(error.value)
+        assert cloud.calls["RunInstances"] == 0 and live_instances(cloud) == []
+
+
+def test_unknown_type_suggests_close_names(quiet_cloud: LocalCloud) -> None:
+    with pytest.raises(CatalogError, match=r"m6i\.large"):
+        RawVMCluster(worker_vm_type="m6i.larg", **options(quiet_cloud))
+    assert quiet_cloud.calls["RunInstances"] == 0
+
+
+def test_max_workers_refuses_before_launch_and_on_scale(quiet_cloud: LocalCloud) -> None:
+    with pytest.raises(ValueError, match="max_workers=3"):
+        RawVMCluster(n_workers=5, max_workers=3, **options(quiet_cloud))
+    with RawVMCluster(n_workers=2, max_workers=3, **options(quiet_cloud)) as cluster:
+        with pytest.raises(ValueError, match="max_workers=3"):
+            cluster.scale(4)
+        assert len(cluster.worker_spec) == 2
+    assert quiet_cloud.calls["RunInstances"] == 1
+
+
+def test_budget_guard_refuses_launch_and_scale_up(quiet_cloud: LocalCloud) -> None:
+    with pytest.raises(BudgetExceeded) as error:
+        RawVMCluster(
+            n_workers=50, worker_vm_type="m6i.large", max_hourly_cost=1.0, **options(quiet_cloud)
+        )
+    assert "max_hourly_cost" in str(error.value)
+    assert quiet_cloud.calls["RunInstances"] == 0 and live_instances(quiet_cloud) == []
+
+    with RawVMCluster(
+        n_workers=2, worker_vm_type="m6i.large", max_hourly_cost=1.0, **options(quiet_cloud)
+    ) as cluster:
+        cluster.sync(cluster._correct_state)
+        before = cluster.cost_per_hour
+        assert 0 < before < 1.0
+        with pytest.raises(BudgetExceeded):
+            cluster.scale(40)
+        assert len(cluster.worker_spec) == 2
+        adaptive = cluster.adapt(minimum=0, maximum=100)
+        assert adaptive.maximum < 100  # clamped to what the budget allows
+
+
+def test_missing_credentials_fail_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    for variable in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+    ):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(Exception, match="no AWS credentials found"):
+        RawVMCluster(provider="aws", region="us-east-1")
+
+
+def test_close_leaves_no_bucket(quiet_cloud: LocalCloud) -> None:
+    with RawVMCluster(
+        n_workers=1,
+        endpoint_url=quiet_cloud.endpoint_url,
+        region=quiet_cloud.region,
+        scheduler="local",
+    ):
+        s3 = boto3.client("s3", **quiet_cloud.client_kwargs())
+        assert len(s3.list_buckets()["Buckets"]) == 1  # the environment bundle's
+    assert s3.list_buckets()["Buckets"] == []
+
+
+def test_security_group_admits_only_the_client_and_goes_with_the_cluster(
+    quiet_cloud: LocalCloud,
+) -> None:
+    ec2 = boto3.client("ec2", **quiet_cloud.client_kwargs())
+    with RawVMCluster(n_workers=1, **options(quiet_cloud)) as cluster:
+        cluster.sync(cluster._correct_state)
+        group_id = cluster.pool.provider.security_group  # type: ignore[union-attr]
+        (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
+        rules = group["IpPermissions"]
+        public = {
+            (r.get("FromPort"), r.get("ToPort")): [x["CidrIp"] for x in r["IpRanges"]]
+            for r in rules
+            if r["IpRanges"]
+        }
+        # Scheduler and dashboard ports from this machine only (loopback for a local
+        # cloud); never the whole internet.
+        assert all(cidrs == ["127.0.0.0/8"] for cidrs in public.values())
+        assert {8786, 8787} <= {port for ports in public for port in ports}
+        assert any(
+            pair["GroupId"] == group_id for r in rules for pair in r.get("UserIdGroupPairs", [])
+        )  # members talk to each other
+        (instance,) = live_instances(quiet_cloud)
+        assert [g["GroupId"] for g in instance["SecurityGroups"]] == [group_id]
+    groups = ec2.describe_security_groups(
+        Filters=[{"Name": "tag:dask-rawvm:cluster", "Values": [cluster.cluster_name]}]
+    )["SecurityGroups"]
+    assert groups == []
