@@ -114,9 +114,10 @@ def test_failed_scheduler_launch_leaves_nothing(cloud: LocalCloud) -> None:
 def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A machine image whose uv is broken: the scheduler VM powers off at boot.
-    broken = tmp_path / "uv"
-    broken.write_text("#!/bin/sh\necho 'uv: broken image' >&2\nexit 1\n")
+    # A machine image whose curl is broken (no instance metadata): the scheduler VM
+    # powers off at boot.
+    broken = tmp_path / "curl"
+    broken.write_text("#!/bin/sh\necho 'curl: broken image' >&2\nexit 1\n")
     broken.chmod(0o755)
     from dask_rawvm.localcloud import CREDENTIALS
 
@@ -126,8 +127,8 @@ def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(
         with pytest.raises(Exception, match="scheduler did not start") as error:
             RawVMCluster(endpoint_url=cloud.endpoint_url, region=cloud.region)
         message = str(error.value)
-        assert "uv: broken image" in message  # the tail of its boot log
-        assert "environment install failed" in message
+        assert "curl: broken image" in message  # the tail of its boot log
+        assert "no instance metadata" in message
         assert live_instances(cloud) == []
 
 
@@ -210,3 +211,27 @@ def test_unclosed_cluster_is_cleaned_up_at_interpreter_exit(cloud: LocalCloud) -
     assert result.stdout.strip() == "2", result.stderr
     assert cloud.calls["RunInstances"] == 2
     assert live_instances(cloud, "forgotten") == []
+
+
+def test_worker_that_dies_at_boot_is_an_error_with_its_log_not_a_hang(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A machine image whose curl is broken: every worker VM powers off at boot.
+    broken = tmp_path / "curl"
+    broken.write_text("#!/bin/sh\necho 'curl: broken image' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    from dask_rawvm.localcloud import CREDENTIALS
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    with (
+        LocalCloud(image_path=[str(tmp_path)]) as cloud,
+        RawVMCluster(
+            n_workers=1, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+        ) as cluster,
+    ):
+        began = time.monotonic()
+        with pytest.raises(Exception, match="a worker VM died at boot") as error:
+            cluster.get_client().wait_for_workers(1, timeout=300)
+        assert time.monotonic() - began < 60  # not the 300 s timeout
+        assert "curl: broken image" in str(error.value)

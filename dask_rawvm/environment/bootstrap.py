@@ -56,7 +56,9 @@ ADDRESS=${RAWVM_ADDRESS:-$(meta local-ipv4)}
 # The user's environment, locked for this VM's platform, fetched by an expiring
 # URL (never inlined: it can hold private index credentials) and installed with uv.
 _FETCH_BUNDLE = r"""
-RAWVM_HOME="${HOME:-/root}/dask-rawvm"
+# Where environments live: per machine, shared by its Dask processes (a host of the
+# SSH provider, or the local cloud's machine, which sets RAWVM_HOME for all its VMs).
+RAWVM_HOME="${RAWVM_HOME:-${HOME:-/root}/dask-rawvm}"
 RAWVM_BUNDLE="$RAWVM_HOME/bundle-$RAWVM_BUNDLE_DIGEST"
 RAWVM_VENV="$RAWVM_HOME/venv-$RAWVM_BUNDLE_DIGEST"
 export RAWVM_BUNDLE RAWVM_VENV

@@ -256,6 +256,9 @@ class VMRuntime:
         # Local VMs share this machine's uv cache, like a warm machine image: their
         # environments install from it without downloading.
         self.uv_cache = _host_uv_cache()
+        self.environments = Path(
+            os.environ.get("DASK_RAWVM_CACHE_DIR", os.path.expanduser("~/.cache/dask-rawvm"))
+        ) / "localcloud-environments"
         install_hooks()
         _RUNTIMES[account_id] = self
 
@@ -341,6 +344,9 @@ class VMRuntime:
             "LANG": "C.UTF-8",
             "PYTHONUNBUFFERED": "1",
             "UV_CACHE_DIR": str(self.uv_cache),
+            # One machine, one disk: VMs of the same environment share its venv (keyed
+            # by the bundle's digest; the first installs it, the others wait on a lock).
+            "RAWVM_HOME": str(self.environments),
             # The one variable that differs from EC2, where IMDS is 169.254.169.254.
             "RAWVM_IMDS": self.imds_url(vm.instance.id),
         }
