@@ -20,3 +20,24 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
         processes = [vm.process for vm in cloud.runtime.vms.values() if vm.process]  # type: ignore[union-attr]
     # LocalCloud.close() halted every VM: none of their processes may survive it.
     assert all(p.poll() is not None for p in processes), "a VM process outlived its cloud"
+
+
+@pytest.fixture
+def quiet_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
+    """A cloud whose VMs never boot during a test: for what a cluster asks for, not runs."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    with LocalCloud(boot_delay=3600) as cloud:
+        yield cloud
+
+
+@pytest.fixture
+def broken_image_cloud(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
+    """A cloud whose machine image has a broken curl: every VM powers off at boot."""
+    broken = tmp_path / "curl"
+    broken.write_text("#!/bin/sh\necho 'curl: broken image' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    with LocalCloud(image_path=[str(tmp_path)]) as cloud:
+        yield cloud

@@ -83,8 +83,9 @@ def _fresh_memory_cache() -> Iterator[None]:
     catalog.clear_memory_cache()
 
 
-def rank(types: dict[str, VMType], prices: PriceTable, limit: int | None = None,
-         **options: object) -> list[VMType]:
+def rank(
+    types: dict[str, VMType], prices: PriceTable, limit: int | None = None, **options: object
+) -> list[VMType]:
     return rank_candidates(types, Needs.from_options(**options), prices, limit=limit)  # type: ignore[arg-type]
 
 
@@ -98,7 +99,11 @@ def test_parses_the_real_describe_instance_types_shape(east: LocalCloud) -> None
     assert len(parsed) > 1000
     m6i = parsed["m6i.large"]
     assert (m6i.vcpus, m6i.memory_mib, m6i.arch, m6i.gpus, m6i.gpu_model) == (
-        2, 8192, "x86_64", 0, None
+        2,
+        8192,
+        "x86_64",
+        0,
+        None,
     )
     assert parsed["m7g.large"].arch == "arm64"
     g5 = parsed["g5.xlarge"]
@@ -301,8 +306,13 @@ def test_prices_listed_linear_estimated_and_regional(types: dict[str, VMType]) -
 
 @pytest.mark.parametrize(
     ("gpu", "expected"),
-    [(None, (0, None)), (1, (1, None)), ("A10G", (1, "A10G")), ((2, "A100"), (2, "A100")),
-     (True, (1, None))],
+    [
+        (None, (0, None)),
+        (1, (1, None)),
+        ("A10G", (1, "A10G")),
+        ((2, "A100"), (2, "A100")),
+        (True, (1, None)),
+    ],
 )
 def test_gpu_option_forms(gpu: object, expected: tuple[int, str | None]) -> None:
     needs = Needs.from_options(worker_gpu=gpu)  # type: ignore[arg-type]
@@ -385,9 +395,7 @@ def test_arm_type_with_arm_false_is_refused(types: dict[str, VMType], prices: Pr
         resolve_vm_types(types, ["m6i.large"], prices, Needs(arm=True))
 
 
-def test_named_type_missing_a_need_is_refused(
-    types: dict[str, VMType], prices: PriceTable
-) -> None:
+def test_named_type_missing_a_need_is_refused(types: dict[str, VMType], prices: PriceTable) -> None:
     with pytest.raises(CatalogError) as e:
         resolve_vm_types(types, ["m6i.large"], prices, Needs.from_options(worker_gpu=1))
     assert "m6i.large (2 vCPU, 8 GiB, x86_64) does not have >= 1 GPU" in str(e.value)

@@ -111,25 +111,14 @@ def test_failed_scheduler_launch_leaves_nothing(cloud: LocalCloud) -> None:
     assert live_instances(cloud) == []
 
 
-def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A machine image whose curl is broken (no instance metadata): the scheduler VM
-    # powers off at boot.
-    broken = tmp_path / "curl"
-    broken.write_text("#!/bin/sh\necho 'curl: broken image' >&2\nexit 1\n")
-    broken.chmod(0o755)
-    from dask_rawvm.localcloud import CREDENTIALS
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
-    with LocalCloud(image_path=[str(tmp_path)]) as cloud:
-        with pytest.raises(Exception, match="scheduler did not start") as error:
-            RawVMCluster(endpoint_url=cloud.endpoint_url, region=cloud.region)
-        message = str(error.value)
-        assert "curl: broken image" in message  # the tail of its boot log
-        assert "no instance metadata" in message
-        assert live_instances(cloud) == []
+def test_scheduler_vm_that_dies_at_boot_surfaces_its_log(broken_image_cloud: LocalCloud) -> None:
+    cloud = broken_image_cloud
+    with pytest.raises(Exception, match="scheduler did not start") as error:
+        RawVMCluster(endpoint_url=cloud.endpoint_url, region=cloud.region)
+    message = str(error.value)
+    assert "curl: broken image" in message  # the tail of its boot log
+    assert "no instance metadata" in message
+    assert live_instances(cloud) == []
 
 
 def test_unknown_instance_type_fails_before_anything_launches(cloud: LocalCloud) -> None:
@@ -152,19 +141,8 @@ def test_missing_region_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
         RawVMCluster(provider="aws")
 
 
-@pytest.fixture
-def slow_boot_cloud(monkeypatch: pytest.MonkeyPatch):
-    """A cloud whose VMs never boot during a test: the control path alone."""
-    from dask_rawvm.localcloud import CREDENTIALS
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
-    with LocalCloud(boot_delay=3600) as cloud:
-        yield cloud
-
-
-async def test_one_launch_call_and_one_terminate_call_per_pass(slow_boot_cloud: LocalCloud) -> None:
-    cloud = slow_boot_cloud
+async def test_one_launch_call_and_one_terminate_call_per_pass(quiet_cloud: LocalCloud) -> None:
+    cloud = quiet_cloud
     async with RawVMCluster(
         endpoint_url=cloud.endpoint_url,
         region=cloud.region,
@@ -214,22 +192,12 @@ def test_unclosed_cluster_is_cleaned_up_at_interpreter_exit(cloud: LocalCloud) -
 
 
 def test_worker_that_dies_at_boot_is_an_error_with_its_log_not_a_hang(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
+    broken_image_cloud: LocalCloud,
 ) -> None:
-    # A machine image whose curl is broken: every worker VM powers off at boot.
-    broken = tmp_path / "curl"
-    broken.write_text("#!/bin/sh\necho 'curl: broken image' >&2\nexit 1\n")
-    broken.chmod(0o755)
-    from dask_rawvm.localcloud import CREDENTIALS
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
-    with (
-        LocalCloud(image_path=[str(tmp_path)]) as cloud,
-        RawVMCluster(
-            n_workers=1, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
-        ) as cluster,
-    ):
+    cloud = broken_image_cloud
+    with RawVMCluster(
+        n_workers=1, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+    ) as cluster:
         began = time.monotonic()
         with pytest.raises(Exception, match="a worker VM died at boot") as error:
             cluster.get_client().wait_for_workers(1, timeout=300)

@@ -82,8 +82,14 @@ def test_on_demand_and_spot_prices_differ_as_they_should(types: dict[str, VMType
 
 @pytest.mark.parametrize(
     ("amount", "text"),
-    [(0, "$0"), (0.1616, "$0.16"), (0.0416, "$0.042"), (0.04, "$0.04"), (0.0052, "$0.0052"),
-     (16.288, "$16.29")],
+    [
+        (0, "$0"),
+        (0.1616, "$0.16"),
+        (0.0416, "$0.042"),
+        (0.04, "$0.04"),
+        (0.0052, "$0.0052"),
+        (16.288, "$16.29"),
+    ],
 )
 def test_money_formatting(amount: float, text: str) -> None:
     assert format_money(amount) == text

@@ -9,16 +9,7 @@ from helpers import live_instances
 from dask_rawvm import RawVMCluster
 from dask_rawvm.catalog import CatalogError
 from dask_rawvm.cost import BudgetExceeded
-from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
-
-
-@pytest.fixture
-def quiet_cloud(monkeypatch: pytest.MonkeyPatch):
-    """VMs never boot here: these tests are about what is asked for, not what runs."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
-    with LocalCloud(boot_delay=3600) as cloud:
-        yield cloud
+from dask_rawvm.localcloud import LocalCloud
 
 
 def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:

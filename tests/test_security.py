@@ -140,9 +140,12 @@ async def tls_cluster(tls: ClusterTLS) -> AsyncIterator[Scheduler]:
     """A scheduler and one worker, each with its own VM bundle."""
     scheduler_security = security_from_material(tls.vm_material("scheduler"))
     worker_security = security_from_material(tls.vm_material("worker"))
-    async with Scheduler(
-        host="127.0.0.1", port=0, dashboard_address=":0", security=scheduler_security
-    ) as scheduler, Worker(scheduler.address, security=worker_security, nthreads=1):
+    async with (
+        Scheduler(
+            host="127.0.0.1", port=0, dashboard_address=":0", security=scheduler_security
+        ) as scheduler,
+        Worker(scheduler.address, security=worker_security, nthreads=1),
+    ):
         yield scheduler
 
 
@@ -170,13 +173,19 @@ async def test_client_of_another_cluster_is_refused(tls: ClusterTLS) -> None:
         # Its own CA rejects the scheduler...
         with pytest.raises(OSError):
             await Client(
-                scheduler.address, security=other.client_security(), asynchronous=True,
+                scheduler.address,
+                security=other.client_security(),
+                asynchronous=True,
                 timeout=5,
             )
         # ...and the scheduler rejects its certificate even when it trusts our CA.
         cert, key = other.issue("client")
-        trusting = Security(require_encryption=True, tls_ca_file=tls.ca_cert_pem,
-                            tls_client_cert=cert, tls_client_key=key)
+        trusting = Security(
+            require_encryption=True,
+            tls_ca_file=tls.ca_cert_pem,
+            tls_client_cert=cert,
+            tls_client_key=key,
+        )
         with pytest.raises(CommClosedError, match="unknown ca"):
             await connect(scheduler.address, timeout=5, **trusting.get_connection_args("client"))
 
@@ -186,8 +195,9 @@ async def test_client_without_a_certificate_is_refused(tls: ClusterTLS) -> None:
         context = ssl.create_default_context(cadata=tls.ca_cert_pem)
         context.check_hostname = False
         with pytest.raises(CommClosedError, match="certificate required"):
-            await connect(scheduler.address, timeout=5, ssl_context=context,
-                          require_encryption=True)
+            await connect(
+                scheduler.address, timeout=5, ssl_context=context, require_encryption=True
+            )
 
 
 # -- shipping material: S3 object + presigned URL + the VM's shell lines ----------------------
@@ -225,13 +235,20 @@ async def test_delete_cluster_material(s3: Any, tls: ClusterTLS) -> None:
     for role in ("scheduler", "worker", "worker"):
         key = material_key("gone-cluster", role)
         await upload_vm_material(s3, BUCKET, key, tls.vm_material(role), cluster="gone-cluster")
-    await upload_vm_material(s3, BUCKET, material_key("kept-cluster", "worker"),
-                             tls.vm_material("worker"), cluster="kept-cluster")
+    await upload_vm_material(
+        s3,
+        BUCKET,
+        material_key("kept-cluster", "worker"),
+        tls.vm_material("worker"),
+        cluster="kept-cluster",
+    )
     assert await delete_cluster_material(s3, BUCKET, "gone-cluster") == 3
     assert (await s3.list_objects_v2(Bucket=BUCKET, Prefix="dask-rawvm/gone-cluster/")).get(
-        "KeyCount") == 0
+        "KeyCount"
+    ) == 0
     assert (await s3.list_objects_v2(Bucket=BUCKET, Prefix="dask-rawvm/kept-cluster/")).get(
-        "KeyCount") == 1
+        "KeyCount"
+    ) == 1
 
 
 def test_user_data_snippet_is_small_and_secret_free() -> None:
@@ -245,8 +262,12 @@ def test_user_data_snippet_is_small_and_secret_free() -> None:
 
 async def run_sh(script: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        "sh", "-c", script, env={"PATH": os.environ["PATH"], **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        "sh",
+        "-c",
+        script,
+        env={"PATH": os.environ["PATH"], **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
@@ -269,7 +290,9 @@ async def test_snippet_fetches_into_private_dir_and_configures_dask(
     tls_dir = next(path for path, mode in modes.items() if mode == "700")
     assert tls_dir.startswith(str(tmp_path))
     assert {os.path.basename(p): m for p, m in modes.items() if p != tls_dir} == {
-        CA_FILE: "600", CERT_FILE: "600", KEY_FILE: "600"
+        CA_FILE: "600",
+        CERT_FILE: "600",
+        KEY_FILE: "600",
     }
     with open(os.path.join(tls_dir, KEY_FILE)) as f:
         assert f.read() == material[KEY_FILE]
@@ -289,9 +312,7 @@ async def test_snippet_fails_without_material(
             "get_object", Params={"Bucket": BUCKET, "Key": "dask-rawvm/nothing-here.tar"}
         )
     env = {"TMPDIR": str(tmp_path), **({"RAWVM_SECRETS_URL": url} if url else {})}
-    code, out, err = await run_sh(
-        f"set -u\n{vm_tls_script('exit 7')}\necho reached", env
-    )
+    code, out, err = await run_sh(f"set -u\n{vm_tls_script('exit 7')}\necho reached", env)
     assert code == 7
     assert "could not fetch TLS material" in err
     assert "reached" not in out
@@ -313,8 +334,14 @@ class DaskProcess:
         env = {**os.environ, "RAWVM_SECRETS_URL": url, "TMPDIR": str(tmp_path)}
         env = {k: v for k, v in env.items() if not k.startswith("DASK_")}
         process = await asyncio.create_subprocess_exec(
-            "sh", "-c", script, sys.executable, *args, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            "sh",
+            "-c",
+            script,
+            sys.executable,
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
         )
         return cls(process)
 
@@ -349,8 +376,15 @@ async def test_dask_cli_scheduler_and_worker_use_the_bundle(
         material = tls.vm_material(role, hosts=["127.0.0.1"])
         urls[role] = await upload_vm_material(s3, BUCKET, key, material, cluster="test-cluster")
     scheduler = await DaskProcess.start(
-        urls["scheduler"], tmp_path, "distributed.cli.dask_scheduler",
-        "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+        urls["scheduler"],
+        tmp_path,
+        "distributed.cli.dask_scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--dashboard-address",
+        "127.0.0.1:0",
         dashboard_tls=True,
     )
     worker = None
@@ -367,8 +401,15 @@ async def test_dask_cli_scheduler_and_worker_use_the_bundle(
         )
         assert health == b"ok"
         worker = await DaskProcess.start(
-            urls["worker"], tmp_path, "distributed.cli.dask_worker", address,
-            "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+            urls["worker"],
+            tmp_path,
+            "distributed.cli.dask_worker",
+            address,
+            "--host",
+            "127.0.0.1",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
         )
         worker.drain()
         async with Client(address, security=tls.client_security(), asynchronous=True) as client:
@@ -463,9 +504,7 @@ async def test_foreign_group_with_our_name_is_not_adopted(ec2: Any) -> None:
         await ec2.delete_security_group(GroupId=response["GroupId"])
 
 
-async def test_delete_waits_while_instances_hold_the_group(
-    cloud: LocalCloud, ec2: Any
-) -> None:
+async def test_delete_waits_while_instances_hold_the_group(cloud: LocalCloud, ec2: Any) -> None:
     vpc = await default_vpc_id(ec2)
     group_id = await create_cluster_security_group(ec2, "sg-busy", vpc, ["192.0.2.1/32"])
     # moto never refuses for instances; the local cloud answers as EC2 does meanwhile.

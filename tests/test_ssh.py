@@ -109,9 +109,7 @@ def bystander() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A process of another cluster whose command line names ours: it must survive."""
     name = f"ssh-e2e-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "RAWVM_SSH_CLUSTER": "another", "RAWVM_INSTANCE_ID": "ssh-x-0"}
-    process = subprocess.Popen(
-        ["sh", "-c", "sleep 300", name], env=env, start_new_session=True
-    )
+    process = subprocess.Popen(["sh", "-c", "sleep 300", name], env=env, start_new_session=True)
     try:
         yield process, name
     finally:
@@ -201,8 +199,11 @@ async def test_provider_slots_logs_bundle_and_cleanup(lab: Lab, tmp_path: Path) 
         await provider.terminate([machines[0].id])
         await async_wait_for(lambda: machines[0].id not in live_slots(name), 10, "terminate")
         states = {m.id: m.state for m in await provider.describe([m.id for m in machines])}
-        assert states == {machines[0].id: "terminated", machines[1].id: "running",
-                          machines[2].id: "running"}
+        assert states == {
+            machines[0].id: "terminated",
+            machines[1].id: "running",
+            machines[2].id: "running",
+        }
         live = await provider.live_machines(name)
         assert sorted(m.id for m in live) == sorted(m.id for m in machines[1:])
         assert all(m.tags == {**machines[0].tags} for m in live)
@@ -224,8 +225,9 @@ async def test_bootstrap_gets_each_hosts_bundle_path_and_an_install_lock() -> No
     key = f"environments/{'d' * 64}.tar.gz"
     url = await provider.url_for(key)
     assert url == f"file:///home/a/.cache/dask-rawvm/bundles/{key}"
-    script = worker_script("c", "tcp://10.0.0.1:8786", "worker-", 3, 60, None, "auto",
-                           EnvironmentRef("d" * 64, url))
+    script = worker_script(
+        "c", "tcp://10.0.0.1:8786", "worker-", 3, 60, None, "auto", EnvironmentRef("d" * 64, url)
+    )
     first, second = (provider._script_for(h, script) for h in provider.hosts)
     assert f"RAWVM_BUNDLE_URL={url}\n" in first
     assert f"RAWVM_BUNDLE_URL=file:///srv/homes/b/.cache/dask-rawvm/bundles/{key}\n" in second
@@ -322,8 +324,7 @@ def test_wrong_host_key_is_refused_naming_the_host(lab: Lab, tmp_path: Path) -> 
     known_hosts = tmp_path / "known_hosts"
     first, second = lab.servers
     known_hosts.write_text(
-        first.known_hosts_line() + "\n" + second.known_hosts_line(impostor.rsplit(" ", 1)[0])
-        + "\n"
+        first.known_hosts_line() + "\n" + second.known_hosts_line(impostor.rsplit(" ", 1)[0]) + "\n"
     )
     name = f"ssh-badkey-{uuid.uuid4().hex[:6]}"
     with pytest.raises(ProviderError, match="host key not trusted") as error:
