@@ -116,6 +116,9 @@ class RawVMCluster(SpecCluster):
         (``requirements.txt``, ``uv.lock``, ``conda-lock.yml``).
     environment_ignore
         Packages of the environment the VMs do without.
+    environment_resolver
+        ``"uv"`` (default; resolves for the VMs' platform) or ``"pip-tools"``,
+        which can only resolve for this machine's platform (an error otherwise).
     max_workers
         A ceiling: starting, scaling or adapting past it is an error before any
         VM is launched (adapt's ``maximum`` is clamped to it).
@@ -166,6 +169,7 @@ class RawVMCluster(SpecCluster):
         tags: dict[str, str] | None = None,
         environment: str | list[str] | None = None,
         environment_ignore: list[str] | None = None,
+        environment_resolver: str | None = None,
         max_workers: int | None = None,
         worker_cpu: int | None = None,
         worker_memory: str | None = None,
@@ -197,6 +201,7 @@ class RawVMCluster(SpecCluster):
             tags=tags,
             environment=environment,
             environment_ignore=environment_ignore,
+            environment_resolver=environment_resolver,
             max_workers=max_workers,
             worker_cpu=worker_cpu,
             worker_memory=worker_memory,

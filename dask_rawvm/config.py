@@ -48,6 +48,7 @@ class ClusterOptions:
     tags: dict[str, str] = field(default_factory=dict)
     environment: Any = "local"
     environment_ignore: list[str] = field(default_factory=list)
+    environment_resolver: str = "uv"
     hosts: list[str] = field(default_factory=list)
     workers_per_host: int = 1
     connect_options: dict[str, Any] = field(default_factory=dict)
@@ -151,6 +152,11 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
         raise ValueError(
             f"scheduler={options.scheduler!r} is not one of {list(SCHEDULER_PLACEMENTS)}: "
             "'vm' runs the scheduler on its own VM, 'local' in this process"
+        )
+    if options.environment_resolver not in ("uv", "pip-tools"):
+        raise ValueError(
+            f"environment_resolver={options.environment_resolver!r} is not 'uv' or 'pip-tools' "
+            "(pip-tools only resolves for this machine's platform)"
         )
     if options.provider == "local" and options.endpoint_url:
         raise ValueError(

@@ -19,7 +19,8 @@ import re
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any, Generic, TypeVar
+from functools import partial
+from typing import Any, Generic, TypeVar, cast
 
 from distributed.core import Status, rpc
 from distributed.deploy.spec import ProcessInterface
@@ -28,6 +29,7 @@ from dask_rawvm.config import ClusterOptions
 from dask_rawvm.cost import CostMeter
 from dask_rawvm.environment import Bundle, Target, bootstrap, prepare_environment
 from dask_rawvm.environment.bootstrap import EnvironmentRef
+from dask_rawvm.environment.lock import Resolver
 from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, Provider, ProviderError
 
 logger = logging.getLogger(__name__)
@@ -139,7 +141,13 @@ class VMPool:
         options = self.options
         for role, target in targets.items():
             bundle = await asyncio.to_thread(
-                prepare_environment, options.environment, target, options.environment_ignore
+                partial(
+                    prepare_environment,
+                    options.environment,
+                    target,
+                    options.environment_ignore,
+                    resolver=cast(Resolver, options.environment_resolver),
+                )
             )
             if bundle.digest not in {b.digest for b in self.bundles.values()}:
                 with tempfile.TemporaryDirectory() as tmp:

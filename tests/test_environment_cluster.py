@@ -102,3 +102,20 @@ def test_untranslatable_environment_fails_before_anything_launches(cloud: LocalC
     import boto3
 
     assert boto3.client("s3", **cloud.client_kwargs()).list_buckets()["Buckets"] == []
+
+
+def test_pip_tools_cannot_lock_for_another_platform(cloud: LocalCloud) -> None:
+    # pip-compile silently resolves for this machine: asked for an aarch64 VM, it must refuse.
+    with pytest.raises(Exception, match="pip-tools") as error:
+        RawVMCluster(
+            n_workers=1,
+            endpoint_url=cloud.endpoint_url,
+            region=cloud.region,
+            worker_vm_type="m7g.large",
+            scheduler="local",
+            environment=["toolz==1.0.0", "dask", "distributed"],
+            environment_resolver="pip-tools",
+        )
+    assert "aarch64" in str(error.value)
+    assert cloud.calls["RunInstances"] == 0
+    assert live_instances(cloud) == []

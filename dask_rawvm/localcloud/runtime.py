@@ -256,9 +256,10 @@ class VMRuntime:
         # Local VMs share this machine's uv cache, like a warm machine image: their
         # environments install from it without downloading.
         self.uv_cache = _host_uv_cache()
-        self.environments = Path(
-            os.environ.get("DASK_RAWVM_CACHE_DIR", os.path.expanduser("~/.cache/dask-rawvm"))
-        ) / "localcloud-environments"
+        self.environments = (
+            Path(os.environ.get("DASK_RAWVM_CACHE_DIR", os.path.expanduser("~/.cache/dask-rawvm")))
+            / "localcloud-environments"
+        )
         install_hooks()
         _RUNTIMES[account_id] = self
 
