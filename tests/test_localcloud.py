@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -160,3 +161,20 @@ def _alive(pid: int) -> bool:
     # A zombie is dead too: it only waits for its parent to reap it.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
+
+
+async def test_console_output_reaches_the_provider_verbatim(cloud: LocalCloud) -> None:
+    # "abcdabcd" is valid base64: decoding botocore's already-decoded text would garble it.
+    from dask_rawvm.localcloud import CREDENTIALS
+    from dask_rawvm.providers.aws import AWSProvider
+
+    (instance_id,) = run(cloud, "#!/bin/bash\necho abcdabcd\nsleep 300\n")
+    provider = AWSProvider("t", cloud.region, cloud.endpoint_url, dict(CREDENTIALS))
+    await provider.start()
+    try:
+        deadline = time.monotonic() + 30
+        while "abcdabcd" not in await provider.console_output(instance_id):
+            assert time.monotonic() < deadline, await provider.console_output(instance_id)
+            await asyncio.sleep(0.1)
+    finally:
+        await provider.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 import sys
@@ -397,11 +396,9 @@ class AWSProvider(Provider):
         response = await self._call(
             self.ec2.get_console_output, "GetConsoleOutput", InstanceId=machine_id, Latest=True
         )
-        output = response.get("Output") or ""
-        try:
-            return base64.b64decode(output).decode(errors="replace")
-        except ValueError:
-            return str(output)
+        # EC2 sends the log base64-encoded and botocore decodes it (an after-call handler):
+        # decoding again would turn text into garbage whenever it happens to look like base64.
+        return str(response.get("Output") or "")
 
     # -- calls -----------------------------------------------------------------------
     async def _call(self, method: Callable[..., Awaitable[Any]], action: str, **params: Any) -> Any:
