@@ -36,8 +36,7 @@ from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
 from dask_rawvm.progress import Progress
 from dask_rawvm.providers import Provider, create_provider
-from dask_rawvm.providers.aws import MAX_IDS_PER_CALL, AWSProvider
-from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
+from dask_rawvm.providers.aws import MAX_IDS_PER_CALL, AWSProvider, live_instances_sync
 
 logger = logging.getLogger(__name__)
 
@@ -688,12 +687,7 @@ def _terminate_leftovers(pool: VMPool) -> None:
         **provider.credentials,
     )
     try:
-        filters = [
-            {"Name": f"tag:{CLUSTER_TAG}", "Values": [pool.cluster]},
-            {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
-        ]
-        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-        ids = [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
+        ids = [i["InstanceId"] for i in live_instances_sync(ec2, pool.cluster)]
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
             ec2.terminate_instances(InstanceIds=ids[start : start + MAX_IDS_PER_CALL])
     except Exception:

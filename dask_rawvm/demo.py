@@ -17,7 +17,7 @@ from distributed import Client
 
 from dask_rawvm.cluster import RawVMCluster
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
-from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
+from dask_rawvm.providers.aws import live_instances_sync
 
 
 def slow_square(i: int) -> int:
@@ -53,12 +53,7 @@ def _load(client: Client, maximum: int) -> int:
 def live_instances(cloud: LocalCloud, cluster: str) -> list[str]:
     """Ids of the cluster's instances that are not terminated, from DescribeInstances."""
     ec2 = boto3.client("ec2", **cloud.client_kwargs())
-    filters = [
-        {"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]},
-        {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
-    ]
-    pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-    return [i["InstanceId"] for p in pages for r in p["Reservations"] for i in r["Instances"]]
+    return [i["InstanceId"] for i in live_instances_sync(ec2, cluster)]
 
 
 def run_demo(workers: int, maximum: int, scheduler: str, echo: Callable[[str], None]) -> int:

@@ -16,17 +16,12 @@ from pathlib import Path
 import boto3
 
 from dask_rawvm.localcloud import LocalCloud, RemoteCloud
-from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
+from dask_rawvm.providers.aws import live_instances_sync
 
 
 def live_instances(cloud: LocalCloud | RemoteCloud, cluster: str | None = None) -> list[dict]:
     """Instances that are not terminated, as DescribeInstances reports them."""
-    ec2 = boto3.client("ec2", **cloud.client_kwargs())
-    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
-    if cluster is not None:
-        filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
-    pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-    return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
+    return live_instances_sync(boto3.client("ec2", **cloud.client_kwargs()), cluster)
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 60, what: str = "") -> None:

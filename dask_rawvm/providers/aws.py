@@ -405,6 +405,19 @@ class AWSProvider(Provider):
         return await ec2_call(method, action, throttle_timeout=self.throttle_timeout, **params)
 
 
+def live_instances_sync(ec2: Any, cluster: str | None = None) -> list[dict[str, Any]]:
+    """Instances not terminated (of ``cluster``, by its tag), through a synchronous client.
+
+    For callers without an event loop: the sweep at interpreter exit, the demo's
+    final check and the tests.
+    """
+    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    if cluster is not None:
+        filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+    return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
+
+
 def _machine(instance: dict[str, Any]) -> Machine:
     return Machine(
         id=instance["InstanceId"],
