@@ -6,7 +6,13 @@ seconds until every worker instance is terminated (asked of the EC2 API) and the
 TerminateInstances calls it took. Side by side, in the same run and the same
 scenario: LocalCluster's adaptive scale-down of N local worker processes.
 
-    python benchmarks/adapt.py [--sizes 4 50]
+Then, side by side, results lost when an idle cluster holding W workers' worth of
+scattered (not recomputable) data adapts down to one worker: dask_rawvm's
+RawVMCluster, and dask-cloudprovider's EC2Cluster on the same local cloud, run from a
+virtualenv of its own with an emulated Docker image (``benchmarks/cloudprovider.py``
+says what is emulated; ``--no-cloudprovider`` skips this part).
+
+    python benchmarks/adapt.py [--sizes 4 50] [--workers 4] [--futures 40] [--no-cloudprovider]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import time
 from collections.abc import Callable
 
 import dask.array as da
+from cloudprovider import adapt_text, cloudprovider_adapt_row, futures_lost_after_adapt
 from distributed import Client, LocalCluster
 
 from dask_rawvm import RawVMCluster
@@ -79,6 +86,34 @@ def local(n: int) -> tuple[float, bool]:
         return idle_to_zero(cluster, client, n, lambda: len(client.scheduler_info()["workers"]))
 
 
+# -- futures lost on adaptive scale-down: dask_rawvm next to dask-cloudprovider's EC2Cluster --
+def rawvm_futures_lost(workers: int, futures: int) -> str:
+    """The lifecycle scenario of ``benchmarks/cloudprovider.py``, for RawVMCluster."""
+    with (
+        LocalCloud() as cloud,
+        RawVMCluster(
+            endpoint_url=cloud.endpoint_url,
+            region=cloud.region,
+            scheduler="local",
+            worker_nthreads=1,
+            worker_memory_limit="1GiB",
+        ) as cluster,
+    ):
+        client = cluster.get_client()
+        cluster.scale(workers)
+        before = cloud.calls["TerminateInstances"]
+        result = futures_lost_after_adapt(cluster, client, workers, futures)
+        result["terminate_calls"] = cloud.calls["TerminateInstances"] - before
+    return f"dask_rawvm RawVMCluster adapt (W={workers}): futures lost = {adapt_text(result)}"
+
+
+def lifecycle(workers: int, futures: int) -> None:
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    print(rawvm_futures_lost(workers, futures), flush=True)
+    print(cloudprovider_adapt_row(workers, futures), flush=True)
+
+
 def main(sizes: list[int]) -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
@@ -97,4 +132,10 @@ def main(sizes: list[int]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 50])
-    main(parser.parse_args().sizes)
+    parser.add_argument("--workers", type=int, default=4, help="W, for the futures-lost lines")
+    parser.add_argument("--futures", type=int, default=40)
+    parser.add_argument("--no-cloudprovider", action="store_true", help="skip those lines")
+    args = parser.parse_args()
+    main(args.sizes)
+    if not args.no_cloudprovider:
+        lifecycle(args.workers, args.futures)

@@ -94,8 +94,23 @@ class RawVMCluster(SpecCluster):
         inside the cloud's network.
     scheduler_vm_type, worker_vm_type
         Instance types.
+    worker_vm_types
+        Candidate worker types, best first (``["m7i.large", "m6i.large", "m5.large"]``):
+        a launch fails over along them, and across zones and markets, when capacity
+        runs out. All must share one architecture (and be all GPU or all CPU).
+    spot_policy
+        Workers' market: ``"on-demand"`` (default), ``"spot"``, or
+        ``"spot_with_fallback"``: the spot capacity there is, the rest on-demand in
+        the same pass (and lost spot workers replaced on-demand). The scheduler VM
+        is always on-demand.
+    zone
+        An availability zone, or a list of them; every zone of the region when omitted.
+    capacity_retry_timeout
+        How long to keep asking, in the background, for workers a launch could not
+        get; the cluster runs with what it got meanwhile, and without the rest after.
     ami
-        Machine image; Amazon Linux 2023 of the type's architecture when omitted.
+        Machine image; Amazon Linux 2023 of the type's architecture when omitted
+        (AWS's Deep Learning Base GPU image, with NVIDIA's driver, for GPU types).
     worker_nthreads, worker_memory_limit
         Per-worker threads (the VM's vCPUs when omitted) and memory limit.
     death_timeout
@@ -158,6 +173,10 @@ class RawVMCluster(SpecCluster):
         scheduler: str | None = None,
         scheduler_vm_type: str | None = None,
         worker_vm_type: str | None = None,
+        worker_vm_types: list[str] | None = None,
+        spot_policy: str | None = None,
+        zone: str | list[str] | None = None,
+        capacity_retry_timeout: float | str | None = None,
         ami: str | None = None,
         worker_nthreads: int | None = None,
         worker_memory_limit: str | None = None,
@@ -190,6 +209,10 @@ class RawVMCluster(SpecCluster):
             scheduler=scheduler,
             scheduler_vm_type=scheduler_vm_type,
             worker_vm_type=worker_vm_type,
+            worker_vm_types=worker_vm_types,
+            spot_policy=spot_policy,
+            zone=zone,
+            capacity_retry_timeout=capacity_retry_timeout,
             ami=ami,
             worker_nthreads=worker_nthreads,
             worker_memory_limit=worker_memory_limit,
@@ -225,6 +248,7 @@ class RawVMCluster(SpecCluster):
         self.cluster_name = self.options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
         self.cloud: LocalCloud | None = None
         self.pool = VMPool(self.cluster_name, self.options)
+        self.pool.on_gave_up = self._forget_unlaunched
         self._next_index = 0
         self._launched: set[str] = set()
         worker = {"cls": WorkerVM, "options": {"pool": self.pool}}
@@ -316,13 +340,8 @@ class RawVMCluster(SpecCluster):
 
     async def _preflight(self, provider: Provider) -> None:
         """Every problem we can see is raised here, before any VM is launched."""
+        await self._choose_worker_types(provider)
         options = self.options
-        needs = (options.worker_cpu, options.worker_memory, options.worker_gpu, options.arm)
-        if any(need is not None for need in needs):
-            chosen = await provider.choose(needs=Needs.from_options(*needs))
-            self.options = self.pool.options = dataclasses.replace(options, worker_vm_type=chosen)
-            options = self.options
-            logger.info("worker VMs: %s, the cheapest type that fits", chosen)
         roles = {"worker": options.worker_vm_type}
         if options.scheduler == "vm":
             roles["scheduler"] = options.scheduler_vm_type
@@ -331,6 +350,34 @@ class RawVMCluster(SpecCluster):
         if options.environment is not None:
             targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
             await self.pool.prepare_environments(targets)
+
+    async def _choose_worker_types(self, provider: Provider) -> None:
+        """The worker types, best first: named, or the cheapest that meet the needs.
+
+        Every candidate must run the same environment (architecture and accelerator)
+        as the first: the workers' environment is built once, for one platform.
+        """
+        options = self.options
+        needs = (options.worker_cpu, options.worker_memory, options.worker_gpu, options.arm)
+        if options.worker_vm_types:
+            candidates = await provider.choose(names=list(options.worker_vm_types))
+        elif any(need is not None for need in needs):
+            candidates = await provider.choose(needs=Needs.from_options(*needs))
+        else:
+            return
+        target = provider.target_for(candidates[0])
+        others = [t for t in candidates if provider.target_for(t) != target]
+        if others and options.worker_vm_types:
+            raise ValueError(
+                f"worker_vm_types mixes platforms: {others} do not run the {target.arch}/"
+                f"{target.accelerator} environment of {candidates[0]}; the workers share one "
+                "environment, so list types of one architecture (and all GPU or all CPU)"
+            )
+        candidates = [t for t in candidates if t not in others]
+        self.options = self.pool.options = dataclasses.replace(
+            options, worker_vm_type=candidates[0], worker_vm_types=candidates
+        )
+        logger.info("worker VM types, best first: %s", ", ".join(candidates))
 
     async def _adopt_workers(self) -> None:
         """Take over the workers of the running cluster we reconnected to.
@@ -412,7 +459,7 @@ class RawVMCluster(SpecCluster):
         if provider is None:
             return
         options = self.options
-        worker_price = provider.hourly_price(options.worker_vm_type, "on-demand")
+        worker_price = self._worker_price(provider)
         running = self.pool.meter.cost_per_hour()
         if self.pool.meter.running():
             added = worker_price * max(0, n - len(self.worker_spec))
@@ -424,6 +471,11 @@ class RawVMCluster(SpecCluster):
         if added:
             logger.info("estimated cost: +$%.3f/h (now $%.3f/h)", added, running)
         check_budget(running, added, options.max_hourly_cost)
+
+    def _worker_price(self, provider: Provider) -> float:
+        """USD per hour of a worker VM at worst: the dearest candidate type, on-demand."""
+        types = self.options.worker_vm_types or [self.options.worker_vm_type]
+        return max(provider.hourly_price(t, "on-demand") for t in types)
 
     def _check_limit(self, n: int) -> None:
         """Refuse a size over ``max_workers`` or the provider's capacity, before any launch."""
@@ -498,11 +550,35 @@ class RawVMCluster(SpecCluster):
             asyncio.get_running_loop().call_later(delay + 0.5, self._correct_state)
 
     def _rename_replacements(self) -> None:
-        """A worker whose VM died is replaced under a new name: names are never reused."""
+        """A worker whose VM died is replaced under a new name: names are never reused.
+
+        A lost spot worker (interrupted, most likely) is replaced on-demand when the
+        spot policy falls back: the spot capacity it had was just taken back.
+        """
         for name in [n for n in self.worker_spec if n in self._launched and n not in self.workers]:
             spec = self.worker_spec.pop(name)
             self.worker_spec[self._take_name()] = spec
             self._launched.discard(name)
+            machine = self.pool.assigned.get(name)
+            if machine is not None and machine.market == "spot":
+                self.pool.replace_on_demand += 1
+
+    def _forget_unlaunched(self, names: list[str]) -> None:
+        """Workers whose VMs never found capacity leave the spec: the cluster goes without.
+
+        Adaptive asks again on its next pass if the load still calls for them.
+        """
+        for name in names:
+            self.worker_spec.pop(name, None)
+            worker = self.workers.pop(name, None)
+            if worker is not None:
+                worker.status = Status.closed
+        logger.warning(
+            "%s runs with %d workers: no capacity for %d more",
+            self.cluster_name,
+            len(self.workers),
+            len(names),
+        )
 
     def adapt(
         self,
@@ -527,7 +603,7 @@ class RawVMCluster(SpecCluster):
             provider.capacity if provider else math.inf,
         )
         if provider is not None:
-            price = provider.hourly_price(self.options.worker_vm_type, "on-demand")
+            price = self._worker_price(provider)
             more = affordable_count(
                 self.pool.meter.cost_per_hour(), price, self.options.max_hourly_cost
             )

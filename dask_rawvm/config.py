@@ -38,6 +38,10 @@ class ClusterOptions:
     scheduler: str = "vm"
     scheduler_vm_type: str = "t3.medium"
     worker_vm_type: str = "t3.large"
+    worker_vm_types: list[str] | None = None
+    spot_policy: str = "on-demand"
+    zone: str | list[str] | None = None
+    capacity_retry_timeout: float = 600.0
     ami: str | None = None
     worker_nthreads: int | None = None
     worker_memory_limit: str = "auto"
@@ -63,7 +67,15 @@ class ClusterOptions:
 
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(ClusterOptions)]
-_DURATIONS = ("boot_delay", "death_timeout", "idle_timeout", "scheduler_timeout", "launch_window")
+_DURATIONS = (
+    "boot_delay",
+    "death_timeout",
+    "idle_timeout",
+    "scheduler_timeout",
+    "launch_window",
+    "capacity_retry_timeout",
+)
+SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 
 
 def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOptions:
@@ -152,6 +164,18 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
         raise ValueError(
             f"scheduler={options.scheduler!r} is not one of {list(SCHEDULER_PLACEMENTS)}: "
             "'vm' runs the scheduler on its own VM, 'local' in this process"
+        )
+    if options.spot_policy not in SPOT_POLICIES:
+        raise ValueError(
+            f"spot_policy={options.spot_policy!r} is not one of {list(SPOT_POLICIES)}: "
+            "'spot_with_fallback' takes the spot capacity there is and fills the rest on-demand"
+        )
+    if options.worker_vm_types is not None and (
+        isinstance(options.worker_vm_types, str) or not options.worker_vm_types
+    ):
+        raise ValueError(
+            f"worker_vm_types={options.worker_vm_types!r} must be a non-empty list of "
+            "instance types, best first (worker_vm_type takes a single one)"
         )
     if options.environment_resolver not in ("uv", "pip-tools"):
         raise ValueError(

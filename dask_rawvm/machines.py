@@ -18,6 +18,7 @@ import logging
 import re
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Hashable
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
@@ -31,6 +32,9 @@ from dask_rawvm.environment import Bundle, Target, bootstrap, prepare_environmen
 from dask_rawvm.environment.bootstrap import EnvironmentRef
 from dask_rawvm.environment.lock import Resolver
 from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, Provider, ProviderError
+
+#: What a worker's launch gives: its machine, or None while the cloud is short of capacity.
+Assignment = Machine | None
 
 logger = logging.getLogger(__name__)
 
@@ -116,12 +120,21 @@ class VMPool:
         self.provider: Provider | None = None
         self.machines: dict[str, Machine] = {}  # every instance this pool launched, by id
         self.terminated: set[str] = set()
+        self.assigned: dict[str, Machine] = {}  # each worker's machine, by worker name
+        # Workers whose launch found no capacity yet: the request (batch) still asking.
+        self.waiting: dict[str, str] = {}
+        self._named: dict[str, dict[str, str]] = {}  # batch -> {instance id: worker name}
+        # Workers the cluster gave up waiting for (capacity_retry_timeout passed).
+        self.on_gave_up: Callable[[list[str]], None] = lambda names: None
+        # Spot workers lost, whose replacements go on-demand (spot_with_fallback).
+        self.replace_on_demand = 0
+        self._tasks: set[asyncio.Future[Any]] = set()
         self.bundles: dict[str, Bundle] = {}  # the environment of each role's VMs
         self.adopted_scheduler: Machine | None = None  # when reconnecting to a running cluster
         self.adopted_workers: list[Machine] = []
         self.meter = CostMeter()  # what the VMs cost so far, and per hour now
         self.report: Callable[..., None] = lambda **fields: None  # progress display
-        self._launches: Coalescer[tuple[str, str], Machine] = Coalescer(
+        self._launches: Coalescer[tuple[str, str], Assignment] = Coalescer(
             self._launch_workers, options.launch_window
         )
         self._terminations: Coalescer[str, None] = Coalescer(self._terminate, options.launch_window)
@@ -172,8 +185,14 @@ class VMPool:
         environment = await self._environment("scheduler")
         return bootstrap.scheduler_script(self.cluster, self.options.idle_timeout, environment)
 
-    async def worker_user_data(self, scheduler_address: str, names: list[str]) -> str:
-        """User-data for a run of workers with consecutive names, launched in one call."""
+    async def worker_user_data(
+        self, scheduler_address: str, names: list[str], names_url: str | None = None
+    ) -> str:
+        """User-data for the workers of one launch request.
+
+        With ``names_url`` each VM finds its name in the map stored there once the
+        cloud answered; without, the names must be consecutive (by launch index).
+        """
         options = self.options
         return bootstrap.worker_script(
             self.cluster,
@@ -184,6 +203,7 @@ class VMPool:
             nthreads=options.worker_nthreads,
             memory_limit=options.worker_memory_limit,
             environment=await self._environment("worker"),
+            names_url=names_url,
         )
 
     # -- reconnecting ------------------------------------------------------------------
@@ -200,63 +220,183 @@ class VMPool:
     async def launch_scheduler(self) -> Machine:
         if self.adopted_scheduler is not None:
             return self.adopted_scheduler
+        options = self.options
         spec = LaunchSpec(
             role="scheduler",
-            vm_type=self.options.scheduler_vm_type,
+            vm_type=options.scheduler_vm_type,
             user_data=await self.scheduler_user_data(),
             count=1,
-            tags=self.options.tags,
+            tags=options.tags,
+            batch=uuid.uuid4().hex[:12],
         )
-        (machine,) = await self._launch(spec)
-        return machine
+        machines = await self._launch(spec)
+        if not machines:
+            raise ProviderError(
+                f"no capacity for the scheduler VM ({options.scheduler_vm_type}) in any zone "
+                f"within capacity_retry_timeout={options.capacity_retry_timeout:.0f} s: try "
+                "another scheduler_vm_type or zone, or scheduler='local'"
+            )
+        return machines[0]
 
-    async def launch_worker(self, name: str, scheduler_address: str) -> Machine:
-        """Launch the VM of one worker (batched with the others of this pass)."""
+    async def launch_worker(self, name: str, scheduler_address: str) -> Assignment:
+        """Launch the VM of one worker (batched with the others of this pass).
+
+        None when the cloud had no capacity for it yet: it is asked for in the background.
+        """
         return await self._launches.submit((name, scheduler_address))
 
     async def _launch_workers(
         self, requests: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], Machine | BaseException]:
+    ) -> dict[tuple[str, str], Assignment | BaseException]:
         by_scheduler: dict[str, list[str]] = {}
         for name, address in requests:
             by_scheduler.setdefault(address, []).append(name)
-        runs = [
-            (address, run)
+        groups = [
+            (address, group, policy)
             for address, names in by_scheduler.items()
-            for run in contiguous_runs(names)
+            for group in self._groups(names)
+            for group, policy in self._by_market(group)
         ]
         outcomes = await asyncio.gather(
-            *(self._launch_run(address, run) for address, run in runs), return_exceptions=True
+            *(self._launch_named(address, group, policy) for address, group, policy in groups),
+            return_exceptions=True,
         )
-        results: dict[tuple[str, str], Machine | BaseException] = {}
-        for (address, run), outcome in zip(runs, outcomes, strict=True):
-            for i, name in enumerate(run):
+        results: dict[tuple[str, str], Assignment | BaseException] = {}
+        for (address, group, _), outcome in zip(groups, outcomes, strict=True):
+            for name in group:
                 results[name, address] = (
-                    outcome if isinstance(outcome, BaseException) else outcome[i]
+                    outcome if isinstance(outcome, BaseException) else outcome[name]
                 )
         return results
 
-    async def _launch_run(self, scheduler_address: str, names: list[str]) -> list[Machine]:
+    def _groups(self, names: list[str]) -> list[list[str]]:
+        """Names launched in one request: all of them, or runs of consecutive names for a
+        provider that names machines by launch index."""
+        if self._provider().names_after_launch:
+            return [sorted(names, key=worker_index)]
+        return contiguous_runs(names)
+
+    def _by_market(self, names: list[str]) -> list[tuple[list[str], str]]:
+        """Replacements of lost spot workers go on-demand first, where the policy allows."""
+        policy = self.options.spot_policy
+        on_demand = min(self.replace_on_demand, len(names)) if policy == "spot_with_fallback" else 0
+        self.replace_on_demand -= on_demand
+        split = [(names[:on_demand], "on-demand"), (names[on_demand:], policy)]
+        return [(group, market) for group, market in split if group]
+
+    async def _launch_named(
+        self, scheduler_address: str, names: list[str], spot_policy: str
+    ) -> dict[str, Assignment]:
         options = self.options
-        script = await self.worker_user_data(scheduler_address, names)
-        spec = LaunchSpec("worker", options.worker_vm_type, script, len(names), options.tags)
-        machines = await self._launch(spec)
-        if len(machines) != len(names):
+        provider = self._provider()
+        batch = uuid.uuid4().hex[:12]
+        names_url = None
+        if provider.names_after_launch:
+            expires = int(options.capacity_retry_timeout) + 3600
+            names_url = await provider.url_for(self._names_key(batch), expires=expires)
+        spec = LaunchSpec(
+            role="worker",
+            vm_type=options.worker_vm_type,
+            user_data=await self.worker_user_data(scheduler_address, names, names_url),
+            count=len(names),
+            tags=options.tags,
+            alternatives=tuple(options.worker_vm_types or ()),
+            spot_policy=spot_policy,
+            batch=batch,
+        )
+        on_late = partial(self._landed_late, batch) if provider.names_after_launch else None
+        machines = await self._launch(spec, on_late)
+        if on_late is None and len(machines) != len(names):
             raise ProviderError(
                 f"asked for {len(names)} worker VMs, the cloud started {len(machines)}"
             )
+        self._named[batch] = {}
+        self._assign(batch, names, machines)
+        missing = names[len(machines) :]
+        if missing:
+            self.waiting.update(dict.fromkeys(missing, batch))
+            loop = asyncio.get_running_loop()
+            loop.call_later(options.capacity_retry_timeout + 5, self._give_up, batch)
+        if names_url is not None:
+            await self._write_names(batch)
+        return {name: self.assigned.get(name) for name in names}
+
+    def _assign(self, batch: str, names: list[str], machines: list[Machine]) -> None:
+        for name, machine in zip(names, machines, strict=False):
+            self.assigned[name] = machine
+            self.waiting.pop(name, None)
+            self._named[batch][machine.id] = name
+
+    @staticmethod
+    def _names_key(batch: str) -> str:
+        return f"names/{batch}.txt"
+
+    async def _write_names(self, batch: str) -> None:
+        """Store the ``instance-id name`` map the request's VMs find their names in."""
+        lines = "".join(f"{i} {n}\n" for i, n in self._named[batch].items())
+        await self._provider().store_text(self._names_key(batch), lines)
+
+    def _landed_late(self, batch: str, machines: list[Machine]) -> None:
+        """Machines a request got after it returned: named for the workers still waiting."""
+        waiting = [name for name, b in self.waiting.items() if b == batch]
+        self._record_launched(machines)
+        self._assign(batch, waiting, machines)
+        unwanted = [m.id for m in machines[len(waiting) :]]  # their workers were cancelled
+        logger.info(
+            "%d late worker VM(s) landed; %d no longer wanted", len(machines), len(unwanted)
+        )
+        self._spawn(self._after_late(batch, unwanted))
+
+    async def _after_late(self, batch: str, unwanted: list[str]) -> None:
+        await self._write_names(batch)
+        if unwanted:
+            await self._terminate(unwanted)
+        if not any(b == batch for b in self.waiting.values()):
+            self._provider().stop_asking(batch)
+
+    def _give_up(self, batch: str) -> None:
+        names = [name for name, b in self.waiting.items() if b == batch]
+        if self.provider is not None:
+            self.provider.stop_asking(batch)
+        if names:
+            for name in names:
+                del self.waiting[name]
+            logger.warning(
+                "no capacity for workers %s within capacity_retry_timeout: going without",
+                names,
+            )
+            self.on_gave_up(names)
+
+    def cancel(self, name: str) -> None:
+        """Stop waiting for the machine of a worker that is no longer wanted."""
+        batch = self.waiting.pop(name, None)
+        if batch is not None and batch not in self.waiting.values() and self.provider:
+            self.provider.stop_asking(batch)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _launch(self, spec: LaunchSpec, on_late: Any = None) -> list[Machine]:
+        machines = await self._provider().launch(spec, on_late)
+        self._record_launched(machines)
+        logger.info(
+            "launched %d of %d %s VM(s): %s",
+            len(machines),
+            spec.count,
+            spec.role,
+            ", ".join(sorted({f"{m.vm_type} {m.market}" for m in machines})) or "none",
+        )
         return machines
 
-    async def _launch(self, spec: LaunchSpec) -> list[Machine]:
+    def _record_launched(self, machines: list[Machine]) -> None:
         provider = self._provider()
-        machines = await provider.launch(spec)
         self.machines.update((m.id, m) for m in machines)
         for m in machines:
             self.meter.launched(
                 m.id, m.vm_type, m.market, provider.hourly_price(m.vm_type, m.market)
             )
-        logger.info("launched %d %s VM(s) of type %s", len(machines), spec.role, spec.vm_type)
-        return machines
 
     # -- terminating ---------------------------------------------------------------
     async def terminate(self, machine_id: str) -> None:
@@ -318,6 +458,8 @@ class VMPool:
             log = (await self.console_output(machine.id)).strip().splitlines()
             last = log[-1] if log else "(nothing logged yet)"
             lines.append(f"{known[machine.id]} ({machine.id}, {machine.state}): {last}")
+        if self.waiting:
+            lines.append(f"no capacity yet for {sorted(self.waiting, key=worker_index)}")
         return "still waiting for: " + "; ".join(lines) if lines else "no VM is booting"
 
     async def boot_failure(self, machine: Machine, what: str) -> str:
@@ -416,23 +558,32 @@ class WorkerVM(ProcessInterface):
         self.scheduler = scheduler
         self.name = name
         self.pool = pool
-        self.machine: Machine | None = None
+
+    @property
+    def machine(self) -> Machine | None:
+        """This worker's VM: None before launch, or while the cloud is short of capacity."""
+        return self.pool.assigned.get(self.name)
 
     @classmethod
     def adopt(cls, scheduler: str, name: str, pool: VMPool, machine: Machine) -> WorkerVM:
         """A worker of a running cluster this client reconnected to."""
         worker = cls(scheduler, name, pool)
-        worker.machine = machine
+        pool.assigned[name] = machine
         worker.status = Status.running
         return worker
 
     async def start(self) -> None:
-        self.machine = await self.pool.launch_worker(self.name, self.scheduler)
+        # Started once the cloud took the request, with or without capacity for it yet:
+        # a VM asked for in the background joins when it lands.
+        await self.pool.launch_worker(self.name, self.scheduler)
         await super().start()
 
     async def close(self) -> None:
-        if self.machine is not None and self.pool.provider is not None:
-            await self.pool.terminate(self.machine.id)
+        if self.pool.provider is not None:
+            if self.machine is not None:
+                await self.pool.terminate(self.machine.id)
+            else:
+                self.pool.cancel(self.name)
         await super().close()
 
     def __repr__(self) -> str:

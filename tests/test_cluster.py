@@ -15,8 +15,12 @@ from helpers import async_wait_for, live_instances, wait_for
 
 from dask_rawvm import RawVMCluster
 from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.localcloud.faults import is_mutating
 
-MUTATING = ("RunInstances", "TerminateInstances", "CreateTags", "CreateFleet")
+
+def ec2_changes(calls: dict[str, int]) -> int:
+    """EC2 calls that change something (S3 actions are named ``s3:...``)."""
+    return sum(n for action, n in calls.items() if ":" not in action and is_mutating(action))
 
 
 def connected(client: Client) -> set[str]:
@@ -91,23 +95,56 @@ def test_owned_local_cloud_is_torn_down_with_the_cluster() -> None:
     assert all(p is not None and p.poll() is not None for p in processes)
 
 
-def test_failed_worker_launch_raises_clear_error_and_leaves_nothing(cloud: LocalCloud) -> None:
-    # The scheduler VM launches first; the workers' launch then fails.
-    cloud.inject("RunInstances", error="InsufficientInstanceCapacity", count=1)
-    cloud.inject("RunInstances", error="InsufficientInstanceCapacity", count=1)
-    with pytest.raises(Exception, match="InsufficientInstanceCapacity") as error:
-        RawVMCluster(
-            n_workers=2, endpoint_url=cloud.endpoint_url, region=cloud.region, name="doomed"
-        )
-    assert "RunInstances" in str(error.value)
+def test_no_capacity_at_launch_the_cluster_starts_and_keeps_asking(cloud: LocalCloud) -> None:
+    # The workers' fleet finds no capacity anywhere: the cluster starts without them,
+    # says so, and its background request lands them once capacity is back.
+    cloud.inject("CreateFleet", error="InsufficientInstanceCapacity", count=1)
+    with RawVMCluster(
+        n_workers=2,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        capacity_retry_timeout=120,
+    ) as cluster:
+        assert sorted(cluster.pool.waiting) == ["worker-0", "worker-1"]
+        assert cluster.instances == {}
+        client = cluster.get_client()
+        client.wait_for_workers(2, timeout=90)
+        assert connected(client) == {"worker-0", "worker-1"}
+        assert cloud.calls["CreateFleet"] == 2 and cluster.pool.waiting == {}
+        name = cluster.cluster_name
+    assert live_instances(cloud, name) == []
+
+
+async def test_workers_never_found_leave_the_spec_after_capacity_retry_timeout(
+    quiet_cloud: LocalCloud,
+) -> None:
+    cloud = quiet_cloud
+    cloud.inject("CreateFleet", error="InsufficientInstanceCapacity", count=1000)
+    async with RawVMCluster(
+        n_workers=3,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        capacity_retry_timeout=1,
+        asynchronous=True,
+    ) as cluster:
+        assert len(cluster.worker_spec) == 3
+        await async_wait_for(lambda: not cluster.worker_spec, 30, "the spec to give up")
+        assert cluster.pool.waiting == {} and cluster.workers == {}
+        # Asking again (adapt's next pass, or scale) gets fresh names.
+        cloud.clear_faults()
+        cluster.scale(1)
+        await cluster._correct_state()
+        assert list(cluster.instances) == ["worker-3"]
     assert live_instances(cloud) == []
 
 
 def test_failed_scheduler_launch_leaves_nothing(cloud: LocalCloud) -> None:
-    cloud.inject("RunInstances", error="VcpuLimitExceeded", message="You have requested more vCPU")
+    cloud.inject("CreateFleet", error="VcpuLimitExceeded", message="You have requested more vCPU")
     with pytest.raises(Exception, match="VcpuLimitExceeded: You have requested more vCPU"):
         RawVMCluster(n_workers=2, endpoint_url=cloud.endpoint_url, region=cloud.region)
-    assert cloud.calls["RunInstances"] == 1
+    assert cloud.calls["CreateFleet"] == 1
     assert live_instances(cloud) == []
 
 
@@ -129,7 +166,7 @@ def test_unknown_instance_type_fails_before_anything_launches(cloud: LocalCloud)
             region=cloud.region,
             worker_vm_type="m99x.gigantic",
         )
-    assert cloud.calls["RunInstances"] == 0
+    assert ec2_changes(cloud.calls) == 0
     assert live_instances(cloud) == []
 
 
@@ -152,20 +189,24 @@ async def test_one_launch_call_and_one_terminate_call_per_pass(quiet_cloud: Loca
         cloud.reset_calls()
         cluster.scale(25)
         await cluster._correct_state()
-        assert cloud.calls["RunInstances"] == 1
+        assert cloud.calls["CreateFleet"] == 1
         assert len(cluster.instances) == 25
-        mutating = sum(cloud.calls[a] for a in MUTATING)
-        assert mutating == 1
+        # The first launch also creates the cluster's security group (and its rule) and
+        # launch template: ceil(N / 1000) + 3 calls.
+        assert ec2_changes(cloud.calls) == 4
 
         cloud.reset_calls()
         cluster.scale(5)
         await cluster._correct_state()
         assert cloud.calls["TerminateInstances"] == 1
-        assert sum(cloud.calls[a] for a in MUTATING) == 1
+        assert ec2_changes(cloud.calls) == 1
         assert len(cluster.instances) == 5
 
+        cloud.reset_calls()
         cluster.scale(8)
         await cluster._correct_state()
+        # Later ones: the fleet and a template version carrying this request's user-data.
+        assert cloud.calls["CreateFleet"] == 1 and ec2_changes(cloud.calls) == 2
         # Freed names are never handed out again.
         assert set(cluster.workers) - {f"worker-{i}" for i in range(25)} == {
             "worker-25",
@@ -187,7 +228,7 @@ def test_unclosed_cluster_is_cleaned_up_at_interpreter_exit(cloud: LocalCloud) -
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert result.stdout.strip() == "2", result.stderr
-    assert cloud.calls["RunInstances"] == 2
+    assert cloud.calls["CreateFleet"] == 2
     assert live_instances(cloud, "forgotten") == []
 
 

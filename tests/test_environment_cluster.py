@@ -96,7 +96,7 @@ def test_untranslatable_environment_fails_before_anything_launches(cloud: LocalC
     message = str(error.value)
     assert "cupy-cuda12x" in message and "no CPU build" in message
     assert "environment_ignore=['cupy-cuda12x']" in message
-    assert cloud.calls["RunInstances"] == 0
+    assert cloud.calls["CreateFleet"] == 0
     assert live_instances(cloud) == []
     # Whatever preflight stored is gone too.
     import boto3
@@ -117,5 +117,5 @@ def test_pip_tools_cannot_lock_for_another_platform(cloud: LocalCloud) -> None:
             environment_resolver="pip-tools",
         )
     assert "aarch64" in str(error.value)
-    assert cloud.calls["RunInstances"] == 0
+    assert cloud.calls["CreateFleet"] == 0
     assert live_instances(cloud) == []

@@ -568,128 +568,159 @@ def test_a_whole_call_capacity_error_is_tied_to_the_pool_its_message_names() -> 
     assert (vague.vm_type, vague.zone) == (None, None)
 
 
-class ScriptedEC2:
-    """An EC2 stand-in answering CreateFleet from a script of AWS-shaped responses.
+# -- failover on partial fulfilment, over HTTP (the local cloud's capacity model) ------------
+#
+# The local cloud's instant fleets try every pool they are given, best first, and report each
+# pool that could not give what was asked of it: a spot fleet falls short only once every
+# pool it was asked has failed.
 
-    Not a patched client: it is what moto cannot be, a cloud that fulfils part of a fleet
-    and says why. It records each request so the test can read what was asked.
-    """
-
-    def __init__(self, *responses: dict[str, Any] | Exception) -> None:
-        self.responses = list(responses)
-        self.requests: list[dict[str, Any]] = []
-
-    async def create_fleet(self, **params: Any) -> dict[str, Any]:
-        self.requests.append(params)
-        answer = self.responses.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
+TWO_TYPES: list[VMType | tuple[str, str]] = [("m6i.large", "x86_64"), ("m7g.large", "arm64")]
 
 
-def _pools_asked(request: dict[str, Any]) -> set[tuple[str, str]]:
-    return {
-        (o["InstanceType"], o["SubnetId"])
-        for config in request["LaunchTemplateConfigs"]
-        for o in config["Overrides"]
-    }
+def _pools_asked(request: dict[str, str]) -> set[tuple[str, str]]:
+    """(type, subnet) of each override of a CreateFleet request, from its wire parameters."""
+    overrides: dict[str, dict[str, str]] = {}
+    for name, value in request.items():
+        if name.startswith("LaunchTemplateConfigs.") and ".Overrides." in name:
+            prefix, _, field = name.rpartition(".")
+            overrides.setdefault(prefix, {})[field] = value
+    return {(o["InstanceType"], o["SubnetId"]) for o in overrides.values()}
 
 
-async def test_the_fallback_pass_on_a_partially_fulfilled_spot_fleet() -> None:
-    ec2 = ScriptedEC2(
-        _response(
-            [("m7g.large", "subnet-b", "spot", 15)],
-            [
-                ("m6i.large", "subnet-a", "spot", "InsufficientInstanceCapacity"),
-            ],
-        ),
-        _response([("m6i.large", "subnet-a", "on-demand", 10)], []),
-    )
-    result = await launch_fleet(
+async def test_the_fallback_pass_on_a_partially_fulfilled_spot_fleet(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    """Spot has 15 left in the region: the spot fleet launches 15 and reports every pool it
+    drained; the 10 it lacked go on-demand in one more call, over every pool."""
+    template = await _template(ec2, network)
+    (first_subnet, a), (_, b) = network.subnets[:2]
+    idle_cloud.set_capacity(market="spot", count=15)
+    idle_cloud.reset_calls()
+    result = await _launch(
         ec2,
-        template=TEMPLATE,
-        candidates=[("m6i.large", "x86_64"), ("m7g.large", "arm64")],
-        subnets=SUBNETS,
+        network,
+        template,
+        candidates=TWO_TYPES,
+        subnets=network.subnets[:2],
         count=25,
-        ami_by_arch=AMIS,
         spot_policy="spot_with_fallback",
     )
+
     assert (result.count("spot"), result.count("on-demand"), result.calls) == (15, 10, 2)
-    spot, on_demand = ec2.requests
-    assert spot["TargetCapacitySpecification"]["DefaultTargetCapacityType"] == "spot"
-    assert on_demand["TargetCapacitySpecification"] == {
-        "TotalTargetCapacity": 10,
-        "DefaultTargetCapacityType": "on-demand",
+    spot, on_demand = idle_cloud.requests("CreateFleet")
+    assert spot["TargetCapacitySpecification.DefaultTargetCapacityType"] == "spot"
+    assert spot["TargetCapacitySpecification.TotalTargetCapacity"] == "25"
+    assert {
+        k: v for k, v in on_demand.items() if k.startswith("TargetCapacitySpecification.")
+    } == {
+        "TargetCapacitySpecification.TotalTargetCapacity": "10",
+        "TargetCapacitySpecification.DefaultTargetCapacityType": "on-demand",
     }
     assert len(_pools_asked(on_demand)) == 4
     assert spot["ClientToken"] != on_demand["ClientToken"]
     assert result.summary() == (
         "launched 25 of 25 (15 spot, 10 on-demand) in 2 CreateFleet calls; failovers: "
-        "spot m6i.large in us-east-1a: InsufficientInstanceCapacity -> on-demand"
+        f"spot m6i.large in {a}: InsufficientInstanceCapacity -> on-demand; "
+        f"spot m6i.large in {b}: InsufficientInstanceCapacity -> on-demand; "
+        f"spot m7g.large in {a}: InsufficientInstanceCapacity -> on-demand; "
+        f"spot m7g.large in {b}: InsufficientInstanceCapacity -> on-demand"
     )
+    # The best pool gave all it had of each market.
+    assert {(i.vm_type, i.subnet_id, i.market) for i in result.instances} == {
+        ("m6i.large", first_subnet, "spot"),
+        ("m6i.large", first_subnet, "on-demand"),
+    }
+    live = {i["InstanceId"]: i for i in live_instances(idle_cloud, CLUSTER)}
+    assert set(live) == set(result.ids)
+    spot_ids = {i.id for i in result.instances if i.market == "spot"}
+    assert {i for i, d in live.items() if d.get("InstanceLifecycle") == "spot"} == spot_ids
 
 
-async def test_a_spot_only_pass_asks_the_pools_left_for_the_shortfall() -> None:
-    ec2 = ScriptedEC2(
-        _response(
-            [("m6i.large", "subnet-b", "spot", 4)],
-            [
-                ("m6i.large", "subnet-a", "spot", "InsufficientInstanceCapacity"),
-                ("m7g.large", "subnet-a", "spot", "Unsupported"),
-            ],
-        ),
-        _response([("m7g.large", "subnet-b", "spot", 6)], []),
-    )
-    result = await launch_fleet(
+async def test_a_spot_only_pass_asks_only_the_pools_left(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    """Chunks of 4: each fleet drops the pools it found unsupported or drained, and the next
+    chunk asks only the pools left, for what is still missing."""
+    template = await _template(ec2, network)
+    (_, a), (_, b) = network.subnets[:2]
+    subnet = dict((zone, s) for s, zone in network.subnets)
+    idle_cloud.mark_unsupported("m6i.large", a)
+    idle_cloud.set_capacity("m6i.large", b, "spot", count=4)
+    idle_cloud.reset_calls()
+    result = await _launch(
         ec2,
-        template=TEMPLATE,
-        candidates=[("m6i.large", "x86_64"), ("m7g.large", "arm64")],
-        subnets=SUBNETS,
+        network,
+        template,
+        candidates=TWO_TYPES,
+        subnets=network.subnets[:2],
         count=10,
-        ami_by_arch=AMIS,
         spot_policy="spot",
+        max_per_call=4,
     )
-    assert result.missing == 0 and result.count("spot") == 10
-    assert _pools_asked(ec2.requests[1]) == {("m6i.large", "subnet-b"), ("m7g.large", "subnet-b")}
-    assert ec2.requests[1]["TargetCapacitySpecification"]["TotalTargetCapacity"] == 6
+
+    assert result.missing == 0 and result.count("spot") == 10 and result.calls == 3
+    first, second, third = idle_cloud.requests("CreateFleet")
+    assert len(_pools_asked(first)) == 4
+    assert _pools_asked(second) == {
+        ("m6i.large", subnet[b]),
+        ("m7g.large", subnet[a]),
+        ("m7g.large", subnet[b]),
+    }
+    assert _pools_asked(third) == {("m7g.large", subnet[a]), ("m7g.large", subnet[b])}
+    totals = [r["TargetCapacitySpecification.TotalTargetCapacity"] for r in (first, second, third)]
+    assert totals == ["4", "4", "2"]
+    assert result.failovers == [
+        f"spot m6i.large in {a}: Unsupported -> filled from other pools",
+        f"spot m6i.large in {b}: InsufficientInstanceCapacity -> filled from other pools",
+    ]
+    assert sorted((i.vm_type, i.zone) for i in result.instances) == [
+        *[("m6i.large", b)] * 4,
+        *[("m7g.large", a)] * 6,
+    ]
 
 
-async def test_a_fatal_per_pool_error_keeps_what_launched() -> None:
-    ec2 = ScriptedEC2(
-        _response(
-            [("m6i.large", "subnet-a", "on-demand", 3)],
-            [
-                ("m6i.large", "subnet-b", "on-demand", "VcpuLimitExceeded"),
-            ],
-        ),
-    )
+async def test_a_fatal_per_pool_error_keeps_what_launched(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    """m6i.large has 3 on-demand left; the next pools name an arm type with the x86 AMI
+    (a catalog mistake): EC2 refuses those pools, which no failover can fix."""
+    template = await _template(ec2, network)
+    idle_cloud.set_capacity("m6i.large", market="on-demand", count=3)
     with pytest.raises(FleetLaunchError, match="3 of 8 launched") as raised:
-        await launch_fleet(
+        await _launch(
             ec2,
-            template=TEMPLATE,
-            candidates=[("m6i.large", "x86_64")],
-            subnets=SUBNETS,
+            network,
+            template,
+            candidates=[("m6i.large", "x86_64"), ("m7g.large", "x86_64")],
+            subnets=network.subnets[:2],
             count=8,
-            ami_by_arch=AMIS,
         )
+    assert "InvalidParameterValue" in str(raised.value)
+    assert "AMI of each architecture" in str(raised.value)
     assert len(raised.value.result.ids) == 3
+    # The caller owns what launched: it is there, in the cloud.
+    live = {i["InstanceId"] for i in live_instances(idle_cloud, CLUSTER)}
+    assert live == set(raised.value.result.ids)
 
 
-async def test_a_throttled_request_is_sent_again_with_the_same_client_token() -> None:
-    throttled = ClientError(
-        {"Error": {"Code": "RequestLimitExceeded", "Message": "Request limit exceeded."}},
-        "CreateFleet",
+async def test_a_throttled_request_is_sent_again_with_the_same_client_token(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    template = await _template(ec2, network)
+    idle_cloud.reset_calls()
+    idle_cloud.inject(
+        "CreateFleet", error="RequestLimitExceeded", count=2, message="Request limit exceeded."
     )
-    ec2 = ScriptedEC2(throttled, throttled, _response([("m6i.large", "subnet-a", "spot", 2)], []))
-    result = await launch_fleet(
+    result = await _launch(
         ec2,
-        template=TEMPLATE,
+        network,
+        template,
         candidates=[("m6i.large", "x86_64")],
-        subnets=SUBNETS,
+        subnets=network.subnets[:2],
         count=2,
-        ami_by_arch=AMIS,
         spot_policy="spot",
-        throttle_backoff=FAST,
     )
     assert result.missing == 0 and result.calls == 3
-    assert len({r["ClientToken"] for r in ec2.requests}) == 1
+    requests = idle_cloud.requests("CreateFleet")
+    assert len(requests) == 3
+    assert len({r["ClientToken"] for r in requests}) == 1

@@ -67,11 +67,11 @@ def test_named_cluster_reconnects_instead_of_starting_another(cloud: LocalCloud)
     first.close()  # leaves the cluster running
     assert len(live_instances(cloud, "prod")) == 3
 
-    launched = cloud.calls["RunInstances"]
+    launched = cloud.calls["CreateFleet"]
     with RawVMCluster(**options) as second:
         assert second.scheduler_address == address
         assert sorted(second.workers) == ["worker-0", "worker-1"]
-        assert cloud.calls["RunInstances"] == launched  # nothing new launched
+        assert cloud.calls["CreateFleet"] == launched  # nothing new launched
         client = second.get_client()
         assert int(client.get_dataset("numbers").sum().compute()) == 499500
         second.scale(3)

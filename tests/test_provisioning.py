@@ -51,13 +51,13 @@ def test_gpu_model_missing_in_region_fails_before_anything(monkeypatch) -> None:
         with pytest.raises(CatalogError) as error:
             RawVMCluster(n_workers=1, worker_gpu="A10G", **options(cloud))
         assert "A10G" in str(error.value) and "us-west-1" in str(error.value)
-        assert cloud.calls["RunInstances"] == 0 and live_instances(cloud) == []
+        assert cloud.calls["CreateFleet"] == 0 and live_instances(cloud) == []
 
 
 def test_unknown_type_suggests_close_names(quiet_cloud: LocalCloud) -> None:
     with pytest.raises(CatalogError, match=r"m6i\.large"):
         RawVMCluster(worker_vm_type="m6i.larg", **options(quiet_cloud))
-    assert quiet_cloud.calls["RunInstances"] == 0
+    assert quiet_cloud.calls["CreateFleet"] == 0
 
 
 def test_max_workers_refuses_before_launch_and_on_scale(quiet_cloud: LocalCloud) -> None:
@@ -67,7 +67,7 @@ def test_max_workers_refuses_before_launch_and_on_scale(quiet_cloud: LocalCloud)
         with pytest.raises(ValueError, match="max_workers=3"):
             cluster.scale(4)
         assert len(cluster.worker_spec) == 2
-    assert quiet_cloud.calls["RunInstances"] == 1
+    assert quiet_cloud.calls["CreateFleet"] == 1
 
 
 def test_budget_guard_refuses_launch_and_scale_up(quiet_cloud: LocalCloud) -> None:
@@ -76,7 +76,7 @@ def test_budget_guard_refuses_launch_and_scale_up(quiet_cloud: LocalCloud) -> No
             n_workers=50, worker_vm_type="m6i.large", max_hourly_cost=1.0, **options(quiet_cloud)
         )
     assert "max_hourly_cost" in str(error.value)
-    assert quiet_cloud.calls["RunInstances"] == 0 and live_instances(quiet_cloud) == []
+    assert quiet_cloud.calls["CreateFleet"] == 0 and live_instances(quiet_cloud) == []
 
     with RawVMCluster(
         n_workers=2, worker_vm_type="m6i.large", max_hourly_cost=1.0, **options(quiet_cloud)

@@ -13,9 +13,11 @@ body, so no value can change the script's meaning. It stays far below EC2's
 16 KiB user-data limit and carries no secret: user-data is readable by anyone
 with ``DescribeInstanceAttribute``.
 
-Worker names are known before boot and never reused: one launch call starts a
-run of workers named ``<prefix><first + i>``, where ``i`` is the instance's
-``ami-launch-index``, so a single script serves every VM of one call.
+Worker names are known before boot and never reused. A VM of a fleet (whose
+instances come back in no particular order) finds its name in a map
+``instance-id name`` that the cluster stores once the fleet answered, fetched by
+an expiring URL; a machine launched as the ``i``-th of a run (SSH hosts) is
+``<prefix><first + i>``. Either way one script serves every VM of one request.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
 # How often a worker VM checks for a spot interruption notice (EC2 gives 120 s).
 SPOT_POLL_SECONDS = 2
+# How long a fleet VM waits for the cluster to write its name (written within
+# milliseconds of the launch call's answer; the VM may boot before that).
+NAME_WAIT_SECONDS = 300
 
 _PRELUDE = r"""
 log() { echo "[dask-rawvm $(date -u +%H:%M:%S)] $*"; }
@@ -127,8 +132,18 @@ poweroff_vm
 """
 
 _WORKER = r"""
-INDEX=${RAWVM_LAUNCH_INDEX:-$(meta ami-launch-index)}
-NAME="$RAWVM_NAME_PREFIX$((RAWVM_FIRST_INDEX + INDEX))"
+if [ -n "$RAWVM_NAMES_URL" ]; then
+    NAME=""
+    for _ in $(seq 1 "$RAWVM_NAME_WAIT"); do
+        NAME=$(curl -sf "$RAWVM_NAMES_URL" | awk -v id="$INSTANCE_ID" '$1 == id {print $2}')
+        [ -n "$NAME" ] && break
+        sleep 1
+    done
+    [ -n "$NAME" ] || { log "the cluster named no worker $INSTANCE_ID"; poweroff_vm 1; }
+else
+    INDEX=${RAWVM_LAUNCH_INDEX:-$(meta ami-launch-index)}
+    NAME="$RAWVM_NAME_PREFIX$((RAWVM_FIRST_INDEX + INDEX))"
+fi
 log "worker $NAME of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
 # A spot VM gets two minutes' notice: retire gracefully, so its data moves first.
 watch_for_interruption() {
@@ -210,8 +225,9 @@ def worker_script(
     nthreads: int | None = None,
     memory_limit: str = "auto",
     environment: EnvironmentRef | None = None,
+    names_url: str | None = None,
 ) -> str:
-    """User-data for a run of worker VMs launched in one call.
+    """User-data for the worker VMs of one launch request.
 
     Parameters
     ----------
@@ -220,7 +236,8 @@ def worker_script(
     scheduler_address
         Address the workers reach the scheduler at (its private address).
     name_prefix, first_index
-        The VM with launch index ``i`` is the worker ``f"{name_prefix}{first_index + i}"``.
+        Without ``names_url``, the VM with launch index ``i`` is the worker
+        ``f"{name_prefix}{first_index + i}"``.
     death_timeout
         Seconds a worker keeps trying to reach a missing scheduler before it exits.
     nthreads
@@ -229,12 +246,16 @@ def worker_script(
         The Dask worker's ``--memory-limit``.
     environment
         The environment bundle to install; the image's Python when None.
+    names_url
+        An expiring URL of the ``instance-id name`` map of this request's VMs.
     """
     return _render(
         {
             "RAWVM_CLUSTER": cluster,
             "RAWVM_DASK_VERSION": dask.__version__,
             "RAWVM_SCHEDULER": scheduler_address,
+            "RAWVM_NAMES_URL": names_url,
+            "RAWVM_NAME_WAIT": NAME_WAIT_SECONDS,
             "RAWVM_NAME_PREFIX": name_prefix,
             "RAWVM_FIRST_INDEX": first_index,
             "RAWVM_DEATH_TIMEOUT": int(death_timeout),

@@ -3,7 +3,8 @@
 The local cloud wraps moto's WSGI app with :class:`FaultInjector`, so tests and
 benchmarks can make the next *k* calls of an action fail with a real AWS error
 code (and the HTTP status AWS uses for it), slow an action down, and see exactly
-which calls a cluster made.
+which calls a cluster made. It also keeps the parameters of the last query-protocol
+(EC2) requests, so a test can read what a client sent, retries included.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
+from xml.sax.saxutils import escape
 
 # The HTTP status AWS answers each error code with. It matters: botocore decides
 # what to retry from it (ICE is a 500, which botocore would retry by default).
@@ -36,6 +38,8 @@ ERROR_STATUS = {
 }
 
 READ_ONLY_PREFIXES = ("Describe", "Get", "List", "Head")
+#: Requests whose parameters are kept (the oldest are forgotten first).
+REQUEST_LOG_SIZE = 500
 
 
 def is_mutating(action: str) -> bool:
@@ -63,6 +67,7 @@ class FaultInjector:
         self._faults: dict[str, list[Fault]] = {}
         self._latency: dict[str, float] = {}
         self._calls: Counter[str] = Counter()
+        self._requests: deque[tuple[str, dict[str, str]]] = deque(maxlen=REQUEST_LOG_SIZE)
 
     def inject(
         self,
@@ -98,13 +103,29 @@ class FaultInjector:
             return Counter(self._calls)
 
     def reset_calls(self) -> None:
+        """Forget the call counts and the logged requests."""
         with self._lock:
             self._calls.clear()
+            self._requests.clear()
 
-    def record(self, action: str) -> tuple[float, Fault | None]:
-        """Count one call; return the latency to add and the fault to raise, if any."""
+    def requests(self, action: str) -> list[dict[str, str]]:
+        """The parameters of the last requests of ``action``, oldest first, faulted ones too.
+
+        Parameters are flat, as on the wire: ``{"ClientToken": "...",
+        "TargetCapacitySpecification.TotalTargetCapacity": "10", ...}``.
+        """
+        with self._lock:
+            return [dict(params) for name, params in self._requests if name == action]
+
+    def record(
+        self, action: str, params: dict[str, str] | None = None
+    ) -> tuple[float, Fault | None]:
+        """Count one call (and log its parameters); return the latency to add and the
+        fault to raise, if any."""
         with self._lock:
             self._calls[action] += 1
+            if params is not None:
+                self._requests.append((action, params))
             latency = self._latency.get(action, 0.0)
             queue = self._faults.get(action)
             if not queue:
@@ -121,20 +142,39 @@ def action_of(environ: dict[str, Any]) -> str:
 
     Reads a form body if there is one and puts it back so moto can read it again.
     """
+    return _action_and_params(environ)[0]
+
+
+def _action_and_params(environ: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+    """The action, and the flat parameters of a query-protocol request (None otherwise)."""
     target = environ.get("HTTP_X_AMZ_TARGET")
     if target:
-        return target.rsplit(".", 1)[-1]
+        return target.rsplit(".", 1)[-1], None
     query = parse_qs(environ.get("QUERY_STRING", ""))
     if "Action" in query:
-        return query["Action"][0]
+        return query["Action"][0], _flat(query)
     if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
-        form = parse_qs(body.decode("utf-8", "replace"))
+        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
         if "Action" in form:
-            return form["Action"][0]
-    return f"s3:{environ.get('REQUEST_METHOD', 'GET')}"
+            return form["Action"][0], _flat(form)
+    return f"s3:{environ.get('REQUEST_METHOD', 'GET')}", None
+
+
+def _flat(parsed: dict[str, list[str]]) -> dict[str, str]:
+    return {name: values[0] for name, values in parsed.items()}
+
+
+def ec2_error_body(code: str, message: str) -> bytes:
+    """An EC2 (query protocol) error document, as botocore parses it."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{escape(code)}</Code>"
+        f"<Message>{escape(message)}</Message></Error></Errors>"
+        f"<RequestID>{uuid.uuid4()}</RequestID></Response>"
+    ).encode()
 
 
 def error_response(
@@ -144,17 +184,11 @@ def error_response(
     assert fault.error is not None
     status = fault.status or ERROR_STATUS.get(fault.error, 400)
     message = fault.message or f"Injected by the local cloud: {fault.error}"
-    request_id = str(uuid.uuid4())
     if environ.get("HTTP_X_AMZ_TARGET"):
         body = json.dumps({"__type": fault.error, "message": message}).encode()
         content_type = "application/x-amz-json-1.1"
     else:
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Response><Errors><Error><Code>{fault.error}</Code>"
-            f"<Message>{message}</Message></Error></Errors>"
-            f"<RequestID>{request_id}</RequestID></Response>"
-        ).encode()
+        body = ec2_error_body(fault.error, message)
         content_type = "text/xml"
     headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
     return f"{status} Injected", headers, body
@@ -162,8 +196,8 @@ def error_response(
 
 def apply(injector: FaultInjector, environ: dict[str, Any]) -> tuple[str, Fault | None]:
     """Count the call, sleep its injected latency, and return (action, fault or None)."""
-    action = action_of(environ)
-    latency, fault = injector.record(action)
+    action, params = _action_and_params(environ)
+    latency, fault = injector.record(action, params)
     if latency:
         time.sleep(latency)
     if fault is not None and fault.error is None:

@@ -17,6 +17,8 @@ moto, so the runtime is told of launches and terminations by the backend itself.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import functools
 import heapq
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,10 @@ def install_hooks() -> None:
 
         def hooked_run_instances(backend: Any, *args: Any, **kwargs: Any) -> Any:
             reservation = run_instances(backend, *args, **kwargs)
+            held = getattr(_HELD_LAUNCHES, "instances", None)
+            if held is not None:  # a fleet is being built: it boots them once it is done
+                held.extend(reservation.instances)
+                return reservation
             runtime = _RUNTIMES.get(backend.account_id)
             if runtime is not None:
                 runtime.on_launch(reservation.instances)
@@ -122,6 +128,7 @@ def install_hooks() -> None:
             return previous
 
         _hook_console_output()
+        _hook_launch_calls()
         InstanceBackend.run_instances = hooked_run_instances  # type: ignore[method-assign,assignment]
         Instance.terminate = halting(terminate)  # type: ignore[method-assign,assignment]
         Instance.stop = halting(stop)  # type: ignore[method-assign,assignment]
@@ -152,6 +159,67 @@ def _hook_console_output() -> None:
         return ActionResult(result)
 
     General.get_console_output = get_console_output  # type: ignore[method-assign,assignment]
+
+
+# Instances launched by the current thread while it builds an instant fleet (None otherwise).
+_HELD_LAUNCHES = threading.local()
+
+
+@contextlib.contextmanager
+def _boot_when_done(account_id: str) -> Iterator[None]:
+    """Boot what moto launches inside the block once, together, when the block ends.
+
+    A fleet's spot instances get their shutdown behaviour and metadata options only after
+    moto has made them: holding their boot until then means a boot script never sees an
+    instance EC2 would not have made. Each instance is still booted exactly once.
+    """
+    held: list[Any] = []
+    _HELD_LAUNCHES.instances = held
+    try:
+        yield
+    finally:
+        _HELD_LAUNCHES.instances = None
+        runtime = _RUNTIMES.get(account_id)
+        if runtime is not None and held:
+            runtime.on_launch(held)
+
+
+def _hook_launch_calls() -> None:
+    """CreateFleet (instant) and RunInstances answer as EC2 does, capacity included.
+
+    Only for local-cloud accounts (those with a capacity model): any other moto account
+    in this process keeps moto's behaviour. See :mod:`.capacity`.
+    """
+    from moto.ec2.responses.fleets import Fleets
+    from moto.ec2.responses.instances import InstanceResponse
+
+    from dask_rawvm.localcloud import capacity
+
+    create_fleet = Fleets.create_fleet
+    run_instances = InstanceResponse.run_instances
+
+    def hooked_create_fleet(response: Any) -> Any:
+        account_id = response.ec2_backend.account_id
+        model = capacity.model_for(account_id)
+        # Request and maintain fleets launch over time on AWS: moto's answer stands.
+        if model is None or response._get_param("Type") != "instant":
+            return create_fleet(response)
+        with _boot_when_done(account_id):
+            return capacity.create_instant_fleet(response, model)
+
+    def hooked_run_instances(response: Any) -> Any:
+        model = capacity.model_for(response.ec2_backend.account_id)
+        if model is None:
+            return run_instances(response)
+        give_back = capacity.admit_run_instances(response, model)
+        try:
+            return run_instances(response)
+        except BaseException:
+            give_back()
+            raise
+
+    Fleets.create_fleet = hooked_create_fleet  # type: ignore[method-assign,assignment]
+    InstanceResponse.run_instances = hooked_run_instances  # type: ignore[method-assign,assignment]
 
 
 class _Timers:
@@ -297,10 +365,15 @@ class VMRuntime:
             if vm.halted:
                 return
             vm.instance._state.name, vm.instance._state.code = "running", 16
-            script = decode_user_data(vm.instance.user_data)
+            from dask_rawvm.localcloud.cloudinit import boot_script
+
+            # What cloud-init would run: a #! script as is, #cloud-config translated (the
+            # files it writes go under the VM's directory, not over this machine's /).
+            user_data = decode_user_data(vm.instance.user_data)
+            script = boot_script(user_data, root=str(vm.directory / "root"))
             vm.directory.mkdir(parents=True, exist_ok=True)
-            if not script.startswith("#!"):
-                # cloud-config and empty user-data: a VM with nothing to run.
+            if script is None:
+                # Empty or other user-data: a VM with nothing to run.
                 vm.console_path.write_text("no boot script in user-data\n")
                 return
             path = vm.directory / "user-data"
@@ -416,6 +489,13 @@ def decode_user_data(user_data: Any) -> str:
         user_data = user_data[0]
     if hasattr(user_data, "decode") and not isinstance(user_data, bytes):
         return str(user_data.decode())
+    if isinstance(user_data, str):
+        # A fleet's instances get the launch template's UserData as moto holds it:
+        # still base64 (RunInstances hands over an already-decodable object instead).
+        try:
+            return base64.b64decode(user_data, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return user_data
     return str(user_data)
 
 

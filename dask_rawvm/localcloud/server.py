@@ -6,10 +6,12 @@ front of moto's WSGI app. A small middleware in between
 - gives the cloud a moto account of its own (moto honours ``x-moto-account-id``),
   so two local clouds in one process share nothing;
 - injects faults and latency by API action and counts calls (:mod:`.faults`);
+- limits capacity by instance type, zone and market, and answers CreateFleet (instant) and
+  RunInstances as EC2 does when a pool runs out (:mod:`.capacity`);
 - serves each VM's instance metadata under ``/_imds/<id>/`` (:mod:`.imds`);
 - serves a small control API under ``/_localcloud/`` so a process that did not
   start the cloud (a benchmark, a test's subprocess) can inject faults, read
-  call counts and interrupt spot instances: see :class:`RemoteCloud`.
+  call counts, limit capacity and interrupt spot instances: see :class:`RemoteCloud`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from dask_rawvm.localcloud import faults, imds
+from dask_rawvm.localcloud import capacity, faults, imds
 from dask_rawvm.localcloud.runtime import VMRuntime
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class LocalCloud:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dask-rawvm-localcloud-"))
         self.faults = faults.FaultInjector()
+        self.capacity = capacity.CapacityModel()
         self.runtime: VMRuntime | None = None
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -122,6 +125,7 @@ class LocalCloud:
             boot_delay=self.boot_delay,
             image_path=self.image_path,
         )
+        capacity.register(self.account_id, self.capacity)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="localcloud-server", daemon=True
         )
@@ -181,7 +185,84 @@ class LocalCloud:
         return self.faults.calls
 
     def reset_calls(self) -> None:
+        """Forget the call counts and the logged request parameters."""
         self.faults.reset_calls()
+
+    def requests(self, action: str) -> list[dict[str, str]]:
+        """Parameters of the last EC2 requests of ``action``, oldest first (faulted ones too).
+
+        Parameters
+        ----------
+        action
+            An EC2 API action, e.g. ``"CreateFleet"``.
+
+        Returns
+        -------
+        list of dict
+            One flat dict per request, as sent on the wire
+            (``{"ClientToken": ..., "TargetCapacitySpecification.TotalTargetCapacity": "10"}``).
+            The last :data:`~dask_rawvm.localcloud.faults.REQUEST_LOG_SIZE` requests are kept.
+
+        Examples
+        --------
+        >>> tokens = {r["ClientToken"] for r in cloud.requests("CreateFleet")}  # doctest: +SKIP
+        """
+        return self.faults.requests(action)
+
+    def set_capacity(
+        self,
+        instance_type: str | None = None,
+        zone: str | None = None,
+        market: str | None = None,
+        count: int | None = 0,
+    ) -> None:
+        """Let the capacity pools a scope covers launch only ``count`` more instances.
+
+        Launches beyond it fail as on EC2: RunInstances with InsufficientInstanceCapacity
+        (HTTP 500), an instant fleet by reporting the pool in its ``Errors`` and launching
+        what the other pools have. Capacity a launch took does not come back when its
+        instances terminate; :meth:`restore_capacity` brings it all back.
+
+        Parameters
+        ----------
+        instance_type, zone, market
+            The scope: an instance type, an availability zone (``us-east-1a``) and a market
+            (``"on-demand"`` or ``"spot"``); None covers every value. Limits add up: a
+            launch consumes from every limit that covers its pool, and a pool can launch
+            as many as the tightest of them allows.
+        count
+            Instances the scope can still launch: 0 exhausts it, None lifts its limit.
+
+        Examples
+        --------
+        >>> cloud.set_capacity("m6i.large", "us-east-1a", "spot")      # doctest: +SKIP
+        >>> cloud.set_capacity(market="spot", count=10)  # 10 more spot instances, anywhere
+        >>> cloud.restore_capacity()
+        """
+        self.capacity.set_limit(instance_type, zone, market, count)
+
+    def mark_unsupported(self, instance_type: str, zone: str | None = None) -> None:
+        """Make ``instance_type`` unsupported in ``zone`` (every zone when None).
+
+        Launches of it there fail with AWS's ``Unsupported`` (HTTP 400 for RunInstances, an
+        ``Errors`` entry for an instant fleet). :meth:`restore_capacity` does not undo it.
+
+        Examples
+        --------
+        >>> cloud.mark_unsupported("m7g.large", "us-east-1e")          # doctest: +SKIP
+        """
+        self.capacity.set_unsupported(instance_type, zone)
+
+    def restore_capacity(self) -> None:
+        """Lift every capacity limit: later launches succeed again (a background retry
+        that kept asking now gets its instances).
+
+        Examples
+        --------
+        >>> cloud.set_capacity(market="spot")                          # doctest: +SKIP
+        >>> cloud.restore_capacity()
+        """
+        self.capacity.restore()
 
     def interrupt(self, instance_id: str, delay: float = 5.0) -> None:
         """Deliver a spot interruption notice to an instance; terminate it after ``delay`` s."""
@@ -212,6 +293,7 @@ def _shutdown(
     server.shutdown()
     server.server_close()
     _forget_account(account_id)
+    capacity.unregister(account_id)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -269,6 +351,14 @@ def _control(
         cloud.interrupt(**args)
     elif verb == "console-output":
         result = {"output": cloud.console_output(args["instance_id"])}
+    elif verb == "requests":
+        result = {"requests": cloud.requests(args["action"])}
+    elif verb == "set-capacity":
+        cloud.set_capacity(**args)
+    elif verb == "mark-unsupported":
+        cloud.mark_unsupported(**args)
+    elif verb == "restore-capacity":
+        cloud.restore_capacity()
     else:
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"unknown local cloud control verb"]
@@ -281,7 +371,14 @@ class RemoteCloud:
     """Control a :class:`LocalCloud` running in another process, by its endpoint.
 
     Offers the test-facing methods of LocalCloud (``inject``, ``calls``,
-    ``reset_calls``, ``interrupt``, ``console_output``) over its control API.
+    ``reset_calls``, ``requests``, ``set_capacity``, ``mark_unsupported``,
+    ``restore_capacity``, ``interrupt``, ``console_output``) over its control API.
+
+    Examples
+    --------
+    >>> remote = RemoteCloud("http://127.0.0.1:4566")                 # doctest: +SKIP
+    >>> remote.set_capacity("m6i.large", "us-east-1a", "on-demand", count=2)
+    >>> remote.restore_capacity()
     """
 
     def __init__(self, endpoint_url: str) -> None:
@@ -326,6 +423,30 @@ class RemoteCloud:
 
     def reset_calls(self) -> None:
         self._call("reset-calls")
+
+    def requests(self, action: str) -> list[dict[str, str]]:
+        """See :meth:`LocalCloud.requests`."""
+        return list(self._call("requests", action=action)["requests"])
+
+    def set_capacity(
+        self,
+        instance_type: str | None = None,
+        zone: str | None = None,
+        market: str | None = None,
+        count: int | None = 0,
+    ) -> None:
+        """See :meth:`LocalCloud.set_capacity`."""
+        self._call(
+            "set-capacity", instance_type=instance_type, zone=zone, market=market, count=count
+        )
+
+    def mark_unsupported(self, instance_type: str, zone: str | None = None) -> None:
+        """See :meth:`LocalCloud.mark_unsupported`."""
+        self._call("mark-unsupported", instance_type=instance_type, zone=zone)
+
+    def restore_capacity(self) -> None:
+        """See :meth:`LocalCloud.restore_capacity`."""
+        self._call("restore-capacity")
 
     def interrupt(self, instance_id: str, delay: float = 5.0) -> None:
         self._call("interrupt", instance_id=instance_id, delay=delay)

@@ -26,6 +26,8 @@ def create_provider(
             credentials=credentials,
             ami=options.ami,
             allow_ingress_from=options.allow_ingress_from,
+            zones=[options.zone] if isinstance(options.zone, str) else options.zone,
+            capacity_retry_timeout=options.capacity_retry_timeout,
         )
     if options.provider == "ssh":
         from dask_rawvm.providers.ssh import SSHProvider

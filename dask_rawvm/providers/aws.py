@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -28,15 +30,30 @@ from dask_rawvm.providers.base import (
     ROLE_TAG,
     LaunchSpec,
     Machine,
+    OnLate,
     Provider,
     ProviderError,
 )
-from dask_rawvm.providers.fleet import ec2_call
+from dask_rawvm.providers.fleet import (
+    FleetLaunchError,
+    FleetResult,
+    FleetTopUp,
+    LaunchedInstance,
+    LaunchTemplate,
+    ec2_call,
+    ensure_launch_template,
+    launch_fleet,
+)
 
 logger = logging.getLogger(__name__)
 
 # Amazon Linux 2023, by architecture, as AWS publishes it in SSM.
 AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+# The same, with NVIDIA's driver and CUDA: AWS's Deep Learning Base OSS GPU image.
+GPU_AMI_PARAMETER = (
+    "/aws/service/deeplearning/ami/{arch}/base-oss-nvidia-driver-gpu-amazon-linux-2023/"
+    "latest/ami-id"
+)
 # EC2 takes at most 1000 ids per TerminateInstances / DescribeInstances call.
 MAX_IDS_PER_CALL = 1000
 
@@ -61,7 +78,13 @@ class AWSProvider(Provider):
     allow_ingress_from
         CIDRs that may reach the scheduler and dashboard ports; this machine's
         public address when None (the cluster's members always reach each other).
+    zones
+        Availability zones to launch into; every zone of the region when None.
+    capacity_retry_timeout
+        How long to keep asking for capacity a launch could not get at once.
     """
+
+    names_after_launch = True  # a fleet's instances come back in no particular order
 
     def __init__(
         self,
@@ -72,6 +95,8 @@ class AWSProvider(Provider):
         ami: str | None = None,
         throttle_timeout: float = 120.0,
         allow_ingress_from: list[str] | None = None,
+        zones: list[str] | None = None,
+        capacity_retry_timeout: float = 600.0,
     ) -> None:
         self.cluster = cluster
         self.region = region
@@ -80,7 +105,12 @@ class AWSProvider(Provider):
         self.ami = ami
         self.throttle_timeout = throttle_timeout
         self.allow_ingress_from = allow_ingress_from
+        self.zones = zones
+        self.capacity_retry_timeout = capacity_retry_timeout
         self.security_group: str | None = None
+        self._subnets: list[tuple[str, str]] | None = None
+        self._template: LaunchTemplate | None = None
+        self._topups: dict[str, FleetTopUp] = {}
         self.catalog: dict[str, VMType] = {}  # the types chosen or checked, by name
         self._amis: dict[str, str] = {}
         self._stack: AsyncExitStack | None = None
@@ -126,19 +156,22 @@ class AWSProvider(Provider):
         self._s3 = await self._stack.enter_async_context(client("s3", config=s3_config, **common))
 
     async def close(self) -> None:
+        for batch in list(self._topups):
+            self.stop_asking(batch)
         if self._stack is not None:
             await self._stack.aclose()
             self._stack = None
 
     # -- preflight -----------------------------------------------------------------
     async def preflight(self, roles: dict[str, str]) -> None:
-        """Every type known in this region (with suggestions when not), and its image."""
+        """Every type known in this region (with suggestions when not), its image, the zones."""
         await self.choose(names=sorted(set(roles.values())))
         for vm_type in set(roles.values()):
             await self.image_for(vm_type)
+        await self.subnets()
 
-    async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> str:
-        """The named types checked, or the cheapest type meeting ``needs``; the first's name.
+    async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> list[str]:
+        """The named types checked, or the cheapest types meeting ``needs``, best first.
 
         Raises :class:`~dask_rawvm.catalog.CatalogError` naming the cause and the fix
         (an unknown type with close names, a need no type meets, a GPU not in the region).
@@ -146,7 +179,7 @@ class AWSProvider(Provider):
         types = await fetch_instance_types(self.ec2)
         chosen = choose_vm_types(types, self._price_table(), names=names, needs=needs)
         self.catalog.update((vm.name, vm) for vm in chosen)
-        return chosen[0].name
+        return [vm.name for vm in chosen]
 
     def _price_table(self) -> PriceTable:
         if self._prices is None:
@@ -176,44 +209,141 @@ class AWSProvider(Provider):
         return self._price_table().price(self.catalog[vm_type], market)
 
     async def image_for(self, vm_type: str) -> str:
-        """The AMI for a type: the explicit one, else AL2023 for its architecture."""
+        """The AMI for a type: the explicit one, else AL2023 for its architecture, with
+        NVIDIA's driver for a GPU type."""
         if self.ami:
             return self.ami
         arch = self.architecture(vm_type)
-        if arch not in self._amis:
-            name = AMI_PARAMETER.format(arch=arch)
-            response = await self._call(self._ssm.get_parameter, "GetParameter", Name=name)
-            self._amis[arch] = response["Parameter"]["Value"]
-        return self._amis[arch]
+        gpu = self.target_for(vm_type).accelerator == "cuda"
+        name = (GPU_AMI_PARAMETER if gpu else AMI_PARAMETER).format(arch=arch)
+        if name not in self._amis:
+            try:
+                response = await self._call(self._ssm.get_parameter, "GetParameter", Name=name)
+            except ProviderError as e:
+                if "ParameterNotFound" not in str(e):
+                    raise
+                what = "NVIDIA GPU image" if gpu else "Amazon Linux 2023 image"
+                raise ProviderError(
+                    f"region {self.region} publishes no {what} for {arch} (SSM parameter "
+                    f"{name}): pass ami=... with an image for {vm_type}"
+                ) from e
+            self._amis[name] = response["Parameter"]["Value"]
+        return self._amis[name]
+
+    async def subnets(self) -> list[tuple[str, str]]:
+        """``(subnet, zone)`` of the default VPC for each zone launched into, checked once."""
+        if self._subnets is None:
+            from dask_rawvm.security import default_vpc_id
+
+            vpc = await default_vpc_id(self.ec2)
+            response = await self._call(
+                self.ec2.describe_subnets,
+                "DescribeSubnets",
+                Filters=[
+                    {"Name": "vpc-id", "Values": [vpc]},
+                    {"Name": "default-for-az", "Values": ["true"]},
+                ],
+            )
+            by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in response["Subnets"]}
+            unknown = sorted(set(self.zones or ()) - set(by_zone))
+            if unknown:
+                raise ProviderError(
+                    f"zone(s) {unknown} are not zones of {self.region} with a default subnet; "
+                    f"its zones are {sorted(by_zone)}: pass zone= one of those, or none for all"
+                )
+            zones = self.zones or sorted(by_zone)
+            self._subnets = [(by_zone[zone], zone) for zone in zones]
+        return self._subnets
 
     # -- machines ------------------------------------------------------------------
-    async def launch(self, spec: LaunchSpec) -> list[Machine]:
-        if spec.vm_type not in self.catalog:
-            await self.choose(names=[spec.vm_type])
-        tags = [{"Key": k, "Value": v} for k, v in self.tags(spec.role, spec.tags).items()]
-        response = await self._call(
-            self._ec2_launch.run_instances,
-            "RunInstances",
-            ImageId=await self.image_for(spec.vm_type),
-            InstanceType=spec.vm_type,
-            MinCount=spec.count,
-            MaxCount=spec.count,
-            SecurityGroupIds=[await self._security_group()],
-            UserData=spec.user_data,
-            InstanceInitiatedShutdownBehavior="terminate",
-            MetadataOptions={
-                "HttpTokens": "required",
-                "HttpEndpoint": "enabled",
-                "InstanceMetadataTags": "enabled",
-            },
-            TagSpecifications=[
-                {"ResourceType": "instance", "Tags": tags},
-                {"ResourceType": "volume", "Tags": tags},
-            ],
-            # One token per request: a retried call can never launch twice.
-            ClientToken=uuid.uuid4().hex,
+    async def launch(self, spec: LaunchSpec, on_late: OnLate | None = None) -> list[Machine]:
+        """Launch through EC2 Fleet: every candidate type x zone, the markets of the policy.
+
+        One CreateLaunchTemplateVersion (the user-data of this request) and one CreateFleet
+        per 1000 machines, failing over across types, zones and markets. With ``on_late``,
+        one pass now and the shortfall asked for in the background until
+        ``capacity_retry_timeout``; without, the asking happens before this returns.
+        """
+        launch = await self._fleet_launcher(spec)
+        timeout = 0.0 if on_late is not None else self.capacity_retry_timeout
+        try:
+            result = await launch(count=spec.count, capacity_retry_timeout=timeout)
+        except FleetLaunchError as e:
+            # What launched before the error is ours to clean up: nobody else knows of it.
+            if e.result.ids:
+                await self.terminate(e.result.ids)
+            raise
+        if result.missing:
+            logger.warning("%s VMs: %s", spec.role, result.summary())
+            if on_late is not None and self.capacity_retry_timeout > 0:
+                self._ask_later(spec, launch, result.missing, on_late)
+        return [_launched_machine(i) for i in result.instances]
+
+    async def _fleet_launcher(self, spec: LaunchSpec) -> Callable[..., Awaitable[FleetResult]]:
+        """``launch_fleet`` with everything bound but the count and the retry timeout."""
+        candidates = []
+        for vm_type in spec.candidates:
+            if vm_type not in self.catalog:
+                await self.choose(names=[vm_type])
+            candidates.append(self.catalog[vm_type])
+        amis: dict[str, str] = {}
+        for vm in candidates:
+            amis.setdefault(self.architecture(vm.name), await self.image_for(vm.name))
+        self._template = await ensure_launch_template(
+            self.ec2,
+            self.cluster,
+            user_data=spec.user_data,
+            tags=self.tags(spec.role, spec.tags),
+            security_group_ids=[await self._security_group()],
+            template=self._template,
         )
-        return sorted((_machine(i) for i in response["Instances"]), key=lambda m: m.launch_index)
+        return partial(
+            launch_fleet,
+            self._ec2_launch,
+            template=self._template,
+            candidates=candidates,
+            subnets=await self.subnets(),
+            ami_by_arch=amis,
+            spot_policy=spec.spot_policy,
+            throttle_timeout=self.throttle_timeout,
+            cluster=self.cluster,
+        )
+
+    def _ask_later(
+        self,
+        spec: LaunchSpec,
+        launch: Callable[..., Awaitable[FleetResult]],
+        missing: int,
+        on_late: OnLate,
+    ) -> None:
+        def landed(instances: list[LaunchedInstance]) -> None:
+            on_late([_launched_machine(i) for i in instances])
+
+        topup = FleetTopUp(launch, missing, self.capacity_retry_timeout, landed).start()
+        self._topups[spec.batch] = topup
+        logger.warning(
+            "%s VMs: asking for the %d missing in the background for up to %.0f s",
+            spec.role,
+            missing,
+            self.capacity_retry_timeout,
+        )
+        assert topup.task is not None
+        topup.task.add_done_callback(partial(self._asked, spec.batch))
+
+    def _asked(self, batch: str, task: asyncio.Task[FleetResult]) -> None:
+        self._topups.pop(batch, None)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("asking for missing VMs failed: %s", error)
+        elif task.result().missing:
+            logger.warning("gave up asking for VMs: %s", task.result().summary())
+
+    def stop_asking(self, batch: str) -> None:
+        topup = self._topups.pop(batch, None)
+        if topup is not None:
+            topup.stop()
 
     async def _security_group(self) -> str:
         """The cluster's security group, created on first launch (preflight creates nothing)."""
@@ -416,6 +546,18 @@ def live_instances_sync(ec2: Any, cluster: str | None = None) -> list[dict[str, 
         filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
     pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
     return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
+
+
+def _launched_machine(instance: LaunchedInstance) -> Machine:
+    """A machine just launched: no address yet (``describe`` has it once it is running)."""
+    return Machine(
+        id=instance.id,
+        launch_index=0,
+        state="pending",
+        vm_type=instance.vm_type,
+        zone=instance.zone,
+        market=instance.market,
+    )
 
 
 def _machine(instance: dict[str, Any]) -> Machine:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import abc
 import math
+import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,13 +30,26 @@ class ProviderError(RuntimeError):
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """``count`` identical machines, one launch call."""
+    """``count`` machines booting the same user-data, asked for in one request.
+
+    ``vm_type`` is the preferred type; a cloud that can fail over takes the
+    ``alternatives`` (best first) and the markets of ``spot_policy`` too.
+    """
 
     role: str
     vm_type: str
     user_data: str
     count: int
     tags: dict[str, str] = field(default_factory=dict)
+    alternatives: tuple[str, ...] = ()
+    spot_policy: str = "on-demand"
+    #: Identifies the request, e.g. to stop asking for what it still lacks.
+    batch: str = ""
+
+    @property
+    def candidates(self) -> list[str]:
+        """Every type this request may use, best first."""
+        return [self.vm_type, *(t for t in self.alternatives if t != self.vm_type)]
 
 
 @dataclass(frozen=True)
@@ -60,8 +76,17 @@ class Machine:
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
+#: Called with the machines a request got after it returned (capacity found later).
+OnLate = Callable[[list[Machine]], None]
+
+
 class Provider(abc.ABC):
     """A source of machines for one cluster."""
+
+    #: Whether machines learn their worker name from a map written after launch
+    #: (clouds whose launch order says nothing about which machine is which), rather
+    #: than from their launch index.
+    names_after_launch: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -75,8 +100,8 @@ class Provider(abc.ABC):
     async def preflight(self, roles: dict[str, str]) -> None:
         """Check every machine choice (``role -> vm_type``) before anything is created."""
 
-    async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> str:
-        """The machine type to use: one of ``names`` checked, or the best for ``needs``."""
+    async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> list[str]:
+        """The machine types to use, best first: ``names`` checked, or the best for ``needs``."""
         raise ProviderError(
             f"{type(self).__name__} has no catalog of machine types: worker_cpu, worker_memory, "
             "worker_gpu and arm choose cloud VMs"
@@ -87,8 +112,17 @@ class Provider(abc.ABC):
         """The platform an environment must be built for to run on ``vm_type``."""
 
     @abc.abstractmethod
-    async def launch(self, spec: LaunchSpec) -> list[Machine]:
-        """Ask for ``spec.count`` machines; return them once the cloud accepted the request."""
+    async def launch(self, spec: LaunchSpec, on_late: OnLate | None = None) -> list[Machine]:
+        """Ask for ``spec.count`` machines; return them once the cloud accepted the request.
+
+        A cloud short of capacity may return fewer. With ``on_late``, it keeps asking
+        for the rest in the background and hands each batch that lands to ``on_late``;
+        without, it keeps asking before it returns, for as long as it is configured to.
+        """
+
+    def stop_asking(self, batch: str) -> None:
+        """Stop asking in the background for what the request ``batch`` still lacks."""
+        return None  # providers that never ask in the background have nothing to stop
 
     @abc.abstractmethod
     async def terminate(self, ids: list[str]) -> None:
@@ -109,6 +143,14 @@ class Provider(abc.ABC):
     async def store(self, key: str, path: str) -> None:
         """Keep a file (an environment bundle) where this provider's machines can fetch it."""
         raise NotImplementedError
+
+    async def store_text(self, key: str, text: str) -> None:
+        """:meth:`store` for a small text."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "content")
+            with open(path, "w") as f:
+                f.write(text)
+            await self.store(key, path)
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring URL a machine fetches a stored file from."""

@@ -50,6 +50,7 @@ from dask_rawvm.providers.base import (
     ROLE_TAG,
     LaunchSpec,
     Machine,
+    OnLate,
     Provider,
     ProviderError,
 )
@@ -466,7 +467,7 @@ class SSHProvider(Provider):
                 slot.gone = True
 
     # -- machines ------------------------------------------------------------------
-    async def launch(self, spec: LaunchSpec) -> list[Machine]:
+    async def launch(self, spec: LaunchSpec, on_late: OnLate | None = None) -> list[Machine]:
         """Start ``spec.count`` processes running ``spec.user_data``, each in its own session.
 
         The scheduler goes to the first host; workers to the least busy hosts.
