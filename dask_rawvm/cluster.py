@@ -195,6 +195,7 @@ class RawVMCluster(SpecCluster):
         arm: bool | None = None,
         max_hourly_cost: float | None = None,
         allow_ingress_from: list[str] | None = None,
+        tls: bool | None = None,
         hosts: list[str] | None = None,
         workers_per_host: int | None = None,
         connect_options: dict[str, Any] | None = None,
@@ -231,12 +232,19 @@ class RawVMCluster(SpecCluster):
             arm=arm,
             max_hourly_cost=max_hourly_cost,
             allow_ingress_from=allow_ingress_from,
+            tls=tls,
             hosts=hosts,
             workers_per_host=workers_per_host,
             connect_options=connect_options,
         )
         if n_workers < 0:
             raise ValueError(f"n_workers={n_workers} must be 0 or more")
+        if self.options.tls and kwargs.get("security") is not None:
+            raise ValueError(
+                "security= and tls=True both set the cluster's TLS: dask-rawvm makes a CA "
+                "for each cluster and gives every VM and this client a certificate from it. "
+                "Drop security=, or pass tls=False to run plain TCP"
+            )
         self._check_limit(n_workers)
         if not kwargs.get("shutdown_on_close", True) and self.options.provider == "local":
             raise ValueError(
@@ -261,7 +269,7 @@ class RawVMCluster(SpecCluster):
         try:
             super().__init__(
                 workers=workers,
-                scheduler=self._scheduler_spec(kwargs.get("security")),
+                scheduler=self._scheduler_spec(),
                 worker=worker,
                 name=self.cluster_name,
                 **kwargs,
@@ -272,13 +280,14 @@ class RawVMCluster(SpecCluster):
                 self._loop_runner.stop()
             raise
 
-    def _scheduler_spec(self, security: Any) -> dict[str, Any]:
+    def _scheduler_spec(self) -> dict[str, Any]:
         if self.options.scheduler == "local":
             # In this process: VMs of the local cloud reach loopback; VMs of a real
             # cloud reach this machine only from inside its network.
             host = "127.0.0.1" if self.options.provider == "local" else "0.0.0.0"
-            return {"cls": Scheduler, "options": {"host": host, "dashboard_address": ":0"}}
-        return {"cls": SchedulerVM, "options": {"pool": self.pool, "security": security}}
+            options = {"host": host, "dashboard_address": ":0", "protocol": self.pool.scheme}
+            return {"cls": Scheduler, "options": options}
+        return {"cls": SchedulerVM, "options": {"pool": self.pool}}
 
     # -- names -----------------------------------------------------------------------
     def _take_name(self) -> str:
@@ -328,9 +337,10 @@ class RawVMCluster(SpecCluster):
         try:
             await provider.start()
             provider.check_capacity(self._n_workers)
-            await self._preflight(provider)
             if options.name is not None:
                 await self.pool.find_running(provider)
+            await self._preflight(provider)
+            await self._prepare_tls()
         except BaseException:
             with suppress(Exception):
                 await self.pool.close()  # what preflight stored (the bundle's bucket)
@@ -378,6 +388,19 @@ class RawVMCluster(SpecCluster):
             options, worker_vm_type=candidates[0], worker_vm_types=candidates
         )
         logger.info("worker VM types, best first: %s", ", ".join(candidates))
+
+    async def _prepare_tls(self) -> None:
+        """The cluster's certificates: new ones, or those of the cluster we reconnect to."""
+        if not self.options.tls:
+            return
+        if self.pool.adopted_scheduler is not None:
+            await self.pool.reuse_tls()
+        else:
+            await self.pool.prepare_tls()
+        self.security = self.pool.security
+        if self.options.scheduler == "local":
+            # The in-process scheduler presents the scheduler VM role's certificate.
+            self.scheduler_spec["options"]["security"] = self.pool.scheduler_security()
 
     async def _adopt_workers(self) -> None:
         """Take over the workers of the running cluster we reconnected to.

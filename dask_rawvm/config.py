@@ -64,6 +64,7 @@ class ClusterOptions:
     arm: bool | None = None
     max_hourly_cost: float | None = None
     allow_ingress_from: list[str] | None = None
+    tls: bool = True
 
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(ClusterOptions)]

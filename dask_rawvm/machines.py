@@ -32,6 +32,15 @@ from dask_rawvm.environment import Bundle, Target, bootstrap, prepare_environmen
 from dask_rawvm.environment.bootstrap import EnvironmentRef
 from dask_rawvm.environment.lock import Resolver
 from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, Provider, ProviderError
+from dask_rawvm.security import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    ClusterTLS,
+    pack_vm_material,
+    security_from_material,
+    unpack_vm_material,
+)
 
 #: What a worker's launch gives: its machine, or None while the cloud is short of capacity.
 Assignment = Machine | None
@@ -134,6 +143,11 @@ class VMPool:
         self.adopted_workers: list[Machine] = []
         self.meter = CostMeter()  # what the VMs cost so far, and per hour now
         self.report: Callable[..., None] = lambda **fields: None  # progress display
+        # Mutual TLS with a CA of the cluster's own, when options.tls: what the client
+        # presents (Security), and the stored key and certificates of each VM role.
+        self.security: Any = None
+        self._local_scheduler_security: Any = None
+        self._secrets: dict[str, str] = {}
         self._launches: Coalescer[tuple[str, str], Assignment] = Coalescer(
             self._launch_workers, options.launch_window
         )
@@ -181,9 +195,59 @@ class VMPool:
         url = await self._provider().url_for(self._bundle_key(bundle))
         return EnvironmentRef(bundle.digest, url)
 
+    # -- TLS --------------------------------------------------------------------------
+    @property
+    def scheme(self) -> str:
+        """The scheme of every Dask address of the cluster."""
+        return "tls" if self.options.tls else "tcp"
+
+    async def prepare_tls(self) -> None:
+        """A new CA for the cluster; each VM role's key and certificates stored for the VMs
+        to fetch (never in user-data), and the client's for a client that reconnects."""
+        tls = ClusterTLS.create(self.cluster)
+        cert, key = tls.issue("client")
+        client = {CA_FILE: tls.ca_cert_pem, CERT_FILE: cert, KEY_FILE: key}
+        materials = {role: tls.vm_material(role) for role in ("scheduler", "worker")}
+        await self._store_secrets({**materials, "client": client})
+        self.security = security_from_material(client)
+        self._local_scheduler_security = security_from_material(materials["scheduler"])
+
+    def scheduler_security(self) -> Any:
+        """Security for a scheduler in this process (``scheduler="local"``)."""
+        return self._local_scheduler_security
+
+    async def reuse_tls(self) -> None:
+        """The TLS material of the running cluster this client reconnects to."""
+        provider = self._provider()
+        materials = {
+            role: unpack_vm_material(await provider.fetch(self._secret_key(role)))
+            for role in ("worker", "client")
+        }
+        await self._store_secrets(materials)  # this client's bucket, for the VMs it launches
+        self.security = security_from_material(materials["client"])
+
+    async def _store_secrets(self, materials: dict[str, dict[str, str]]) -> None:
+        for role, material in materials.items():
+            self._secrets[role] = self._secret_key(role)
+            await self._provider().store_bytes(self._secrets[role], pack_vm_material(material))
+
+    @staticmethod
+    def _secret_key(role: str) -> str:
+        return f"secrets/{role}.tar"
+
+    async def _secrets_url(self, role: str) -> str | None:
+        if role not in self._secrets:
+            return None
+        return await self._provider().url_for(self._secrets[role])
+
+    # -- user-data ---------------------------------------------------------------------
     async def scheduler_user_data(self) -> str:
-        environment = await self._environment("scheduler")
-        return bootstrap.scheduler_script(self.cluster, self.options.idle_timeout, environment)
+        return bootstrap.scheduler_script(
+            self.cluster,
+            self.options.idle_timeout,
+            await self._environment("scheduler"),
+            secrets_url=await self._secrets_url("scheduler"),
+        )
 
     async def worker_user_data(
         self, scheduler_address: str, names: list[str], names_url: str | None = None
@@ -204,6 +268,7 @@ class VMPool:
             memory_limit=options.worker_memory_limit,
             environment=await self._environment("worker"),
             names_url=names_url,
+            secrets_url=await self._secrets_url("worker"),
         )
 
     # -- reconnecting ------------------------------------------------------------------
@@ -334,7 +399,7 @@ class VMPool:
     async def _write_names(self, batch: str) -> None:
         """Store the ``instance-id name`` map the request's VMs find their names in."""
         lines = "".join(f"{i} {n}\n" for i, n in self._named[batch].items())
-        await self._provider().store_text(self._names_key(batch), lines)
+        await self._provider().store_bytes(self._names_key(batch), lines.encode())
 
     def _landed_late(self, batch: str, machines: list[Machine]) -> None:
         """Machines a request got after it returned: named for the workers still waiting."""
@@ -483,10 +548,9 @@ class SchedulerVM(ProcessInterface):
     ``contact_address`` is where workers reach it (the private address).
     """
 
-    def __init__(self, pool: VMPool, security: Any = None) -> None:
+    def __init__(self, pool: VMPool) -> None:
         super().__init__()
         self.pool = pool
-        self.security = security
         self.machine: Machine | None = None
         self.contact_address: str | None = None
 
@@ -498,9 +562,9 @@ class SchedulerVM(ProcessInterface):
         )
         deadline = time.monotonic() + self.pool.options.scheduler_timeout
         machine = await self._wait_running(deadline)
-        port = bootstrap.SCHEDULER_PORT
-        self.address = f"tcp://{machine.address}:{port}"
-        self.contact_address = f"tcp://{machine.private_ip or machine.address}:{port}"
+        port, scheme = bootstrap.SCHEDULER_PORT, self.pool.scheme
+        self.address = f"{scheme}://{machine.address}:{port}"
+        self.contact_address = f"{scheme}://{machine.private_ip or machine.address}:{port}"
         await self._wait_answering(deadline)
         await super().start()
 
@@ -515,7 +579,8 @@ class SchedulerVM(ProcessInterface):
 
     async def _wait_answering(self, deadline: float) -> None:
         assert self.machine is not None and self.address is not None
-        connection_args = self.security.get_connection_args("client") if self.security else {}
+        security = self.pool.security
+        connection_args = security.get_connection_args("client") if security else {}
         polled = time.monotonic()
         while True:
             try:

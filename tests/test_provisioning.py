@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import boto3
 import pytest
+from distributed import Client
+from distributed.core import rpc
 from helpers import live_instances
 
 from dask_rawvm import RawVMCluster
 from dask_rawvm.catalog import CatalogError
 from dask_rawvm.cost import BudgetExceeded
 from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.security import ClusterTLS
 
 
 def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:
@@ -145,3 +148,35 @@ def test_security_group_admits_only_the_client_and_goes_with_the_cluster(
         Filters=[{"Name": "tag:dask-rawvm:cluster", "Values": [cluster.cluster_name]}]
     )["SecurityGroups"]
     assert groups == []
+
+
+async def test_every_dask_connection_is_mutual_tls_with_the_cluster_s_own_ca(
+    cloud: LocalCloud,
+) -> None:
+    async with RawVMCluster(
+        n_workers=1, endpoint_url=cloud.endpoint_url, region=cloud.region, asynchronous=True
+    ) as cluster:
+        assert cluster.scheduler_address.startswith("tls://")
+        async with Client(cluster, asynchronous=True) as client:
+            await client.wait_for_workers(1, timeout=120)
+            assert await client.submit(sum, [1, 2, 3]) == 6
+            info = client.scheduler_info()
+            assert all(address.startswith("tls://") for address in info["workers"])
+        # User-data carries an expiring URL to the keys, never a key.
+        script = await cluster.pool.worker_user_data(cluster.scheduler_address, ["worker-9"])
+        assert "RAWVM_SECRETS_URL=" in script and "PRIVATE KEY" not in script
+
+        host_port = cluster.scheduler_address.removeprefix("tls://")
+        with pytest.raises(OSError):  # plain TCP: no Dask handshake
+            async with rpc(f"tcp://{host_port}", timeout=3) as scheduler:
+                await scheduler.identity()
+        stranger = ClusterTLS.create("another-cluster").client_security()
+        with pytest.raises(OSError):  # TLS, but a certificate of another CA
+            async with rpc(
+                cluster.scheduler_address,
+                timeout=3,
+                connection_args=stranger.get_connection_args("client"),
+            ) as scheduler:
+                await scheduler.identity()
+        name = cluster.cluster_name
+    assert live_instances(cloud, name) == []

@@ -116,6 +116,8 @@ _SCHEDULER = r"""
 log "scheduler of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
 ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT"
       --dashboard-address "$ADDRESS:$RAWVM_DASHBOARD_PORT")
+# tls when the VM got the cluster's certificates (mutual TLS: plain TCP is refused).
+[ -n "${RAWVM_DASK_SCHEME:-}" ] && ARGS+=(--protocol "$RAWVM_DASK_SCHEME")
 if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
     # Idle = no client and no task (dask_rawvm.vm); distributed's own idle timeout
     # ignores clients, and is the fallback on an image without dask_rawvm.
@@ -168,19 +170,38 @@ asyncio.run(retire(*sys.argv[1:]))
 ARGS=(--name "$NAME" --host "$ADDRESS" --death-timeout "$RAWVM_DEATH_TIMEOUT"
       --memory-limit "$RAWVM_MEMORY_LIMIT")
 [ -n "$RAWVM_NTHREADS" ] && ARGS+=(--nthreads "$RAWVM_NTHREADS")
+[ -n "${RAWVM_DASK_SCHEME:-}" ] && ARGS+=(--protocol "$RAWVM_DASK_SCHEME")
 "$PYTHON" -m distributed.cli.dask_worker "$RAWVM_SCHEDULER" "${ARGS[@]}"
 log "worker exited with code $?"
 poweroff_vm
 """
 
 
-def _render(variables: dict[str, object], body: str, environment: EnvironmentRef | None) -> str:
+def _tls(secrets_url: str | None) -> tuple[dict[str, object], str]:
+    """Mutual TLS with the cluster's CA: key and certificates fetched by an expiring URL."""
+    if secrets_url is None:
+        return {}, ""
+    from dask_rawvm.security import vm_tls_script
+
+    return {"RAWVM_SECRETS_URL": secrets_url}, vm_tls_script(on_failure="poweroff_vm 1")
+
+
+def _render(
+    variables: dict[str, object],
+    body: str,
+    environment: EnvironmentRef | None,
+    secrets_url: str | None = None,
+) -> str:
     env_variables, env_script = _environment(environment)
+    tls_variables, tls_script = _tls(secrets_url)
     header = "\n".join(
         f"{key}={shlex.quote('' if value is None else str(value))}"
-        for key, value in {**variables, **env_variables}.items()
+        for key, value in {**variables, **env_variables, **tls_variables}.items()
     )
-    script = f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n{_PRELUDE}{env_script}{body}"
+    script = (
+        f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n"
+        f"{_PRELUDE}{tls_script}{env_script}{body}"
+    )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
             f"bootstrap script is {len(script.encode())} bytes, over EC2's 16 KiB user-data limit"
@@ -189,7 +210,10 @@ def _render(variables: dict[str, object], body: str, environment: EnvironmentRef
 
 
 def scheduler_script(
-    cluster: str, idle_timeout: float | None, environment: EnvironmentRef | None = None
+    cluster: str,
+    idle_timeout: float | None,
+    environment: EnvironmentRef | None = None,
+    secrets_url: str | None = None,
 ) -> str:
     """User-data for the scheduler VM.
 
@@ -202,6 +226,9 @@ def scheduler_script(
         its VM powers off; None never.
     environment
         The environment bundle to install; the image's Python when None.
+    secrets_url
+        An expiring URL of the VM's TLS key and certificates
+        (:func:`dask_rawvm.security.upload_vm_material`); plain TCP when None.
     """
     return _render(
         {
@@ -213,6 +240,7 @@ def scheduler_script(
         },
         _SCHEDULER,
         environment,
+        secrets_url,
     )
 
 
@@ -226,6 +254,7 @@ def worker_script(
     memory_limit: str = "auto",
     environment: EnvironmentRef | None = None,
     names_url: str | None = None,
+    secrets_url: str | None = None,
 ) -> str:
     """User-data for the worker VMs of one launch request.
 
@@ -248,6 +277,8 @@ def worker_script(
         The environment bundle to install; the image's Python when None.
     names_url
         An expiring URL of the ``instance-id name`` map of this request's VMs.
+    secrets_url
+        An expiring URL of the VMs' TLS key and certificates; plain TCP when None.
     """
     return _render(
         {
@@ -265,4 +296,5 @@ def worker_script(
         },
         _WORKER,
         environment,
+        secrets_url,
     )

@@ -476,6 +476,19 @@ class AWSProvider(Provider):
                 ServerSideEncryption="AES256",
             )
 
+    async def fetch(self, key: str) -> bytes:
+        """A stored file, from any bucket of this cluster (a reconnecting client has its own)."""
+        for bucket, tags in await self._our_buckets():
+            if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) != self.cluster:
+                continue
+            try:
+                response = await self._s3.get_object(Bucket=bucket, Key=key)
+            except ClientError:
+                continue
+            async with response["Body"] as body:
+                return bytes(await body.read())
+        raise ProviderError(f"no bucket of cluster {self.cluster} holds {key}")
+
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring GET URL for a stored file; presigning is local, no API call."""
         assert self.bucket is not None, "store() the file first"

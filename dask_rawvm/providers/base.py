@@ -144,13 +144,17 @@ class Provider(abc.ABC):
         """Keep a file (an environment bundle) where this provider's machines can fetch it."""
         raise NotImplementedError
 
-    async def store_text(self, key: str, text: str) -> None:
-        """:meth:`store` for a small text."""
+    async def store_bytes(self, key: str, data: bytes) -> None:
+        """:meth:`store` for something small held in memory."""
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "content")
-            with open(path, "w") as f:
-                f.write(text)
+            with open(path, "wb") as f:
+                f.write(data)
             await self.store(key, path)
+
+    async def fetch(self, key: str) -> bytes:
+        """What :meth:`store` kept under ``key`` for this cluster, by any earlier client."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read back what it stored")
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring URL a machine fetches a stored file from."""
