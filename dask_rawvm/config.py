@@ -48,7 +48,7 @@ class ClusterOptions:
     death_timeout: float = 60.0
     idle_timeout: float | None = 1200.0
     scheduler_timeout: float = 300.0
-    launch_window: float = 0.02
+    launch_window: float = 0.005
     tags: dict[str, str] = field(default_factory=dict)
     environment: Any = "local"
     environment_ignore: list[str] = field(default_factory=list)

@@ -12,6 +12,7 @@ from dask_rawvm import RawVMCluster
 from dask_rawvm.catalog import CatalogError
 from dask_rawvm.cost import BudgetExceeded
 from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.providers.base import ProviderError
 from dask_rawvm.security import ClusterTLS
 
 
@@ -180,3 +181,49 @@ async def test_every_dask_connection_is_mutual_tls_with_the_cluster_s_own_ca(
                 await scheduler.identity()
         name = cluster.cluster_name
     assert live_instances(cloud, name) == []
+
+
+async def test_throttled_launch_backs_off_with_jitter_and_completes(
+    quiet_cloud: LocalCloud,
+) -> None:
+    quiet_cloud.inject("CreateFleet", error="RequestLimitExceeded", count=2)
+    async with RawVMCluster(n_workers=5, asynchronous=True, **options(quiet_cloud)) as cluster:
+        assert len(cluster.instances) == 5
+    assert quiet_cloud.calls["CreateFleet"] == 3  # two throttled, then accepted
+    assert live_instances(quiet_cloud) == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ({"zone": "us-east-1z"}, r"zone\(s\) \['us-east-1z'\].*us-east-1a"),
+        ({"worker_vm_types": ["m6i.large", "m7g.large"]}, "mixes platforms.*m7g.large"),
+        ({"worker_vm_types": ["m6i.large", "m6i.larg"]}, r"m6i\.larg"),
+        ({"spot_policy": "cheap"}, "spot_policy='cheap' is not one of"),
+        ({"worker_vm_types": "m6i.large"}, "non-empty list"),
+    ],
+)
+def test_preflight_errors_name_the_cause_and_leave_nothing(
+    quiet_cloud: LocalCloud, bad: dict[str, object], says: str
+) -> None:
+    with pytest.raises((ValueError, CatalogError, ProviderError), match=says):
+        RawVMCluster(n_workers=2, **options(quiet_cloud, **bad))
+    made = {a for a in quiet_cloud.calls if a.startswith(("Create", "Run", "s3:PUT"))}
+    assert made == set() and live_instances(quiet_cloud) == []
+
+
+def test_worker_types_are_candidates_across_zones(quiet_cloud: LocalCloud) -> None:
+    with RawVMCluster(
+        n_workers=4,
+        worker_vm_types=["m6i.large", "m5.large"],
+        zone=["us-east-1b", "us-east-1c"],
+        **options(quiet_cloud),
+    ) as cluster:
+        cluster.sync(cluster._correct_state)
+        instances = live_instances(quiet_cloud, cluster.cluster_name)
+        assert len(instances) == 4
+        assert {i["Placement"]["AvailabilityZone"] for i in instances} <= {
+            "us-east-1b",
+            "us-east-1c",
+        }
+        assert {i["InstanceType"] for i in instances} <= {"m6i.large", "m5.large"}

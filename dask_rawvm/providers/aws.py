@@ -109,6 +109,7 @@ class AWSProvider(Provider):
         self.capacity_retry_timeout = capacity_retry_timeout
         self.security_group: str | None = None
         self._subnets: list[tuple[str, str]] | None = None
+        self._vpc_id: str | None = None
         self._template: LaunchTemplate | None = None
         self._topups: dict[str, FleetTopUp] = {}
         self.catalog: dict[str, VMType] = {}  # the types chosen or checked, by name
@@ -233,9 +234,7 @@ class AWSProvider(Provider):
     async def subnets(self) -> list[tuple[str, str]]:
         """``(subnet, zone)`` of the default VPC for each zone launched into, checked once."""
         if self._subnets is None:
-            from dask_rawvm.security import default_vpc_id
-
-            vpc = await default_vpc_id(self.ec2)
+            vpc = await self._vpc()
             response = await self._call(
                 self.ec2.describe_subnets,
                 "DescribeSubnets",
@@ -348,18 +347,21 @@ class AWSProvider(Provider):
     async def _security_group(self) -> str:
         """The cluster's security group, created on first launch (preflight creates nothing)."""
         if self.security_group is None:
-            from dask_rawvm.security import (
-                create_cluster_security_group,
-                default_vpc_id,
-                ingress_cidrs,
-            )
+            from dask_rawvm.security import create_cluster_security_group, ingress_cidrs
 
             cidrs = await ingress_cidrs(self.allow_ingress_from, self.endpoint_url)
-            vpc = await default_vpc_id(self.ec2)
             self.security_group = await create_cluster_security_group(
-                self.ec2, self.cluster, vpc, cidrs
+                self.ec2, self.cluster, await self._vpc(), cidrs
             )
         return self.security_group
+
+    async def _vpc(self) -> str:
+        """The default VPC, where the cluster's subnets and security group are (looked up once)."""
+        if self._vpc_id is None:
+            from dask_rawvm.security import default_vpc_id
+
+            self._vpc_id = await default_vpc_id(self.ec2)
+        return self._vpc_id
 
     def tags(self, role: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {
