@@ -1,5 +1,6 @@
-"""EC2 Fleet launches: over HTTP against the local cloud, and the failover logic on responses
-shaped like AWS's (moto's CreateFleet never reports per-pool errors nor partial fulfilment)."""
+"""EC2 Fleet launches over HTTP against the local cloud, whose instant fleets fulfil part of
+a request and report per-pool errors as AWS's do (its capacity model); and the pure request
+building, response parsing and failover planning on responses shaped like AWS's."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import boto3
 import pytest
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import ClientError
 from helpers import live_instances
 
 from dask_rawvm.catalog import VMType
@@ -420,7 +420,7 @@ async def test_top_up_stops_when_asked(idle_cloud: LocalCloud, ec2: Any, network
         await topup.wait()
 
 
-# -- the failover logic on responses shaped like AWS's (moto never sends these) ---------------
+# -- the failover logic on responses shaped like AWS's (pure functions on data) ------------
 
 SUBNETS = [("subnet-a", "us-east-1a"), ("subnet-b", "us-east-1b")]
 POOLS = make_pools([("m6i.large", "x86_64"), ("m7g.large", "arm64")], SUBNETS)
@@ -610,9 +610,7 @@ async def test_the_fallback_pass_on_a_partially_fulfilled_spot_fleet(
     spot, on_demand = idle_cloud.requests("CreateFleet")
     assert spot["TargetCapacitySpecification.DefaultTargetCapacityType"] == "spot"
     assert spot["TargetCapacitySpecification.TotalTargetCapacity"] == "25"
-    assert {
-        k: v for k, v in on_demand.items() if k.startswith("TargetCapacitySpecification.")
-    } == {
+    assert {k: v for k, v in on_demand.items() if k.startswith("TargetCapacitySpecification.")} == {
         "TargetCapacitySpecification.TotalTargetCapacity": "10",
         "TargetCapacitySpecification.DefaultTargetCapacityType": "on-demand",
     }

@@ -80,12 +80,19 @@ def test_named_cluster_reconnects_instead_of_starting_another(cloud: LocalCloud)
     assert live_instances(cloud, "prod") == []
 
 
-def test_spot_interruption_moves_data_and_replaces_the_worker(cloud: LocalCloud) -> None:
+def test_spot_interruption_moves_data_and_replaces_the_worker_on_demand(
+    cloud: LocalCloud,
+) -> None:
     with RawVMCluster(
-        n_workers=3, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+        n_workers=3,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        spot_policy="spot_with_fallback",
     ) as cluster:
         client = cluster.get_client()
         client.wait_for_workers(3, timeout=120)
+        assert {m.market for m in cluster.pool.assigned.values()} == {"spot"}
         data = client.persist(da.random.random((600, 600), chunks=100))
         expected = float(data.sum().compute())
         victim = max(client.has_what().items(), key=lambda kv: len(kv[1]))[0]
@@ -95,8 +102,12 @@ def test_spot_interruption_moves_data_and_replaces_the_worker(cloud: LocalCloud)
         # Its data moved before its VM went: nothing is recomputed or lost.
         assert all(who for who in client.who_has(data).values())
         assert float(data.sum().compute()) == pytest.approx(expected)
+        survivors = names(client)
         wait_for(lambda: len(names(client)) == 3, 120, "a replacement worker")
-        assert victim_name not in names(client)  # under a new name
+        (replacement,) = names(client) - survivors
+        assert replacement != victim_name  # under a new name
+        # Spot capacity was just taken back: the policy falls back, so on-demand.
+        assert cluster.pool.assigned[replacement].market == "on-demand"
 
 
 def test_killed_client_leaves_nothing_running(tmp_path) -> None:

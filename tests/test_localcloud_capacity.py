@@ -272,7 +272,10 @@ def test_spot_and_on_demand_targets_launch_in_their_markets(
     spot = {i for i, d in live.items() if d.get("InstanceLifecycle") == "spot"}
     assert len(spot) == 3 and len(live) == 5
     spot_ids = {
-        i for item in answer["Instances"] if item["Lifecycle"] == "spot" for i in item["InstanceIds"]
+        i
+        for item in answer["Instances"]
+        if item["Lifecycle"] == "spot"
+        for i in item["InstanceIds"]
     }
     assert spot == spot_ids
     assert all("InstanceLifecycle" not in live[i] for i in set(live) - spot)
@@ -330,9 +333,7 @@ def test_a_pool_the_type_cannot_run_on_is_an_error_of_that_pool(setup: Setup) ->
 
 def test_diversified_spot_spreads_over_the_pools(setup: Setup) -> None:
     overrides = [setup.override("m6i.large", z) for z in setup.zones[:3]]
-    answer = setup.fleet(
-        overrides, 7, "spot", SpotOptions={"AllocationStrategy": "diversified"}
-    )
+    answer = setup.fleet(overrides, 7, "spot", SpotOptions={"AllocationStrategy": "diversified"})
     assert sorted(n for *_, n in _launched(answer)) == [2, 2, 3]
 
 

@@ -12,6 +12,7 @@ from dask_rawvm import RawVMCluster
 from dask_rawvm.catalog import CatalogError
 from dask_rawvm.cost import BudgetExceeded
 from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.providers.aws import GPU_AMI_PARAMETER
 from dask_rawvm.providers.base import ProviderError
 from dask_rawvm.security import ClusterTLS
 
@@ -227,3 +228,38 @@ def test_worker_types_are_candidates_across_zones(quiet_cloud: LocalCloud) -> No
             "us-east-1c",
         }
         assert {i["InstanceType"] for i in instances} <= {"m6i.large", "m5.large"}
+
+
+def test_gpu_workers_boot_the_nvidia_image_of_their_architecture(quiet_cloud: LocalCloud) -> None:
+    with RawVMCluster(n_workers=1, worker_gpu=1, **options(quiet_cloud)) as cluster:
+        cluster.sync(cluster._correct_state)
+        (instance,) = live_instances(quiet_cloud, cluster.cluster_name)
+        vm = cluster.pool.provider.catalog[instance["InstanceType"]]  # type: ignore[union-attr]
+        assert vm.gpus >= 1
+    ssm = boto3.client("ssm", **quiet_cloud.client_kwargs())
+    arch = "arm64" if vm.arch == "arm64" else "x86_64"
+    image = ssm.get_parameter(Name=GPU_AMI_PARAMETER.format(arch=arch))["Parameter"]["Value"]
+    assert instance["ImageId"] == image
+
+
+def test_spot_with_fallback_fills_the_spot_shortfall_on_demand(quiet_cloud: LocalCloud) -> None:
+    quiet_cloud.set_capacity(market="spot", count=3)  # three spot VMs left in the region
+    with RawVMCluster(
+        n_workers=8,
+        spot_policy="spot_with_fallback",
+        worker_vm_types=["m6i.large", "m5.large"],
+        **options(quiet_cloud),
+    ) as cluster:
+        instances = live_instances(quiet_cloud, cluster.cluster_name)
+        spot = [i for i in instances if i.get("InstanceLifecycle") == "spot"]
+        assert (len(instances), len(spot)) == (8, 3)
+        assert sorted(cluster.instances) == [f"worker-{i}" for i in range(8)]
+        assert cluster.pool.meter.cost_per_hour() > 0
+    asked = [
+        (
+            r["TargetCapacitySpecification.DefaultTargetCapacityType"],
+            r["TargetCapacitySpecification.TotalTargetCapacity"],
+        )
+        for r in quiet_cloud.requests("CreateFleet")
+    ]
+    assert asked == [("spot", "8"), ("on-demand", "5")]  # the failover, in one pass

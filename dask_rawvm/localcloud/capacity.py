@@ -78,8 +78,10 @@ class CapacityModel:
     >>> model.set_limit("m6i.large", "us-east-1a", "spot", count=3)
     >>> model.take("m6i.large", "us-east-1a", "spot", 5)
     3
-    >>> model.available("m6i.large", "us-east-1a", "spot"), model.available("m6i.large", "us-east-1b", "spot")
-    (0, None)
+    >>> model.available("m6i.large", "us-east-1a", "spot")
+    0
+    >>> model.available("m6i.large", "us-east-1b", "spot") is None  # no limit covers it
+    True
     >>> model.restore()
     >>> model.available("m6i.large", "us-east-1a", "spot") is None
     True
@@ -496,9 +498,7 @@ def _fill(
     ordered = _ordered(model, pools, market, strategy)
     if strategy == "diversified" and ordered:
         # An even split first (the best pools get one more), then the rest in order.
-        shares = [
-            wanted // len(ordered) + (i < wanted % len(ordered)) for i in range(len(ordered))
-        ]
+        shares = [wanted // len(ordered) + (i < wanted % len(ordered)) for i in range(len(ordered))]
         for pool, share in zip(ordered, shares, strict=True):
             wanted -= _launch_from(backend, model, fleet, pool, market, share)
     for pool in ordered:

@@ -85,9 +85,9 @@ def cloud_config_script(config: Mapping[str, Any], root: str = "/") -> str:
     Returns
     -------
     str
-        The script. Each cloud-init stage runs in a subshell, so an ``exit`` in
-        ``bootcmd`` does not skip ``runcmd`` (cloud-init runs them as separate
-        scripts); nothing stops on a failing command (cloud-init does not either).
+        The script. Each stage runs as a script of its own, as in cloud-init, so
+        an ``exit`` or a syntax error in ``bootcmd`` does not skip ``runcmd``;
+        nothing stops at a failing command (cloud-init does not either).
 
     Raises
     ------
@@ -214,7 +214,7 @@ def _once(name: str, body: list[str], root: str) -> list[str]:
 
 
 def _stage(body: list[str]) -> list[str]:
-    return ["(", *body, ")"] if body else []
+    return [f"/bin/sh -c {shlex.quote(chr(10).join(body))}"] if body else []
 
 
 def _power_state(power_state: Any) -> list[str]:

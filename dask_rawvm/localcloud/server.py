@@ -33,6 +33,7 @@ from typing import Any
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from dask_rawvm.localcloud import capacity, faults, imds
+from dask_rawvm.localcloud.images import publish_gpu_images
 from dask_rawvm.localcloud.runtime import VMRuntime
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class LocalCloud:
             image_path=self.image_path,
         )
         capacity.register(self.account_id, self.capacity)
+        publish_gpu_images(self.account_id, self.region)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="localcloud-server", daemon=True
         )
