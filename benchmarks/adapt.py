@@ -104,7 +104,7 @@ def rawvm_futures_lost(workers: int, futures: int) -> str:
         before = cloud.calls["TerminateInstances"]
         result = futures_lost_after_adapt(cluster, client, workers, futures)
         result["terminate_calls"] = cloud.calls["TerminateInstances"] - before
-    return f"dask_rawvm RawVMCluster adapt (W={workers}): futures lost = {adapt_text(result)}"
+    return f"adapt W={workers}: dask_rawvm RawVMCluster: futures lost = {adapt_text(result)}"
 
 
 def lifecycle(workers: int, futures: int) -> None:

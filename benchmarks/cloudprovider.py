@@ -132,10 +132,17 @@ def ensure_venv(venv: Path = VENV) -> Path:
     return python
 
 
+def installed(python: Path) -> str:
+    """``dask-cloudprovider X.Y.Z``, as installed in the venv of ``python``."""
+    found = python.parent.parent.glob("lib/python*/site-packages/dask_cloudprovider-*.dist-info")
+    versions = sorted(p.name.removesuffix(".dist-info").split("-")[1] for p in found)
+    return f"dask-cloudprovider {versions[-1] if versions else '(version unknown)'}"
+
+
 # -- the local cloud, as EC2Cluster needs it (parent) --------------------------------------------
 @contextlib.contextmanager
 def cloudprovider_cloud(venv_python: Path) -> Iterator[Any]:
-    """A LocalCloud whose VMs have the benchmark image, with what EC2Cluster expects found."""
+    """A LocalCloud whose VMs have the benchmark image, set up as EC2Cluster expects."""
     from dask_rawvm.localcloud import LocalCloud
 
     image_path = [str(IMAGE), str(venv_python.parent)]
@@ -168,9 +175,9 @@ def prepare_account(cloud: Any) -> None:
     )
     # A public image of another account can only be made in moto's backend directly.
     backend = ec2_backends[cloud.account_id][cloud.region]
-    backend.amis["ami-0f0cafe0ubuntu20"] = Ami(
+    backend.amis["ami-0c0ffee0000020040"] = Ami(
         backend,
-        ami_id="ami-0f0cafe0ubuntu20",
+        ami_id="ami-0c0ffee0000020040",
         name=UBUNTU_FOCAL,
         owner_id=CANONICAL,
         public=True,
@@ -260,7 +267,7 @@ def calls_text(calls: dict[str, int]) -> str:
 
 PROVISION_MODES = {
     "start": "EC2Cluster(n_workers=N) returned",
-    "scale": "scale(N) accepted",
+    "scale": "EC2Cluster.scale(N) accepted",
 }
 
 
@@ -279,13 +286,13 @@ def measure(cloud: Any, python: Path, mode: str, n: int, repeat: int) -> list[di
 
 def provision_rows(cloud: Any, python: Path, n: int, repeat: int) -> list[str]:
     """The provisioning lines for N workers: median times, the calls of the last run."""
-    label = f"provision N={n}: cloudprovider EC2Cluster"
-    rows = []
+    label = f"provision N={n}: {installed(python)}"
+    rows: list[str] = []
     for mode, what in PROVISION_MODES.items():
         runs = measure(cloud, python, mode, n, repeat)
         last = runs[-1]
         if "error" in last:
-            return [*rows, f"{label} could not run: {failure(last)}"]
+            return [*rows, f"{label} EC2Cluster could not run: {failure(last)}"]
         elapsed = statistics.median(r["elapsed"] for r in runs)
         booted = max(r["booted"] for r in runs) - 1  # the scheduler's VM boots
         notes = ["scheduler VM boot included"] if mode == "start" else []
@@ -293,7 +300,7 @@ def provision_rows(cloud: Any, python: Path, n: int, repeat: int) -> list[str]:
         rows.append(f"{label} {what} in {elapsed:.2f} s ({', '.join(notes)})")
         rows.append(f"{label} {what.split()[0]} EC2 calls {calls_text(last['calls'])}")
         if mode == "start":
-            rows.append(f"{label} close() EC2 calls {calls_text(last['close_calls'])}")
+            rows.append(f"{label} EC2Cluster.close() EC2 calls {calls_text(last['close_calls'])}")
     return rows
 
 
@@ -305,18 +312,19 @@ def cloudprovider_rows(ns: list[int], repeat: int = 3) -> list[str]:
     try:
         python = ensure_venv()
     except Exception as error:
-        return [f"provision: cloudprovider EC2Cluster could not run: venv: {error}"]
+        return [f"provision: dask-cloudprovider EC2Cluster could not run: venv: {error}"]
     with cloudprovider_cloud(python) as cloud:
         return [row for n in ns for row in provision_rows(cloud, python, n, repeat)]
 
 
 def cloudprovider_adapt_row(workers: int = 4, futures: int = 40) -> str:
     """The lifecycle line: results lost when EC2Cluster adapts down (for ``adapt.py``)."""
-    label = f"cloudprovider EC2Cluster adapt (W={workers})"
+    label = f"adapt W={workers}: dask-cloudprovider EC2Cluster"
     try:
         python = ensure_venv()
     except Exception as error:
         return f"{label}: could not run: venv: {error}"
+    label = f"adapt W={workers}: {installed(python)} EC2Cluster"
     with cloudprovider_cloud(python) as cloud:
         result = run_child(cloud, python, "adapt", str(workers), str(futures))
     if "error" in result:
@@ -340,6 +348,14 @@ def failure(result: dict[str, Any]) -> str:
 
 
 # -- the scenario (both environments: needs only distributed) ----------------------------------
+_STEP = ["start"]
+
+
+def step(what: str) -> None:
+    """Name what runs now: a failure is reported as this step's."""
+    _STEP[0] = what
+
+
 def wait(condition: Callable[[], bool], timeout: float, what: str) -> float:
     """Seconds until ``condition()`` holds; TimeoutError after ``timeout``."""
     began = time.monotonic()
@@ -364,15 +380,19 @@ def futures_lost_after_adapt(
         ``futures``, ``lost``, ``spread`` (workers holding data before),
         ``workers_left`` and ``elapsed`` (s from ``adapt()`` to one worker).
     """
+    step(f"wait for {workers} workers to connect")
     client.wait_for_workers(workers, timeout=timeout)
+    step("scatter results")
     data = client.scatter([f"result-{i}" for i in range(futures)], broadcast=False)
     spread = len({w for holders in who_has(client, data).values() for w in holders})
+    step("adapt down to one worker")
     cluster.adapt(minimum=1, maximum=workers, interval="500ms", wait_count=2)
 
     def scaled_down() -> bool:  # as the scheduler and the cluster manager both see it
         return len(cluster.workers) == 1 == len(client.scheduler_info(n_workers=-1)["workers"])
 
     elapsed = wait(scaled_down, timeout, "adapt down to one worker")
+    step("count lost results")
     holders = who_has(client, data)
     lost = [f for f in data if not holders.get(f.key) or f.status != "finished"]
     return {
@@ -417,8 +437,10 @@ class Calls:
 
 
 def ec2_cluster(n_workers: int) -> Any:
+    step("import dask_cloudprovider")
     from dask_cloudprovider.aws import EC2Cluster
 
+    step(f"start EC2Cluster(n_workers={n_workers})")
     return EC2Cluster(region=os.environ["AWS_DEFAULT_REGION"], n_workers=n_workers)
 
 
@@ -430,6 +452,7 @@ def child_provision_start(calls: Calls, n: int) -> dict[str, Any]:
     started = calls.read()
     requested = len(cluster.workers)
     calls.reset()
+    step("close EC2Cluster")
     cluster.close()
     return {"elapsed": elapsed, "calls": started, "close_calls": calls.read(), "n": requested}
 
@@ -438,6 +461,7 @@ def child_provision_scale(calls: Calls, n: int) -> dict[str, Any]:
     cluster = ec2_cluster(0)
     try:
         calls.reset()
+        step(f"scale({n})")
         began = time.perf_counter()
         cluster.scale(n)
         cluster.sync(cluster._correct_state)  # returns once every worker's VM is requested
@@ -457,6 +481,14 @@ def child_adapt(calls: Calls, workers: int, futures: int) -> dict[str, Any]:
         return result
 
 
+def describe(error: BaseException) -> str:
+    """An error and what it interrupted (a failure while cleaning up hides the cause)."""
+    text = f"{type(error).__name__}: {error}"
+    if error.__context__ is not None:
+        text += f" (while handling {type(error.__context__).__name__}: {error.__context__})"
+    return " ".join(text.split())[:600]
+
+
 def child(mode: str, args: list[int]) -> None:
     """Run one measurement with EC2Cluster; print its result (or the failure) as JSON."""
     calls = Calls(os.environ["AWS_ENDPOINT_URL_EC2"])
@@ -469,7 +501,8 @@ def child(mode: str, args: list[int]) -> None:
         result = modes[mode](calls, *args)
     except Exception as error:
         traceback.print_exc()
-        result = {"step": mode, "error": f"{type(error).__name__}: {error}"}
+        message = describe(error)
+        result = {"step": f"{mode}: {_STEP[0]}", "error": message}
     print(RESULT + json.dumps(result), flush=True)
 
 

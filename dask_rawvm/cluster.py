@@ -739,9 +739,13 @@ class RawVMCluster(SpecCluster):
     def __repr__(self) -> str:
         return (
             f"RawVMCluster({self.cluster_name!r}, provider={self.options.provider!r}, "
-            f"workers={len(self.workers)}, status={self.status.name}, "
+            f"workers={len(self.workers)}{self._waiting_note()}, status={self.status.name}, "
             f"vms=[{self._vm_summary()}], cost=${self.cost_per_hour:.3f}/h)"
         )
+
+    def _waiting_note(self) -> str:
+        waiting = len(self.pool.waiting)
+        return f" ({waiting} waiting for capacity)" if waiting else ""
 
     def _repr_html_(self, cluster_status: Any = None) -> str:
         connected = len(self.scheduler_info.get("workers", {})) if self.scheduler_info else 0
@@ -751,7 +755,8 @@ class RawVMCluster(SpecCluster):
             f"{self.dashboard_link}</a>"
             if self.scheduler_address
             else "",
-            "Workers": f"{connected} connected of {len(self.workers)} requested",
+            "Workers": f"{connected} connected of {len(self.workers)} requested"
+            + self._waiting_note(),
             "VMs": self._vm_summary() or "none",
             "Cost": f"${self.cost_per_hour:.3f}/h now, ${self.spent:.2f} spent",
             "Status": self.status.name,

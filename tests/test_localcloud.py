@@ -178,3 +178,37 @@ async def test_console_output_reaches_the_provider_verbatim(cloud: LocalCloud) -
             await asyncio.sleep(0.1)
     finally:
         await provider.close()
+
+
+def test_terminating_a_terminated_instance_answers_its_state_as_ec2_does() -> None:
+    # A VM that powered itself off, then terminated by its cluster's close(): moto alone
+    # fails deleting its delete-on-termination network interface a second time.
+    with LocalCloud(boot_delay=3600) as cloud:
+        ec2 = ec2_client(cloud)
+        group = ec2.describe_security_groups(GroupNames=["default"])["SecurityGroups"][0]
+        subnet = ec2.describe_subnets()["Subnets"][0]
+        image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        (instance,) = ec2.run_instances(
+            ImageId=image,
+            InstanceType="t3.micro",
+            MinCount=1,
+            MaxCount=1,
+            NetworkInterfaces=[
+                {
+                    "DeviceIndex": 0,
+                    "SubnetId": subnet["SubnetId"],
+                    "Groups": [group["GroupId"]],
+                    "DeleteOnTermination": True,
+                }
+            ],
+        )["Instances"]
+        ids = [instance["InstanceId"]]
+        ec2.terminate_instances(InstanceIds=ids)
+
+        def state() -> str:
+            reservations = ec2.describe_instances(InstanceIds=ids)["Reservations"]
+            return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+        wait_for(lambda: state() == "terminated", 30, "the instance to terminate")
+        (again,) = ec2.terminate_instances(InstanceIds=ids)["TerminatingInstances"]
+        assert again["PreviousState"]["Name"] == "terminated"  # an answer, not an error

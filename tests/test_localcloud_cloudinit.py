@@ -133,8 +133,12 @@ def test_runcmd_runs_once_per_instance_and_bootcmd_every_boot(tmp_path: Path) ->
     assert run_script(script, tmp_path).split() == ["boot", "powered-off"]  # a restart
 
 
-def test_exit_in_one_stage_does_not_skip_the_next(tmp_path: Path) -> None:
-    config = {"bootcmd": ["exit 3"], "runcmd": ["false", "echo still-ran"], **POWEROFF}
+def test_exit_or_syntax_error_in_one_stage_does_not_skip_the_next(tmp_path: Path) -> None:
+    config = {
+        "bootcmd": ["exit 3", "echo 'unterminated"],
+        "runcmd": ["false", "echo still-ran"],
+        **POWEROFF,
+    }
     output = run_script(boot_script(cloud_config(config), root=str(tmp_path)) or "", tmp_path)
     assert output.split() == ["still-ran", "powered-off"]
 

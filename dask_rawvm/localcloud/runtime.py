@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import functools
 import heapq
 import itertools
@@ -110,6 +111,18 @@ def install_hooks() -> None:
                 runtime.on_launch(reservation.instances)
             return reservation
 
+        terminating = threading.Lock()  # an API call and a VM's own power-off may race
+
+        def idempotent_terminate(instance: Any) -> Any:
+            # EC2 answers TerminateInstances of a terminated instance with its state;
+            # moto deletes its delete-on-termination network interface a second time and
+            # fails with InvalidNetworkInterfaceID.NotFound (a VM that powered itself off,
+            # then terminated by its cluster's close(), hits this).
+            with terminating:
+                if instance._state.name == "terminated":
+                    return copy.copy(instance._state)
+                return terminate(instance)
+
         def halting(method: Callable[[Any], Any]) -> Callable[[Any], Any]:
             def hooked(instance: Any) -> Any:
                 previous = method(instance)
@@ -130,7 +143,7 @@ def install_hooks() -> None:
         _hook_console_output()
         _hook_launch_calls()
         InstanceBackend.run_instances = hooked_run_instances  # type: ignore[method-assign,assignment]
-        Instance.terminate = halting(terminate)  # type: ignore[method-assign,assignment]
+        Instance.terminate = halting(idempotent_terminate)  # type: ignore[method-assign,assignment]
         Instance.stop = halting(stop)  # type: ignore[method-assign,assignment]
         Instance.start = hooked_start  # type: ignore[method-assign,assignment]
         _HOOKED = True

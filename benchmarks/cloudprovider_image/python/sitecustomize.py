@@ -86,9 +86,9 @@ def confine(address: str) -> None:
         return real_connect_ex(self, where)
 
     socket.getaddrinfo = getaddrinfo
-    socket.socket.bind = bind  # type: ignore[method-assign]
-    socket.socket.connect = connect  # type: ignore[method-assign]
-    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+    socket.socket.bind = bind  # type: ignore[method-assign,assignment]
+    socket.socket.connect = connect  # type: ignore[method-assign,assignment]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign,assignment]
 
 
 def _main() -> None:
