@@ -96,7 +96,7 @@ def run_demo(workers: int, maximum: int, scheduler: str, echo: Callable[[str], N
             echo(f"adapt scaled down to 1 worker {time.monotonic() - idle:.1f} s after going idle")
             calls = cloud.calls - before
             echo(
-                f"EC2 calls while adapting: RunInstances={calls['RunInstances']} "
+                f"EC2 calls while adapting: CreateFleet={calls['CreateFleet']} "
                 f"TerminateInstances={calls['TerminateInstances']}"
             )
             kept = abs(float(x.mean().compute()) - mean) < 1e-12
