@@ -12,7 +12,7 @@ from dask_rawvm import RawVMCluster
 from dask_rawvm.catalog import CatalogError
 from dask_rawvm.cost import BudgetExceeded
 from dask_rawvm.localcloud import LocalCloud
-from dask_rawvm.providers.aws import GPU_AMI_PARAMETER
+from dask_rawvm.providers.aws import AMI_PARAMETER, GPU_AMI_PARAMETER
 from dask_rawvm.providers.base import ProviderError
 from dask_rawvm.security import ClusterTLS
 
@@ -263,3 +263,19 @@ def test_spot_with_fallback_fills_the_spot_shortfall_on_demand(quiet_cloud: Loca
         for r in quiet_cloud.requests("CreateFleet")
     ]
     assert asked == [("spot", "8"), ("on-demand", "5")]  # the failover, in one pass
+
+
+def test_an_arm_image_on_x86_workers_fails_before_anything(quiet_cloud: LocalCloud) -> None:
+    ssm = boto3.client("ssm", **quiet_cloud.client_kwargs())
+    arm_image = ssm.get_parameter(Name=AMI_PARAMETER.format(arch="arm64"))["Parameter"]["Value"]
+    with pytest.raises(ProviderError, match=r"arm64 image, but \['m6i.large'\] run x86_64"):
+        RawVMCluster(n_workers=2, worker_vm_type="m6i.large", **options(quiet_cloud, ami=arm_image))
+    made = {a for a in quiet_cloud.calls if a.startswith(("Create", "Run", "s3:PUT"))}
+    assert made == set() and live_instances(quiet_cloud) == []
+
+
+def test_an_unknown_region_is_refused_with_the_closest_names(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    with pytest.raises(ProviderError, match=r"'us-east-9' is not an EC2 region.*us-east-1"):
+        RawVMCluster(provider="aws", region="us-east-9")

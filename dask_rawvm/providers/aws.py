@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import re
 import sys
@@ -130,6 +131,7 @@ class AWSProvider(Provider):
             raise ProviderError(
                 "no AWS region: pass region=... or set AWS_DEFAULT_REGION (or a profile's region)"
             )
+        _check_region(self.region)
         if not self.credentials and await session.get_credentials() is None:
             raise ProviderError(
                 "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
@@ -169,7 +171,29 @@ class AWSProvider(Provider):
         await self.choose(names=sorted(set(roles.values())))
         for vm_type in set(roles.values()):
             await self.image_for(vm_type)
+        if self.ami:
+            await self._check_ami(sorted(set(roles.values())))
         await self.subnets()
+
+    async def _check_ami(self, vm_types: list[str]) -> None:
+        """An explicit image exists here and runs on every type (an arm64 AMI on x86 does not)."""
+        try:
+            response = await self._call(
+                self.ec2.describe_images, "DescribeImages", ImageIds=[self.ami]
+            )
+        except ProviderError as e:
+            raise ProviderError(f"ami={self.ami!r} is not an image in {self.region}: {e}") from e
+        images = response.get("Images", [])
+        if not images:
+            raise ProviderError(f"ami={self.ami!r} is not an image in {self.region}")
+        arch = images[0].get("Architecture")
+        wrong = [t for t in vm_types if self.architecture(t) != arch]
+        if arch and wrong:
+            raise ProviderError(
+                f"ami={self.ami!r} is a {arch} image, but {wrong} run "
+                f"{self.architecture(wrong[0])}: pass an image of that architecture, or leave "
+                "ami unset to get Amazon Linux 2023 of each type's architecture"
+            )
 
     async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> list[str]:
         """The named types checked, or the cheapest types meeting ``needs``, best first.
@@ -561,6 +585,22 @@ def live_instances_sync(ec2: Any, cluster: str | None = None) -> list[dict[str, 
         filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
     pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
     return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
+
+
+def _check_region(region: str) -> None:
+    """Refuse a region EC2 does not have, with the closest names, before any call."""
+    import botocore.session  # botocore's endpoint data: local, no call
+
+    session = botocore.session.get_session()
+    known = {
+        name
+        for partition in session.get_available_partitions()
+        for name in session.get_available_regions("ec2", partition_name=partition)
+    }
+    if known and region not in known:
+        close = difflib.get_close_matches(region, sorted(known), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ProviderError(f"region {region!r} is not an EC2 region{hint}: pass region=...")
 
 
 def _launched_machine(instance: LaunchedInstance) -> Machine:
