@@ -400,7 +400,7 @@ class RawVMCluster(SpecCluster):
         self.security = self.pool.security
         if self.options.scheduler == "local":
             # The in-process scheduler presents the scheduler VM role's certificate.
-            self.scheduler_spec["options"]["security"] = self.pool.scheduler_security()
+            self.scheduler_spec["options"]["security"] = self.pool.scheduler_security
 
     async def _adopt_workers(self) -> None:
         """Take over the workers of the running cluster we reconnected to.

@@ -146,7 +146,7 @@ class VMPool:
         # Mutual TLS with a CA of the cluster's own, when options.tls: what the client
         # presents (Security), and the stored key and certificates of each VM role.
         self.security: Any = None
-        self._local_scheduler_security: Any = None
+        self.scheduler_security: Any = None  # for a scheduler in this process
         self._secrets: dict[str, str] = {}
         self._launches: Coalescer[tuple[str, str], Assignment] = Coalescer(
             self._launch_workers, options.launch_window
@@ -210,11 +210,7 @@ class VMPool:
         materials = {role: tls.vm_material(role) for role in ("scheduler", "worker")}
         await self._store_secrets({**materials, "client": client})
         self.security = security_from_material(client)
-        self._local_scheduler_security = security_from_material(materials["scheduler"])
-
-    def scheduler_security(self) -> Any:
-        """Security for a scheduler in this process (``scheduler="local"``)."""
-        return self._local_scheduler_security
+        self.scheduler_security = security_from_material(materials["scheduler"])
 
     async def reuse_tls(self) -> None:
         """The TLS material of the running cluster this client reconnects to."""
@@ -403,7 +399,7 @@ class VMPool:
 
     def _landed_late(self, batch: str, machines: list[Machine]) -> None:
         """Machines a request got after it returned: named for the workers still waiting."""
-        waiting = [name for name, b in self.waiting.items() if b == batch]
+        waiting = self._waiting_for(batch)
         self._record_launched(machines)
         self._assign(batch, waiting, machines)
         unwanted = [m.id for m in machines[len(waiting) :]]  # their workers were cancelled
@@ -416,11 +412,15 @@ class VMPool:
         await self._write_names(batch)
         if unwanted:
             await self._terminate(unwanted)
-        if not any(b == batch for b in self.waiting.values()):
+        if not self._waiting_for(batch):
             self._provider().stop_asking(batch)
 
+    def _waiting_for(self, batch: str) -> list[str]:
+        """The workers the request ``batch`` still owes a machine."""
+        return [name for name, b in self.waiting.items() if b == batch]
+
     def _give_up(self, batch: str) -> None:
-        names = [name for name, b in self.waiting.items() if b == batch]
+        names = self._waiting_for(batch)
         if self.provider is not None:
             self.provider.stop_asking(batch)
         if names:
@@ -435,7 +435,7 @@ class VMPool:
     def cancel(self, name: str) -> None:
         """Stop waiting for the machine of a worker that is no longer wanted."""
         batch = self.waiting.pop(name, None)
-        if batch is not None and batch not in self.waiting.values() and self.provider:
+        if batch is not None and not self._waiting_for(batch) and self.provider:
             self.provider.stop_asking(batch)
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:

@@ -296,10 +296,9 @@ class AWSProvider(Provider):
             if e.result.ids:
                 await self.terminate(e.result.ids)
             raise
-        if result.missing:
-            logger.warning("%s VMs: %s", spec.role, result.summary())
-            if on_late is not None and self.capacity_retry_timeout > 0:
-                self._ask_later(spec, launch, result.missing, on_late)
+        # launch_fleet has logged what is missing, and why.
+        if result.missing and on_late is not None and self.capacity_retry_timeout > 0:
+            self._ask_later(spec, launch, result.missing, on_late)
         return [_launched_machine(i) for i in result.instances]
 
     async def _fleet_launcher(self, spec: LaunchSpec) -> Callable[..., Awaitable[FleetResult]]:
@@ -354,14 +353,10 @@ class AWSProvider(Provider):
         topup.task.add_done_callback(partial(self._asked, spec.batch))
 
     def _asked(self, batch: str, task: asyncio.Task[FleetResult]) -> None:
+        # A result is logged by launch_fleet (and FleetTopUp); an error only here.
         self._topups.pop(batch, None)
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            logger.error("asking for missing VMs failed: %s", error)
-        elif task.result().missing:
-            logger.warning("gave up asking for VMs: %s", task.result().summary())
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("asking for missing VMs failed: %s", task.exception())
 
     def stop_asking(self, batch: str) -> None:
         topup = self._topups.pop(batch, None)

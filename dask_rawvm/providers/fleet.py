@@ -38,6 +38,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dask_rawvm.catalog import VMType
+from dask_rawvm.config import SPOT_POLICIES
 from dask_rawvm.providers.base import CLUSTER_TAG, ProviderError
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ MAX_PER_FLEET = 1000
 MAX_OVERRIDES = 300
 #: User-data limit, before base64 encoding.
 MAX_USER_DATA = 16 * 1024
-SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 
 THROTTLING = {"RequestLimitExceeded", "Throttling", "ThrottlingException"}
 #: Whole-call errors worth sending again unchanged (the ClientToken makes that safe).
