@@ -12,7 +12,7 @@ Figures, one line each:
 - provisioning, for each N: the wall time of ``EC2Cluster(n_workers=N)`` (scheduler VM
   boot included) and of ``scale(N)`` on a running cluster until every worker's VM is
   requested, the EC2 calls of each by action (total and mutating), and the calls of
-  ``close()``. As in ``benchmarks/launch.py`` this measures the control path: the
+  ``close()``. As in ``benchmarks/provision.py`` this measures the control path: the
   scheduler VM boots, but worker VMs launched after it stay ``pending`` (the local
   cloud's boot delay is raised once the scheduler VM has booted), so no worker process
   competes for the CPU;
