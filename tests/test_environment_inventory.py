@@ -17,8 +17,9 @@ from dask_rawvm.environment import (
     redact_url,
     resolve_environment_spec,
 )
-from dask_rawvm.environment.inventory import (
+from dask_rawvm.environment.lockfiles import (
     parse_conda_lock,
+    parse_requirement_lines,
     parse_requirements_file,
     parse_uv_lock,
 )
@@ -448,8 +449,6 @@ def test_bad_environment_argument(tmp_path: Path) -> None:
 
 def test_requirements_text_dedent() -> None:
     # Continuation lines and trailing comments survive the logical-line join.
-    from dask_rawvm.environment.inventory import parse_requirement_lines
-
     text = textwrap.dedent(
         """\
         pkg==1.0 \\

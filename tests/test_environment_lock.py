@@ -22,7 +22,7 @@ from dask_rawvm.environment import (
     resolve_environment_spec,
     translate_environment,
 )
-from dask_rawvm.environment.inventory import parse_requirements_file
+from dask_rawvm.environment.lockfiles import parse_requirements_file
 
 ARM = Target(arch="aarch64")
 X86 = Target(arch="x86_64")

@@ -14,7 +14,8 @@ from dask_rawvm.environment import (
     Target,
     translate_environment,
 )
-from dask_rawvm.environment.inventory import IndexConfig, parse_requirement_lines
+from dask_rawvm.environment.lockfiles import parse_requirement_lines
+from dask_rawvm.environment.spec import IndexConfig
 
 CPU = Target()
 CUDA12 = Target(accelerator="cuda", cuda_major=12)

@@ -19,21 +19,10 @@ from dask_rawvm.environment.bundle import (
     build_local_wheel,
     install_commands,
     install_script,
-    wheel_fits_target,
     write_wheel,
 )
-from dask_rawvm.environment.inventory import (
-    EnvironmentSpec,
-    EnvironmentSpecError,
-    IndexConfig,
-    LocalCode,
-    PackagePin,
-    installed_distribution,
-    inventory_environment,
-    read_index_config,
-    redact_url,
-    resolve_environment_spec,
-)
+from dask_rawvm.environment.indexes import read_index_config
+from dask_rawvm.environment.inventory import installed_distribution, inventory_environment
 from dask_rawvm.environment.lock import (
     EnvironmentLockError,
     Lock,
@@ -41,7 +30,16 @@ from dask_rawvm.environment.lock import (
     default_cache_dir,
     lock_environment,
 )
-from dask_rawvm.environment.target import Target
+from dask_rawvm.environment.sources import resolve_environment_spec
+from dask_rawvm.environment.spec import (
+    EnvironmentSpec,
+    EnvironmentSpecError,
+    IndexConfig,
+    LocalCode,
+    PackagePin,
+    redact_url,
+)
+from dask_rawvm.environment.target import Target, wheel_fits_target
 from dask_rawvm.environment.translate import (
     Decision,
     EnvironmentTranslationError,

@@ -31,12 +31,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from packaging import tags
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import canonicalize_name
 
-from dask_rawvm.environment.inventory import LocalCode
 from dask_rawvm.environment.lock import Lock, default_cache_dir, uv_binary, uv_environment
-from dask_rawvm.environment.target import Target
+from dask_rawvm.environment.spec import LocalCode
+from dask_rawvm.environment.target import Target, wheel_fits_target
 from dask_rawvm.environment.translate import EnvironmentTranslationError, Problem
 
 #: Bumped when the bundle layout changes.
@@ -342,26 +341,6 @@ def _tree_hash(root: Path) -> str:
 # --------------------------------------------------------------------------------------------
 # Wheels
 # --------------------------------------------------------------------------------------------
-
-
-def target_tags(target: Target) -> set[tags.Tag]:
-    """Every wheel tag the target's interpreter accepts (as pip would compute it there)."""
-    major, minor = (int(x) for x in target.glibc.split("."))
-    arch = target.arch
-    platforms = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, -1, -1)]
-    legacy = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
-    platforms += [f"{name}_{arch}" for name, m in legacy.items() if minor >= m]
-    platforms.append(f"linux_{arch}")
-    version = tuple(int(x) for x in target.python_version.split("."))
-    result = set(tags.cpython_tags(version, platforms=platforms))
-    result |= set(tags.compatible_tags(version, target.python_tag, platforms=platforms))
-    return result
-
-
-def wheel_fits_target(wheel: str | os.PathLike[str], target: Target) -> bool:
-    """True when the wheel (by its file name's tags) installs on the target."""
-    _, _, _, wheel_tags = parse_wheel_filename(Path(wheel).name)
-    return not wheel_tags.isdisjoint(target_tags(target))
 
 
 def write_wheel(

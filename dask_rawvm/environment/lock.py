@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from packaging.utils import canonicalize_name
 
-from dask_rawvm.environment.inventory import IndexConfig, LocalCode, redact_url
+from dask_rawvm.environment.spec import IndexConfig, LocalCode, redact_url
 from dask_rawvm.environment.target import Target
 from dask_rawvm.environment.translate import (
     EnvironmentTranslationError,

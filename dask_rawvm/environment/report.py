@@ -13,12 +13,9 @@ from typing import Any
 
 import click
 
-from dask_rawvm.environment.inventory import (
-    EnvironmentSpec,
-    redact_url,
-    resolve_environment_spec,
-)
 from dask_rawvm.environment.lock import Lock, Resolver, lock_environment
+from dask_rawvm.environment.sources import resolve_environment_spec
+from dask_rawvm.environment.spec import EnvironmentSpec, redact_url
 from dask_rawvm.environment.target import Target
 from dask_rawvm.environment.translate import (
     EnvironmentTranslationError,

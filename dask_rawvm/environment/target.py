@@ -6,7 +6,11 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
+
+from packaging import tags
+from packaging.utils import parse_wheel_filename
 
 Arch = Literal["x86_64", "aarch64"]
 Accelerator = Literal["cpu", "cuda"]
@@ -163,3 +167,23 @@ def _local_cuda_major() -> int | None:
         return int(version.split(".")[0])
     except ValueError:
         return DEFAULT_CUDA_MAJOR
+
+
+def target_tags(target: Target) -> set[tags.Tag]:
+    """Every wheel tag the target's interpreter accepts (as pip would compute it there)."""
+    major, minor = (int(x) for x in target.glibc.split("."))
+    arch = target.arch
+    platforms = [f"manylinux_{major}_{m}_{arch}" for m in range(minor, -1, -1)]
+    legacy = {"manylinux2014": 17, "manylinux2010": 12, "manylinux1": 5}
+    platforms += [f"{name}_{arch}" for name, m in legacy.items() if minor >= m]
+    platforms.append(f"linux_{arch}")
+    version = tuple(int(x) for x in target.python_version.split("."))
+    result = set(tags.cpython_tags(version, platforms=platforms))
+    result |= set(tags.compatible_tags(version, target.python_tag, platforms=platforms))
+    return result
+
+
+def wheel_fits_target(wheel: str | os.PathLike[str], target: Target) -> bool:
+    """True when the wheel (by its file name's tags) installs on the target."""
+    _, _, _, wheel_tags = parse_wheel_filename(Path(wheel).name)
+    return not wheel_tags.isdisjoint(target_tags(target))

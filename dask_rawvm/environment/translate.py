@@ -17,14 +17,14 @@ from typing import Literal
 from packaging.markers import InvalidMarker, Marker, UndefinedEnvironmentName
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-from dask_rawvm.environment.inventory import (
+from dask_rawvm.environment.spec import (
     EnvironmentSpec,
     IndexConfig,
     LocalCode,
     PackagePin,
     redact_url,
 )
-from dask_rawvm.environment.target import Target
+from dask_rawvm.environment.target import Target, wheel_fits_target
 
 Action = Literal["keep", "rewrite", "drop", "add", "note"]
 
@@ -537,8 +537,6 @@ def _translate_local(
 
 
 def _wheel_problem(code: LocalCode, target: Target) -> Problem | None:
-    from dask_rawvm.environment.bundle import wheel_fits_target
-
     try:
         parse_wheel_filename(code.path.rsplit("/", 1)[-1])
     except ValueError:
