@@ -102,6 +102,7 @@ def prepare_environment(
     cache_dir: str | os.PathLike[str] | None = None,
     resolver: Resolver = "uv",
     worker: Iterable[str] = WORKER_PACKAGES,
+    local_code: bool = True,
 ) -> Bundle:
     """Inventory, translate, lock and bundle an environment for ``target``: one call.
 
@@ -119,6 +120,9 @@ def prepare_environment(
         See :func:`lock_environment`.
     worker : iterable of str
         Packages added in this environment's version when ``environment`` lacks them.
+    local_code : bool
+        Ship this environment's local code whatever ``environment`` is (see
+        :func:`resolve_environment_spec`).
 
     Returns
     -------
@@ -132,7 +136,7 @@ def prepare_environment(
         be installed on the target, why, and the fix.
     """
     target = target or Target.local()
-    spec = resolve_environment_spec(environment, ignore=ignore)
+    spec = resolve_environment_spec(environment, ignore=ignore, local_code=local_code)
     translation = translate_environment(spec, target, extra=worker_packages(worker))
     lock = lock_environment(translation, cache_dir=cache_dir, resolver=resolver)
     return build_bundle(lock, cache_dir=cache_dir)

@@ -4,12 +4,14 @@ Layout of a bundle directory (and of its ``.tar.gz``)::
 
     manifest.json      target, Python, sha256 of every file below
     python-version     "3.11.7" (or "3.11" for another minor), read by the install script
-    index-strategy     (optional) uv's --index-strategy the lock was resolved with
-    requirements.txt   exact pins (``uv pip sync``), with the index options they need
-    wheels/*.whl       local code: editable projects, loose modules, local wheels
+    requirements.txt   exact pins (``uv pip sync``), no index options
+    links/*.whl        (optional) pinned wheels only this machine's indexes have
+    wheels/*.whl       local code: dask-rawvm's own, editable projects, loose modules, wheels
 
-The bundle may hold index credentials (in ``requirements.txt``), like the pip/uv configuration
-they came from: ship it by an expiring URL or path, never inside user-data.
+The bundle holds no index settings and no credentials: the VM's install step gets the index
+settings (:meth:`~dask_rawvm.environment.spec.IndexConfig.install_environment`) in its
+environment only, from the cluster's store. Equal environments are equal bundles whoever
+builds them.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from dask_rawvm.environment.inventory import loose_module_files, package_files
 from dask_rawvm.environment.lock import Lock, default_cache_dir, uv_binary, uv_environment
 from dask_rawvm.environment.spec import LocalCode
 from dask_rawvm.environment.target import Target, wheel_fits_target
@@ -174,8 +177,10 @@ def build_bundle(lock: Lock, *, cache_dir: str | os.PathLike[str] | None = None)
             raise EnvironmentBundleError(problems, lock.target)
         (staging / "requirements.txt").write_text(lock.requirements_txt, encoding="utf-8")
         (staging / "python-version").write_text(_vm_python_version(lock.target) + "\n")
-        if lock.index_strategy:
-            (staging / "index-strategy").write_text(lock.index_strategy + "\n")
+        if lock.links:
+            links = _mkdir(staging / "links")
+            for wheel in lock.links:
+                shutil.copyfile(wheel, links / wheel.name)
         manifest = _manifest(staging, lock)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         digest = _digest(manifest)
@@ -260,6 +265,8 @@ def build_local_wheel(
     out = Path(out_dir)
     if code.kind == "modules":
         return modules_wheel(code, out)
+    if code.kind == "agent":
+        return agent_wheel(code, out)
     if code.kind == "wheel":
         wheel = Path(code.path)
     else:
@@ -401,11 +408,13 @@ def _b64_sha256(data: bytes) -> str:
 def modules_wheel(code: LocalCode, out_dir: str | os.PathLike[str]) -> Path:
     """Pack loose modules (top-level ``.py`` files and packages of a directory) in a wheel.
 
+    Only their code ships (:func:`~dask_rawvm.environment.inventory.loose_module_files`).
     The version is ``0+<content hash>``: a change in the code is a new wheel, and the VM's
     installer never mistakes an old one for it.
     """
     root = Path(code.path)
-    files = dict(_module_files(root, code.modules))
+    included, _ = loose_module_files(root, code.modules)
+    files = {file.relative_to(root).as_posix(): file.read_bytes() for file in included}
     content = hashlib.sha256()
     for path, data in sorted(files.items()):
         content.update(path.encode() + b"\0" + data)
@@ -413,19 +422,19 @@ def modules_wheel(code: LocalCode, out_dir: str | os.PathLike[str]) -> Path:
     return write_wheel(out_dir, code.name, version, files)
 
 
-def _module_files(root: Path, modules: Iterable[str]) -> Iterable[tuple[str, bytes]]:
-    for module in modules:
-        path = root / module
-        if path.is_file():
-            yield module, path.read_bytes()
-            continue
-        for directory, dirs, names in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
-            for name in sorted(names):
-                if name.endswith((".pyc", ".pyo")):
-                    continue
-                file = Path(directory) / name
-                yield file.relative_to(root).as_posix(), file.read_bytes()
+def agent_wheel(code: LocalCode, out_dir: str | os.PathLike[str]) -> Path:
+    """dask-rawvm's own package files as a wheel of its installed version, no dependencies.
+
+    Everything of the package ships (its data files too: config defaults, price table);
+    its client-side dependencies do not (see ``inventory.client_side_only``).
+    """
+    root = Path(code.path)
+    files = {
+        file.relative_to(root).as_posix(): file.read_bytes()
+        for module in code.modules
+        for file in sorted(package_files(root / module))
+    }
+    return write_wheel(out_dir, code.name, code.version or "0", files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,13 +459,14 @@ else
   rawvm_uv() { "$rawvm_py" -m uv "$@"; }
 fi
 # UV_CACHE_DIR, when set, is a warm cache (shared by the local cloud's VMs): uv reads it itself.
+# The index settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_INDEX_STRATEGY, RAWVM_NO_INDEX) come
+# from the caller's environment, never from the bundle: they may hold credentials.
 rawvm_python_version=$(cat "$RAWVM_BUNDLE/python-version")
-if [ -f "$RAWVM_BUNDLE/index-strategy" ]; then
-  UV_INDEX_STRATEGY=$(cat "$RAWVM_BUNDLE/index-strategy")
-  export UV_INDEX_STRATEGY
-fi
 rawvm_uv venv --quiet --no-config --allow-existing --python "$rawvm_python_version" "$RAWVM_VENV"
-rawvm_uv pip sync --quiet --no-config --python "$RAWVM_VENV/bin/python" \
+set --
+[ -d "$RAWVM_BUNDLE/links" ] && set -- "$@" --find-links "$RAWVM_BUNDLE/links"
+[ -n "${RAWVM_NO_INDEX:-}" ] && set -- "$@" --no-index
+rawvm_uv pip sync --quiet --no-config "$@" --python "$RAWVM_VENV/bin/python" \
   "$RAWVM_BUNDLE/requirements.txt"
 set -- "$RAWVM_BUNDLE"/wheels/*.whl
 if [ -e "$1" ]; then

@@ -8,12 +8,14 @@ installed version, except dask-rawvm's own client-side dependencies (see
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
 import sysconfig
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from importlib import metadata
 from pathlib import Path
 
 from packaging.markers import Marker
@@ -23,7 +25,9 @@ from packaging.utils import canonicalize_name
 from dask_rawvm.environment.conda_meta import conda_only_pins, read_conda_meta
 from dask_rawvm.environment.indexes import read_index_config
 from dask_rawvm.environment.readers import file_url_path, read_json, read_text
-from dask_rawvm.environment.spec import EnvironmentSpec, LocalCode, PackagePin
+from dask_rawvm.environment.spec import AGENT, EnvironmentSpec, LocalCode, PackagePin
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Inventory of an installed environment
@@ -44,6 +48,7 @@ class _Dist:
     direct_url: dict[str, object] | None
     installer: str
     egg: bool = False
+    requested: bool = False  # PEP 376 REQUESTED: the user (not a resolver) asked for it
 
 
 def inventory_environment(
@@ -77,12 +82,17 @@ def inventory_environment(
     env_prefix = Path(prefix) if prefix is not None else Path(sys.prefix)
     dists = _scan_distributions(paths, here)
     conda = read_conda_meta(env_prefix)
-    packages, local_code, notes = _classify(dists, conda)
+    client_side = client_side_only(dists)
+    shipped = {n: d for n, d in dists.items() if n not in client_side and n != AGENT}
+    packages, local_code, notes = _classify(shipped, conda)
     prefixes = {env_prefix.resolve()}
     if default:
         prefixes |= {Path(sys.base_prefix).resolve(), Path(sys.exec_prefix).resolve()}
     skip_dirs = prefixes | {Path(c.path).resolve() for c in local_code if c.kind == "project"}
-    loose = _loose_modules(paths, here, skip_dirs, set(dists))
+    agent = dists.get(AGENT)
+    if agent is not None and agent.direct_url:  # an editable checkout of dask-rawvm itself
+        skip_dirs.add(Path(file_url_path(str(agent.direct_url.get("url", "")))).resolve())
+    loose = _loose_modules(paths, here, skip_dirs, set(dists), notes)
     python = f"{sys.version_info.major}.{sys.version_info.minor}" if default else None
     return EnvironmentSpec(
         origin="local",
@@ -92,7 +102,81 @@ def inventory_environment(
         python_version=python or _python_version_of(paths),
         notes=tuple(notes),
         conda_channels=tuple(sorted({str(c["channel"]) for c in conda.values() if c["channel"]})),
+        complete=True,
+        client_side=tuple(
+            PackagePin(name, f"=={dists[name].version}", root=False) for name in sorted(client_side)
+        ),
     )
+
+
+def local_code_here(
+    path: Sequence[str] | None = None, cwd: str | os.PathLike[str] | None = None
+) -> tuple[tuple[LocalCode, ...], tuple[str, ...]]:
+    """The local code of the running environment: editable projects and loose modules.
+
+    It ships whatever ``environment=`` is (a list, a lock file), unless ``local_code=False``:
+    the code next to a notebook is the user's, whatever the packages come from.
+
+    Returns
+    -------
+    tuple
+        The local code, and notes on what the loose-module sweep left out.
+    """
+    spec = inventory_environment(path, cwd=cwd)
+    code = tuple(c for c in spec.local_code if c.kind in ("project", "modules"))
+    return code, tuple(n for n in spec.notes if n.startswith(LOOSE_NOTE))
+
+
+#: What the VMs need of dask-rawvm's own dependencies: the Dask scheduler and worker, and the
+#: dashboard (distributed serves it only with bokeh).
+VM_NEEDS = ("dask", "distributed", "bokeh")
+
+
+def client_side_only(dists: Mapping[str, _Dist]) -> set[str]:
+    """Distributions installed here only because dask-rawvm's client side needs them.
+
+    dask-rawvm depends on the local cloud (moto and its tree), the CLI and the cloud SDKs;
+    none of that runs on a VM. What it brings is left out unless something else installed
+    needs it, the user asked for it (PEP 376 ``REQUESTED``), or the VMs need it
+    (:data:`VM_NEEDS`).
+    """
+    if AGENT not in dists:
+        return set()
+    brought = _closure([(AGENT, frozenset())], dists) - {AGENT}
+    others: list[tuple[str, frozenset[str]]] = [
+        (name, frozenset())
+        for name, dist in dists.items()
+        if name != AGENT and (name not in brought or dist.requested)
+    ]
+    others += [(name, frozenset()) for name in VM_NEEDS if name in dists]
+    return brought - _closure(others, dists)
+
+
+def _closure(start: Sequence[tuple[str, frozenset[str]]], dists: Mapping[str, _Dist]) -> set[str]:
+    """Every installed distribution reachable from ``start`` (name, extras asked for) through
+    requirements whose markers hold here."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    reached: set[str] = set()
+    todo = list(start)
+    while todo:
+        name, extras = todo.pop()
+        dist = dists.get(name)
+        if dist is None or (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        reached.add(name)
+        for text in dist.requires:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            wanted = _extra_of(req)
+            if wanted and wanted not in extras:
+                continue
+            if _marker_true(req.marker, wanted):
+                extra_names = frozenset(canonicalize_name(e) for e in req.extras)
+                todo.append((canonicalize_name(req.name), extra_names))
+    return reached
 
 
 def _scan_distributions(paths: Sequence[str], cwd: Path) -> dict[str, _Dist]:
@@ -142,6 +226,7 @@ def _read_distribution(info: Path) -> _Dist | None:
         direct_url=read_json(info / "direct_url.json"),
         installer=read_text(info / "INSTALLER").strip(),
         egg=info.suffix == ".egg-info",
+        requested=(info / "REQUESTED").is_file(),
     )
 
 
@@ -298,9 +383,13 @@ def _python_version_of(paths: Sequence[str]) -> str | None:
 
 
 def _loose_modules(
-    paths: Sequence[str], cwd: Path, skip_dirs: set[Path], installed: set[str]
+    paths: Sequence[str], cwd: Path, skip_dirs: set[Path], installed: set[str], notes: list[str]
 ) -> list[LocalCode]:
-    """Directories outside the environment holding importable ``.py`` code."""
+    """Directories outside the environment holding importable ``.py`` code.
+
+    Only code is swept up (see :func:`loose_module_files`); what is left out is a note and a
+    warning naming it.
+    """
     system = {Path(p).resolve() for p in sysconfig.get_paths().values() if p}
     result: list[LocalCode] = []
     seen: set[Path] = set()
@@ -315,7 +404,68 @@ def _loose_modules(
         if modules:
             slug = canonicalize_name(directory.name or "root") or "root"
             result.append(LocalCode(f"rawvm-local-{slug}", str(directory), "modules", modules))
+            _, left_out = loose_module_files(directory, modules)
+            if left_out:
+                note = f"{LOOSE_NOTE} {directory}: " + ", ".join(left_out)
+                logger.warning("%s", note)
+                notes.append(note)
     return result
+
+
+#: Prefix of the notes on what the loose-module sweep left out.
+LOOSE_NOTE = "not shipped from"
+#: Files of loose packages that ship: code (and the PEP 561 marker). Data next to a notebook
+#: is the user's to ship (``files=``), not the sweep's.
+CODE_SUFFIXES = (".py", ".pyi")
+#: A single loose code file over 1 MiB is generated or vendored, not hand-written code.
+MAX_LOOSE_FILE = 1 << 20
+#: All loose code together: 10 MiB is far beyond any project's hand-written code.
+MAX_LOOSE_TOTAL = 10 << 20
+
+
+def loose_module_files(root: Path, modules: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """The files of loose modules that ship, and what was left out (with the reason).
+
+    Parameters
+    ----------
+    root : Path
+        The directory holding the modules.
+    modules : sequence of str
+        Top-level ``.py`` files and package directories in ``root``.
+
+    Returns
+    -------
+    tuple
+        Files to ship (sorted, deterministic), and ``"path (why)"`` for each file left out.
+    """
+    files: list[Path] = []
+    left_out: list[str] = []
+    total = 0
+    for module in modules:
+        path = root / module
+        candidates = [path] if path.is_file() else sorted(package_files(path))
+        for file in candidates:
+            size = file.stat().st_size
+            rel = file.relative_to(root).as_posix()
+            if not (file.suffix in CODE_SUFFIXES or file.name == "py.typed"):
+                left_out.append(f"{rel} (not code)")
+            elif size > MAX_LOOSE_FILE:
+                left_out.append(f"{rel} ({size / 2**20:.1f} MiB: over the 1 MiB file cap)")
+            elif total + size > MAX_LOOSE_TOTAL:
+                left_out.append(f"{rel} (past the 10 MiB cap on loose code)")
+            else:
+                files.append(file)
+                total += size
+    return files, left_out
+
+
+def package_files(directory: Path) -> list[Path]:
+    """Every file of a package directory, without bytecode, caches and hidden directories."""
+    found = []
+    for parent, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+        found += [Path(parent) / n for n in names if not n.endswith((".pyc", ".pyo"))]
+    return found
 
 
 def _inside(directory: Path, roots: set[Path]) -> bool:
@@ -347,14 +497,25 @@ def _modules_in(directory: Path, installed: set[str]) -> tuple[str, ...]:
     return tuple(modules)
 
 
+def agent_code() -> LocalCode:
+    """dask-rawvm's VM-side code, as installed here: its own package files, no dependencies."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        version = metadata.version(AGENT)
+    except metadata.PackageNotFoundError:  # run from a source tree without installing
+        version = "0"
+    return LocalCode(AGENT, str(package.parent), "agent", (package.name,), version)
+
+
 def installed_distribution(name: str) -> PackagePin | LocalCode | None:
     """How the running environment has ``name``: a pin, local code (editable), or None.
 
     Used to add what the Dask worker itself needs (``distributed``, ``dask-rawvm``) to an
-    environment given as a list or lock file, in the same version as here.
+    environment given as a list or lock file, in the same version as here. dask-rawvm
+    itself is always its :func:`agent_code`.
     """
-    from importlib import metadata
-
+    if canonicalize_name(name) == AGENT:
+        return agent_code()
     try:
         dist = metadata.distribution(name)
     except metadata.PackageNotFoundError:

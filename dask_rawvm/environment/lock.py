@@ -11,18 +11,21 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote
 
-from packaging.utils import canonicalize_name
+from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
 
+from dask_rawvm.environment.readers import file_url_path
 from dask_rawvm.environment.spec import IndexConfig, LocalCode, redact_url
-from dask_rawvm.environment.target import Target
+from dask_rawvm.environment.target import Target, wheel_fits_target
 from dask_rawvm.environment.translate import (
     EnvironmentTranslationError,
     Problem,
@@ -32,9 +35,10 @@ from dask_rawvm.environment.translate import (
 Resolver = Literal["uv", "pip-tools"]
 
 #: Bumped when the stored lock's layout or meaning changes, so old entries are not reused.
-LOCK_FORMAT = 1
-#: Resolver attempts before giving up: each failed attempt names one package to fix.
-_MAX_ATTEMPTS = 12
+LOCK_FORMAT = 2
+#: Resolver attempts before giving up: each failed attempt names one package to fix (a
+#: wheel to bring from this machine, a dependency to relax, a source build to allow).
+_MAX_ATTEMPTS = 40
 _RESOLVE_TIMEOUT = 900.0
 
 
@@ -50,7 +54,8 @@ class Lock:
     ----------
     target : Target
     requirements_txt : str
-        What the VM installs with ``uv pip sync``: index options, then ``name==version`` lines.
+        What the VM installs with ``uv pip sync``: ``name==version`` lines, no index options
+        (those reach the VM's install step only, see :attr:`index`).
     pins : tuple of str
         The requirement lines alone (``name==version`` or ``name @ url``), sorted.
     key : str
@@ -67,9 +72,12 @@ class Lock:
         Local code to ship as wheels next to the pins.
     notes : tuple of str
         What the resolver step said worth reporting.
-    index_strategy : str, optional
-        uv ``--index-strategy`` the VM must install with (``unsafe-best-match`` for pip-style
-        index configurations).
+    index : IndexConfig
+        What the VMs install from: the user's ``http(s)`` indexes (credentials included: see
+        :meth:`~dask_rawvm.environment.spec.IndexConfig.install_environment`).
+    links : tuple of Path
+        Wheels of pinned packages that only this machine's indexes or find-links have: they
+        travel in the bundle (``links/``), since no VM can read this machine's disk.
     """
 
     target: Target
@@ -82,7 +90,8 @@ class Lock:
     sdists: tuple[str, ...] = ()
     local_code: tuple[LocalCode, ...] = ()
     notes: tuple[str, ...] = ()
-    index_strategy: str | None = None
+    index: IndexConfig = field(default_factory=IndexConfig)
+    links: tuple[Path, ...] = ()
 
     def versions(self) -> dict[str, str]:
         """Canonical name -> pinned version (URL pins are left out)."""
@@ -178,10 +187,11 @@ def lock_environment(
             return cached
     with tempfile.TemporaryDirectory(prefix="rawvm-lock-") as tmp:
         if resolver == "pip-tools":
-            body, sdists, notes = _pip_tools_compile(translation, Path(tmp))
+            resolved = _pip_tools_compile(translation, Path(tmp))
         else:
-            body, sdists, notes = _uv_compile(translation, Path(tmp))
-    return _store(store, key, translation, resolver, body, sdists, notes)
+            resolved = _uv_compile(translation, Path(tmp))
+        _check_builds(resolved.body, target)
+        return _store(store, key, translation, resolver, resolved)
 
 
 def lock_key(translation: Translation, resolver: Resolver = "uv") -> str:
@@ -192,6 +202,7 @@ def lock_key(translation: Translation, resolver: Resolver = "uv") -> str:
         "target": translation.target.as_dict(),
         "requirements": list(translation.requirements),
         "constraints": list(translation.constraints),
+        "dependencies": list(translation.dependencies),
         "index": translation.index.cache_key(),
         "local": [_local_fingerprint(code) for code in _resolvable_local(translation)],
     }
@@ -247,6 +258,9 @@ def _read_cached(store: Path, key: str, translation: Translation) -> Lock | None
     text_file = store / f"{key}.txt"
     if meta is None or meta.get("format") != LOCK_FORMAT or not text_file.is_file():
         return None
+    links = tuple(store / f"{key}.links" / name for name in meta["links"])
+    if not all(link.is_file() for link in links):
+        return None
     return Lock(
         target=translation.target,
         requirements_txt=text_file.read_text(encoding="utf-8"),
@@ -258,13 +272,9 @@ def _read_cached(store: Path, key: str, translation: Translation) -> Lock | None
         sdists=tuple(meta["sdists"]),
         local_code=translation.local_code,
         notes=tuple(meta["notes"]),
-        index_strategy=_strategy(translation.index),
+        index=translation.index.remote(),
+        links=links,
     )
-
-
-def _strategy(index: IndexConfig) -> str | None:
-    args = index.uv_args()
-    return args[args.index("--index-strategy") + 1] if "--index-strategy" in args else None
 
 
 def _read_meta(file: Path) -> dict[str, Any] | None:
@@ -275,18 +285,28 @@ def _read_meta(file: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+@dataclass
+class _Resolved:
+    """What a resolver run produced."""
+
+    body: str
+    sdists: list[str]
+    notes: list[str]
+    links: list[Path]  # wheels from this machine's indexes, copied out of them
+
+
 def _store(
-    store: Path,
-    key: str,
-    translation: Translation,
-    resolver: Resolver,
-    body: str,
-    sdists: Sequence[str],
-    notes: Sequence[str],
+    store: Path, key: str, translation: Translation, resolver: Resolver, resolved: _Resolved
 ) -> Lock:
-    pins = tuple(sorted(_pin_lines(body)))
-    text = _requirements_text(translation.index, pins)
+    pins = tuple(sorted(_pin_lines(resolved.body)))
+    text = _requirements_text(pins)
     store.mkdir(parents=True, exist_ok=True)
+    pinned = {(_req_name(p), p.partition("==")[2].split(";")[0].strip()) for p in pins}
+    kept = [w for w in resolved.links if _archive_name_version(w) in pinned]
+    links_dir = store / f"{key}.links"
+    links_dir.mkdir(exist_ok=True)
+    for wheel in kept:
+        shutil.copyfile(wheel, links_dir / wheel.name)
     text_file = store / f"{key}.txt"
     _atomic_write(text_file, text)
     meta = {
@@ -294,9 +314,11 @@ def _store(
         "resolver": resolver,
         "target": translation.target.as_dict(),
         "pins": list(pins),
-        "sdists": list(sdists),
-        "notes": list(notes),
+        "sdists": list(resolved.sdists),
+        "notes": list(resolved.notes),
+        "links": sorted(w.name for w in kept),
     }
+    links = [links_dir / name for name in sorted(w.name for w in kept)]
     # The metadata is written last: its presence marks a complete entry.
     _atomic_write(store / f"{key}.json", json.dumps(meta, indent=1, sort_keys=True))
     return Lock(
@@ -307,10 +329,11 @@ def _store(
         text_file,
         False,
         resolver,
-        tuple(sdists),
+        tuple(resolved.sdists),
         translation.local_code,
-        tuple(notes),
-        _strategy(translation.index),
+        tuple(resolved.notes),
+        translation.index.remote(),
+        tuple(links),
     )
 
 
@@ -320,12 +343,29 @@ def _atomic_write(file: Path, text: str) -> None:
     os.replace(tmp, file)
 
 
-def _requirements_text(index: IndexConfig, pins: Sequence[str]) -> str:
-    header = [
-        "# Generated by dask-rawvm: exact pins for the VMs (install with `uv pip sync`).",
-        *index.requirement_lines(),
-    ]
-    return "\n".join([*header, *pins]) + "\n"
+def _requirements_text(pins: Sequence[str]) -> str:
+    header = "# Generated by dask-rawvm: exact pins for the VMs (install with `uv pip sync`)."
+    return "\n".join([header, *pins]) + "\n"
+
+
+def _check_builds(body: str, target: Target) -> None:
+    """CUDA means CUDA: a lock for a GPU target pinning a CPU build is an error."""
+    if target.accelerator != "cuda":
+        return
+    cpu = [p for p in _pin_lines(body) if re.search(r"==[^;\s]*\+cpu\b", p)]
+    if cpu:
+        raise EnvironmentLockError(
+            [
+                Problem(
+                    _req_name(pin),
+                    f"{pin} is a CPU build, but the VMs are {target.describe()}",
+                    f"pin a CUDA build of {_req_name(pin)} (or its plain version, PyPI's Linux "
+                    "wheels being CUDA builds), or use CPU instance types",
+                )
+                for pin in cpu
+            ],
+            target,
+        )
 
 
 def _pin_lines(body: str) -> list[str]:
@@ -350,36 +390,84 @@ _NO_WHEEL = re.compile(
 
 @dataclass
 class _Inputs:
+    """What the next resolver run is given; each failed run changes one thing here."""
+
     requirements: list[str]
     constraints: list[str]
-    sdists: set[str]
+    sdists: set[str]  # packages allowed from source (then checked to be pure Python)
+    dependencies: set[str]  # requirements that may become constraints (see Translation)
+    links: Path  # wheels brought from this machine's indexes
+    notes: list[str]
+
+    def pin_of(self, name: str) -> str | None:
+        return next((r for r in self.requirements + self.constraints if _req_name(r) == name), None)
+
+    def replace(self, name: str, line: str | None, *, as_constraint: bool = False) -> None:
+        """Put ``line`` in place of ``name``'s pin (None: remove it)."""
+        self.requirements = [r for r in self.requirements if _req_name(r) != name]
+        self.constraints = [r for r in self.constraints if _req_name(r) != name or "!=" in r]
+        if line is not None:
+            (self.constraints if as_constraint else self.requirements).append(line)
 
 
-def _uv_compile(translation: Translation, tmp: Path) -> tuple[str, list[str], list[str]]:
-    inputs = _Inputs(list(translation.requirements), list(translation.constraints), set())
+def _uv_compile(translation: Translation, tmp: Path) -> _Resolved:
+    """Resolve for the target against what a VM can reach: the user's ``http(s)`` indexes.
+
+    A pinned package only this machine's indexes or find-links have is brought along (its
+    wheel travels in the bundle); a dependency with no wheel for the target is left to the
+    resolver; a source-only package is allowed when its build is pure Python.
+    """
+    links = tmp / "links"
+    links.mkdir()
+    inputs = _Inputs(
+        list(translation.requirements),
+        list(translation.constraints),
+        set(),
+        set(translation.dependencies),
+        links,
+        [],
+    )
     local = _resolvable_local(translation)
-    notes: list[str] = []
+    target = translation.target
+    remote = translation.index.remote()
+    if remote.no_index and not remote.find_links:
+        # Nothing a VM could reach: every package travels from this machine's locations.
+        _link_wheels(
+            local_distributions(None, None, translation.index.local_locations()), target, links
+        )
     problems: list[Problem] = []
     for _ in range(_MAX_ATTEMPTS):
         result = _run_uv_compile(translation, inputs, local, tmp)
-        if result.returncode == 0:
-            break
-        if not _next_attempt(result.stderr, inputs, problems, translation.target):
-            raise EnvironmentLockError(problems, translation.target, _uv_detail(result.stderr))
+        if result.returncode != 0:
+            if not _next_attempt(result.stderr, inputs, problems, translation):
+                raise EnvironmentLockError(problems, target, _uv_detail(result.stderr))
+            continue
+        compiled = _check_pure(sorted(inputs.sdists), result.stdout, translation, inputs, tmp)
+        if compiled and all(_relax(name, inputs) for name in compiled):
+            continue  # dependencies whose source would need a compiler: left to the resolver
+        problems += [_compiled_problem(name, reason, target) for name, reason in compiled.items()]
+        break
     else:
-        raise EnvironmentLockError(problems, translation.target, _uv_detail(result.stderr))
+        raise EnvironmentLockError(problems, target, _uv_detail(result.stderr))
     if problems:
-        raise EnvironmentLockError(problems, translation.target)
-    body = result.stdout
-    sdists = _check_pure(sorted(inputs.sdists), body, translation, tmp, problems)
-    if problems:
-        raise EnvironmentLockError(problems, translation.target)
-    notes += [
-        f"{name}: no wheel for {translation.target.python_platform}; its source is pure "
-        "Python, so the VM builds it (no compiler needed)"
-        for name in sdists
+        raise EnvironmentLockError(problems, target)
+    pinned = {_req_name(p) for p in _pin_lines(result.stdout)}
+    inputs.notes += [
+        f"{name}: no wheel for {target.python_platform}; its source is pure Python, so the VM "
+        "builds it (no compiler needed)"
+        for name in sorted(inputs.sdists & pinned)
     ]
-    return body, sdists, notes
+    return _Resolved(
+        result.stdout, sorted(inputs.sdists & pinned), inputs.notes, sorted(links.iterdir())
+    )
+
+
+def _resolution_index(translation: Translation, links: Path) -> IndexConfig:
+    """The user's indexes a VM can reach, plus the wheels brought from this machine's."""
+    remote = translation.index.remote()
+    if not any(links.iterdir()):
+        return remote
+    return remote.merged(IndexConfig(find_links=(str(links),)))
 
 
 def _run_uv_compile(
@@ -410,7 +498,7 @@ def _run_uv_compile(
         "--quiet",
         "--color",
         "never",
-        *translation.index.uv_args(),
+        *_resolution_index(translation, inputs.links).uv_args(),
     ]
     for name in sorted(inputs.sdists):
         cmd += ["--no-binary", name]
@@ -430,12 +518,25 @@ _NO_VERSION = re.compile(
     r"there (?:is|are) no versions? of (?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?"
     r"(?:==(?P<version>[^\s,]+))?"
 )
+_NOT_FOUND = re.compile(
+    r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?(?:==(?P<version>[^\s,]+))? was not "
+    r"found in the (?:provided package locations|package registry)"
+)
 
 
-def _next_attempt(stderr: str, inputs: _Inputs, problems: list[Problem], target: Target) -> bool:
-    """Adjust the inputs after a failed resolution; False when nothing more can be tried."""
-    no_wheel, no_version = _NO_WHEEL.search(stderr), _NO_VERSION.search(stderr)
-    match = no_wheel or no_version
+def _next_attempt(
+    stderr: str, inputs: _Inputs, problems: list[Problem], translation: Translation
+) -> bool:
+    """Adjust the inputs after a failed resolution; False when nothing more can be tried.
+
+    In order: bring the package's wheel from this machine's indexes; allow its source (then
+    checked to be pure Python); fall back from a build label (``+cpu``) no index has to the
+    public build of the same version; leave a dependency to the resolver. Else it is a
+    problem, named with the fix.
+    """
+    target = translation.target
+    no_wheel = _NO_WHEEL.search(stderr)
+    match = no_wheel or _NO_VERSION.search(stderr) or _NOT_FOUND.search(stderr)
     if match is None:
         problems.append(
             Problem(
@@ -446,21 +547,152 @@ def _next_attempt(stderr: str, inputs: _Inputs, problems: list[Problem], target:
         )
         return False
     name = canonicalize_name(match["name"])
+    pin = inputs.pin_of(name)
+    if _bring_local_distributions(name, pin, translation, inputs):
+        return True
     if no_wheel is not None and name not in inputs.sdists:
         inputs.sdists.add(name)  # retry allowing its source, then check it is pure Python
         return True
+    if pin is not None and _public_build(name, pin, inputs):
+        return True
+    if _relax(name, inputs):
+        return True
     version = f"=={match['version']}" if match["version"] else ""
-    what = "has no wheel (nor source distribution)" if no_wheel else "is not on the indexes"
+    # Known here only in builds for another platform: say so, not "not on the indexes".
+    elsewhere = local_distributions(name, _pinned_version(pin), translation.index.local_locations())
+    missing_build = no_wheel is not None or bool(elsewhere)
+    version = version or (f"=={_pinned_version(pin)}" if _pinned_version(pin) else "")
+    what = "has no wheel (nor source distribution)" if missing_build else "is not on the indexes"
     reason = f"{name}{version} {what} for {target.describe()}"
     parent = re.search(rf"(\S+?)(==\S+)? depends on {re.escape(match['name'])}\b", stderr)
     if parent:
         reason += f" (needed by {parent.group(1)})"
     problems.append(Problem(name, reason, _fix(name, target)))
     before = len(inputs.requirements) + len(inputs.constraints)
-    inputs.requirements = [r for r in inputs.requirements if _req_name(r) != name]
-    inputs.constraints = [r for r in inputs.constraints if _req_name(r) != name]
+    inputs.replace(name, None)
     # A dependency (not one of our inputs) cannot be left out here: stop and report.
     return before != len(inputs.requirements) + len(inputs.constraints)
+
+
+def _bring_local_distributions(
+    name: str, pin: str | None, translation: Translation, inputs: _Inputs
+) -> bool:
+    """Copy the target's wheels of ``pin`` from this machine's indexes; True if any is new."""
+    version = _pinned_version(pin)
+    brought = _link_wheels(
+        local_distributions(name, version, translation.index.local_locations()),
+        translation.target,
+        inputs.links,
+    )
+    inputs.notes += [
+        f"{w.name}: only on this machine ({w.parent}); travels in the bundle" for w in brought
+    ]
+    return bool(brought)
+
+
+def _pinned_version(pin: str | None) -> str | None:
+    """The exact version of a ``name==version`` pin, else None."""
+    return pin.partition("==")[2].split(";")[0].strip() if pin and "==" in pin else None
+
+
+def _link_wheels(wheels: Sequence[Path], target: Target, links: Path) -> list[Path]:
+    """Link the wheels that fit ``target`` into ``links`` (the resolver's find-links);
+    return those that were not there yet. Links, not copies: only what ends up pinned is
+    copied, into the lock's cache entry."""
+    new = []
+    for wheel in wheels:
+        destination = links / wheel.name
+        fits = not wheel.name.endswith(".whl") or wheel_fits_target(wheel, target)
+        if fits and not destination.exists():
+            destination.symlink_to(wheel)
+            new.append(wheel)
+    return new
+
+
+def _public_build(name: str, pin: str, inputs: _Inputs) -> bool:
+    """``torch==2.13.0+cpu`` that no index has for the target -> ``torch==2.13.0``."""
+    found = re.search(r"==([^+;\s]+)\+([\w.]+)", pin)
+    if found is None:
+        return False
+    public = f"{name}=={found.group(1)}"
+    inputs.replace(name, public, as_constraint=pin in inputs.constraints)
+    inputs.notes.append(
+        f"{pin}: that build is not available for the target; the public build of the same "
+        f"version ({public}) is used"
+    )
+    return True
+
+
+def _relax(name: str, inputs: _Inputs) -> bool:
+    """A dependency the target cannot have as installed here: same version where needed."""
+    pin = inputs.pin_of(name)
+    if name not in inputs.dependencies or pin is None or pin not in inputs.requirements:
+        return False
+    inputs.replace(name, pin, as_constraint=True)
+    inputs.sdists.discard(name)
+    inputs.notes.append(
+        f"{pin}: installed here as a dependency, but no installable build for the target; "
+        "left to the resolver (the same version wherever a package needs it)"
+    )
+    return True
+
+
+def local_distributions(
+    name: str | None, version: str | None, locations: Sequence[str]
+) -> list[Path]:
+    """Wheels and source archives in find-links directories and ``file://`` simple indexes
+    of this machine.
+
+    Parameters
+    ----------
+    name : str, optional
+        Only this package's wheels (every package's when None).
+    version : str, optional
+        Only this version's.
+    locations : sequence of str
+        Find-links directories and simple index roots (paths or ``file:`` URLs).
+    """
+    stem = canonicalize_name(name).replace("-", "_") if name else None
+    candidates: list[Path] = []
+    for location in locations:
+        directory = Path(file_url_path(location))
+        if not directory.is_dir():
+            continue
+        for suffix in _ARCHIVES:  # a find-links directory: the files themselves
+            candidates += directory.glob(f"{stem or '*'}-*{suffix}")
+        page_dir = canonicalize_name(name) if name else "*"
+        for page in directory.glob(f"{page_dir}/index.html"):  # a PEP 503 simple index
+            html = page.read_text(encoding="utf-8", errors="replace")
+            hrefs = re.findall(r'href="([^"#]+)', html)
+            candidates += [(page.parent / unquote(h)).resolve() for h in hrefs]
+    found = []
+    for archive in candidates:
+        identity = _archive_name_version(archive)
+        if identity is None or not archive.is_file():
+            continue
+        found_name, found_version = identity
+        if stem is not None and found_name.replace("-", "_") != stem:
+            continue
+        if version is None or found_version == version:
+            found.append(archive)
+    return sorted(set(found))
+
+
+_ARCHIVES = (".whl", ".tar.gz", ".zip")
+
+
+def _archive_name_version(archive: Path) -> tuple[str, str] | None:
+    """Canonical name and version of a wheel or source archive, from its file name."""
+    try:
+        if archive.name.endswith(".whl"):
+            name, version, _, _ = parse_wheel_filename(archive.name)
+        elif archive.name.endswith(_ARCHIVES):
+            name, version = parse_sdist_filename(archive.name)
+        else:
+            return None
+    except ValueError:
+        return None
+    return canonicalize_name(name), str(version)
 
 
 def _fix(name: str, target: Target) -> str:
@@ -481,32 +713,28 @@ def _uv_detail(stderr: str) -> str:
 
 
 def _check_pure(
-    names: Sequence[str],
-    body: str,
-    translation: Translation,
-    tmp: Path,
-    problems: list[Problem],
-) -> list[str]:
-    """Build each source-only package here and keep it only if the wheel is pure Python."""
+    names: Sequence[str], body: str, translation: Translation, inputs: _Inputs, tmp: Path
+) -> dict[str, str]:
+    """Build each source-only package here; those whose wheel is not pure Python, and why."""
     pinned = {_req_name(p): p for p in _pin_lines(body)}
-    allowed = []
+    compiled: dict[str, str] = {}
     for name in names:
         if name not in pinned:
             continue
-        tags = _build_tags(pinned[name], translation.index, tmp / name)
+        index = _resolution_index(translation, inputs.links)
+        tags = _build_tags(pinned[name], index, tmp / name)
         if tags and all(t.endswith("-none-any") for t in tags):
-            allowed.append(name)
             continue
         what = f"builds a compiled extension ({', '.join(tags)})" if tags else "does not build"
-        problems.append(
-            Problem(
-                name,
-                f"{pinned[name]} has no wheel for {translation.target.describe()} and its source "
-                f"{what}: the VMs would need a compiler",
-                _fix(name, translation.target),
-            )
+        compiled[name] = (
+            f"{pinned[name]} has no wheel for {translation.target.describe()} and its source "
+            f"{what}: the VMs would need a compiler"
         )
-    return allowed
+    return compiled
+
+
+def _compiled_problem(name: str, reason: str, target: Target) -> Problem:
+    return Problem(name, reason, _fix(name, target))
 
 
 def _build_tags(requirement: str, index: IndexConfig, out: Path) -> list[str]:
@@ -546,7 +774,7 @@ def _build_tags(requirement: str, index: IndexConfig, out: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pip_tools_compile(translation: Translation, tmp: Path) -> tuple[str, list[str], list[str]]:
+def _pip_tools_compile(translation: Translation, tmp: Path) -> _Resolved:
     req_file, out = tmp / "requirements.in", tmp / "requirements.txt"
     con_file = tmp / "constraints.txt"
     con_file.write_text("\n".join(translation.constraints) + "\n", encoding="utf-8")
@@ -574,7 +802,8 @@ def _pip_tools_compile(translation: Translation, tmp: Path) -> tuple[str, list[s
         raise EnvironmentLockError(
             [Problem("pip-tools", reason, fix)], translation.target, _uv_detail(done.stderr)
         )
-    return out.read_text(encoding="utf-8"), [], ["resolved by pip-compile for this machine"]
+    notes = ["resolved by pip-compile for this machine"]
+    return _Resolved(out.read_text(encoding="utf-8"), [], notes, [])
 
 
 def _pip_index_args(index: IndexConfig) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from dask_rawvm.environment.indexes import read_index_config
-from dask_rawvm.environment.inventory import inventory_environment
+from dask_rawvm.environment.inventory import inventory_environment, local_code_here
 from dask_rawvm.environment.lockfiles import (
     parse_conda_lock,
     parse_requirement_lines,
@@ -27,6 +27,7 @@ from dask_rawvm.environment.spec import EnvironmentSpec, EnvironmentSpecError
 def resolve_environment_spec(
     environment: str | os.PathLike[str] | Sequence[str] = "local",
     ignore: Iterable[str] = (),
+    local_code: bool = True,
 ) -> EnvironmentSpec:
     """Turn ``RawVMCluster(environment=..., environment_ignore=...)`` into a spec.
 
@@ -39,6 +40,9 @@ def resolve_environment_spec(
         ``--index-url`` lines), ``uv.lock`` or ``conda-lock.yml``.
     ignore : iterable of str
         Package names to leave out on the VMs (recorded as decisions by the translation).
+    local_code : bool
+        Ship this environment's local code (editable and local projects, loose modules next
+        to the script or notebook) whatever ``environment`` is; False ships none of it.
 
     Returns
     -------
@@ -52,7 +56,11 @@ def resolve_environment_spec(
     ignored = tuple(sorted({canonicalize_name(name) for name in ignore}))
     if isinstance(environment, str) and environment == "local":
         spec = inventory_environment()
-    elif isinstance(environment, (str, os.PathLike)):
+        if not local_code:
+            kept = tuple(c for c in spec.local_code if c.kind not in ("project", "modules"))
+            spec = replace(spec, local_code=kept)
+        return replace(spec, ignore=ignored)
+    if isinstance(environment, (str, os.PathLike)):
         spec = read_lock_file(environment)
     elif isinstance(environment, Sequence):
         spec = parse_requirement_lines(list(environment), base_dir=Path.cwd())
@@ -62,7 +70,17 @@ def resolve_environment_spec(
             f"environment must be 'local', a list of requirements or a lock file path, "
             f"not {type(environment).__name__}"
         )
+    if local_code:
+        spec = _with_local_code(spec)
     return replace(spec, ignore=ignored)
+
+
+def _with_local_code(spec: EnvironmentSpec) -> EnvironmentSpec:
+    """``spec`` plus the running environment's local code it does not already have."""
+    code, notes = local_code_here()
+    named = {c.name for c in spec.local_code} | {p.name for p in spec.packages}
+    added = tuple(c for c in code if c.name not in named)
+    return replace(spec, local_code=spec.local_code + added, notes=spec.notes + notes)
 
 
 def read_lock_file(path: str | os.PathLike[str]) -> EnvironmentSpec:

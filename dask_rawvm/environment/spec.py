@@ -9,7 +9,12 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 Source = Literal["index", "vcs", "url", "conda"]
-LocalKind = Literal["project", "modules", "wheel"]
+LocalKind = Literal["project", "modules", "wheel", "agent"]
+
+#: dask-rawvm's own distribution. Its VM-side code ships as a wheel of its own files with no
+#: dependencies: what the VMs need of it (dask, distributed, bokeh) is in the environment, and
+#: its client side (the local cloud's moto tree, the CLI) is not shipped.
+AGENT = "dask-rawvm"
 
 
 class EnvironmentSpecError(ValueError):
@@ -35,8 +40,11 @@ class PackagePin:
         Where it came from: a package index, a VCS commit, an archive URL, or a conda package
         that has a PyPI counterpart under ``name``.
     root : bool
-        The user asked for it (False: only there as another package's dependency, so it is
-        passed to the resolver as a constraint: same version if needed, dropped if not).
+        The user asked for it, or nothing else installed needs it (False: only there as another
+        package's dependency). From an installed environment every pin is installed on the VMs
+        (see :attr:`EnvironmentSpec.complete`); a dependency that cannot exist on the target
+        is then left to the resolver (same version if the target needs it). From a lock file,
+        dependencies are constraints: same version if needed, dropped if not.
     extras, marker, url
         The rest of the PEP 508 requirement.
     conda_name : str, optional
@@ -85,12 +93,13 @@ class LocalCode:
     path : str
         Project directory (``kind="project"``), directory holding the modules
         (``kind="modules"``), or wheel file (``kind="wheel"``).
-    kind : {"project", "modules", "wheel"}
-        How the wheel is made: built from a project, generated from loose modules, or as is.
+    kind : {"project", "modules", "wheel", "agent"}
+        How the wheel is made: built from a project, generated from loose modules, as is, or
+        (``"agent"``) dask-rawvm's own package files, without dependencies.
     modules : tuple of str
-        For ``kind="modules"``: the top-level ``.py`` files and packages shipped.
+        For ``kind="modules"`` and ``"agent"``: the top-level ``.py`` files and packages shipped.
     version : str, optional
-        Installed version, for display.
+        Installed version (the wheel's version for ``"agent"``), for display.
     editable : bool
         Installed in editable mode here.
     """
@@ -145,20 +154,48 @@ class IndexConfig:
             args += ["--index-strategy", "unsafe-best-match"]
         return args
 
-    def requirement_lines(self) -> list[str]:
-        """The same options as ``requirements.txt`` lines, for the VM's installer.
+    def remote(self) -> IndexConfig:
+        """What a VM can use of this configuration: the ``http(s)`` indexes and find-links.
 
-        These may carry credentials: the bundle holding them is a secret, like the config
-        files they came from (it is never put in user-data).
+        ``file://`` indexes and find-links paths name this machine's disk, which no VM can
+        read: packages only they hold travel in the bundle instead (see
+        :func:`~dask_rawvm.environment.lock.lock_environment`). A local default index means
+        the VMs get no default index (``no_index``) rather than PyPI, which the user did not
+        choose.
         """
-        lines: list[str] = []
+        default_local = bool(self.index_url) and is_local_location(self.index_url or "")
+        return IndexConfig(
+            index_url=None if default_local else self.index_url,
+            extra_index_urls=tuple(u for u in self.extra_index_urls if not is_local_location(u)),
+            find_links=tuple(u for u in self.find_links if not is_local_location(u)),
+            no_index=self.no_index or default_local,
+            sources=self.sources,
+            best_match=self.best_match,
+        )
+
+    def local_locations(self) -> list[str]:
+        """The indexes and find-links of this configuration that are paths on this machine."""
+        urls = [self.index_url or "", *self.extra_index_urls, *self.find_links]
+        return [u for u in urls if u and is_local_location(u)]
+
+    def install_environment(self) -> dict[str, str]:
+        """The uv environment variables a VM's install step runs with, credentials included.
+
+        They reach the install step only (never user-data, never a file on the VM): the
+        caller ships them as a secret and exports them for that one command.
+        """
+        variables: dict[str, str] = {}
         if self.no_index:
-            lines.append("--no-index")
+            variables["RAWVM_NO_INDEX"] = "1"  # uv has no variable for --no-index
         elif self.index_url:
-            lines.append(f"--index-url {self.index_url}")
-        lines += [f"--extra-index-url {u}" for u in self.extra_index_urls if not self.no_index]
-        lines += [f"--find-links {link}" for link in self.find_links]
-        return lines
+            variables["UV_INDEX_URL"] = self.index_url
+        if self.extra_index_urls and not self.no_index:
+            variables["UV_EXTRA_INDEX_URL"] = " ".join(self.extra_index_urls)
+        if self.find_links:
+            variables["UV_FIND_LINKS"] = ",".join(self.find_links)
+        if self.best_match and self.extra_index_urls and not self.no_index:
+            variables["UV_INDEX_STRATEGY"] = "unsafe-best-match"
+        return variables
 
     def redacted(self) -> dict[str, object]:
         """The configuration with passwords and tokens masked, safe to print or log."""
@@ -215,6 +252,13 @@ class EnvironmentSpec:
         What the inventory left out and why.
     conda_channels : tuple of str
         Channels of a conda environment or lock (not used for resolution: see translate).
+    complete : bool
+        Every package is to be installed on the VMs, dependencies included (the fidelity rule
+        for an installed environment); False for lock files and lists, whose dependencies are
+        constraints.
+    client_side : tuple of PackagePin
+        Distributions installed here only because dask-rawvm's client side needs them (the
+        local cloud, the CLI): not shipped, and not expected on the VMs.
     """
 
     origin: str
@@ -225,12 +269,19 @@ class EnvironmentSpec:
     ignore: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     conda_channels: tuple[str, ...] = ()
+    complete: bool = False
+    client_side: tuple[PackagePin, ...] = ()
 
     def names(self) -> set[str]:
         """Canonical names of every package and local distribution."""
         return {p.name for p in self.packages} | {c.name for c in self.local_code}
 
 
+
+
+def is_local_location(url: str) -> bool:
+    """True for a ``file:`` URL or a filesystem path: a location on this machine's disk."""
+    return "://" not in url or url.startswith("file:")
 
 
 def redact_url(url: str) -> str:

@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from packaging.markers import InvalidMarker, Marker, UndefinedEnvironmentName
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from dask_rawvm.environment.spec import (
+    AGENT,
     EnvironmentSpec,
     IndexConfig,
     LocalCode,
@@ -26,14 +28,15 @@ from dask_rawvm.environment.spec import (
 )
 from dask_rawvm.environment.target import Target, wheel_fits_target
 
-Action = Literal["keep", "rewrite", "drop", "add", "note"]
+Action = Literal["keep", "rewrite", "relax", "drop", "add", "note"]
 
 
 @dataclass(frozen=True)
 class Decision:
     """One translation step: ``package`` went from ``before`` to ``after`` because ``reason``.
 
-    ``after`` is None when the package is dropped.
+    ``after`` is None when the package is dropped. ``"relax"``: the same pin, installed only
+    where the target's packages need it (a constraint, not a requirement).
     """
 
     package: str
@@ -95,9 +98,15 @@ class Translation:
         The source.
     target : Target
     requirements : tuple of str
-        PEP 508 requirements asked for (roots), markers already evaluated for the target.
+        PEP 508 requirements installed on the target, markers already evaluated for it: the
+        roots, or for an installed environment every distribution (the fidelity rule).
     constraints : tuple of str
-        Pins of dependencies: the same version is used where the target needs the package.
+        Pins of dependencies: the same version is used where the target needs the package;
+        and exclusions (``torch!=2.13.0+cpu``) of builds a translation moved away from.
+    dependencies : tuple of str
+        Names among ``requirements`` installed here only as another package's dependency:
+        the lock leaves such a package to the resolver (same version if the target needs it)
+        when it has no wheel for the target, rather than failing.
     local_code : tuple of LocalCode
         Local code to build into wheels.
     index : IndexConfig
@@ -115,6 +124,28 @@ class Translation:
     index: IndexConfig
     decisions: tuple[Decision, ...]
     problems: tuple[Problem, ...] = ()
+    dependencies: tuple[str, ...] = ()
+
+    def expected_versions(self) -> dict[str, tuple[str, str | None] | None]:
+        """For each distribution of the source: its name and version on the target.
+
+        None for a package that is not installed there by design (dropped, ignored,
+        dask-rawvm's client side); a version of None for a requirement without one.
+        """
+        expected: dict[str, tuple[str, str | None] | None] = {}
+        local = {code.name: code for code in self.local_code}
+        for decision in self.decisions:
+            if decision.package in ("python", "index") or decision.action == "note":
+                continue
+            if decision.after is None:
+                expected[decision.package] = None
+            elif decision.package not in local:
+                expected[decision.package] = _name_and_version(decision.after)
+        for code in local.values():
+            # Loose modules get a content-hash version of their own: only their presence counts.
+            version = code.version if code.kind in ("project", "agent") else None
+            expected[code.name] = (code.name, version)
+        return expected
 
     def changes(self) -> list[Decision]:
         """Decisions other than "keep"."""
@@ -199,6 +230,11 @@ _RAPIDS = re.compile(r"^(?P<base>.+)-cu(?P<major>\d+)$")
 _CUPY = re.compile(r"^cupy(-cuda(?P<major>\d+)x)?$")
 _JAX_PLUGIN = re.compile(r"^jax-cuda(?P<major>\d+)-(?P<kind>plugin|pjrt)$")
 _NVIDIA = re.compile(r"^nvidia-.+-cu(?P<major>\d+)$")
+#: NVIDIA's CUDA runtime libraries on PyPI (``nvidia-cublas``, ``nvidia-cudnn-cu12``,
+#: ``cuda-toolkit``, ``cuda-bindings``...): what a CUDA build of torch or jax pulls in.
+_CUDA_RUNTIME = re.compile(r"^(nvidia-.+|cuda-(toolkit|bindings|pathfinder|python|runtime))$")
+#: A package index that serves CPU builds only (PyTorch's ``.../whl/cpu``).
+_CPU_INDEX = re.compile(r"/cpu/?$")
 
 _IGNORE_FIX = "environment_ignore=[{name!r}] if the workers do not import it"
 
@@ -215,6 +251,8 @@ class _Outcome:
     pin: PackagePin | None
     reason: str
     problem: Problem | None = None
+    relax: bool = False  # install only where the target's packages need it
+    exclude: str | None = None  # a build the resolver must not pick instead (``!=X+cpu``)
 
 
 Rule = Callable[[PackagePin, Target, EnvironmentSpec], "_Outcome | None"]
@@ -249,38 +287,62 @@ def translate_environment(
     decisions: list[Decision] = []
     problems: list[Problem] = []
     spec = _with_extra(spec, extra, decisions)
+    decisions += [
+        Decision(p.name, "drop", p.requirement(), None, CLIENT_SIDE_REASON)
+        for p in spec.client_side
+    ]
     requirements: list[str] = []
     constraints: list[str] = []
+    dependencies: list[str] = []
     for pin in spec.packages:
-        result = _translate_pin(pin, target, spec, decisions, problems)
-        if result is None:
+        translated = _translate_pin(pin, target, spec, decisions, problems)
+        if translated is None:
             continue
+        result, relax, exclusions = translated
+        constraints += exclusions
         text = result.requirement(with_marker=False)
-        (requirements if result.root else constraints).append(text)
+        if relax or not (result.root or spec.complete):
+            constraints.append(text)
+            continue
+        requirements.append(text)
+        if not result.root:
+            dependencies.append(result.name)
     local = _translate_local(spec, target, decisions, problems)
     _python_decision(spec, target, decisions)
-    _index_decisions(spec.index, decisions)
+    index = _index_for(spec.index, target, decisions)
     translation = Translation(
         spec=spec,
         target=target,
         requirements=tuple(sorted(set(requirements))),
         constraints=tuple(sorted(set(constraints) - set(requirements))),
         local_code=tuple(local),
-        index=spec.index,
+        index=index,
         decisions=tuple(sorted(decisions, key=lambda d: (d.action == "keep", d.package))),
         problems=tuple(problems),
+        dependencies=tuple(sorted(set(dependencies))),
     )
     if strict:
         translation.raise_for_problems()
     return translation
 
 
+#: Why dask-rawvm's client-side dependencies are not shipped.
+CLIENT_SIDE_REASON = (
+    "installed only for dask-rawvm's client side (the local cloud, the CLI): not needed on VMs"
+)
+
+
 def _with_extra(
     spec: EnvironmentSpec, extra: Iterable[PackagePin | LocalCode], decisions: list[Decision]
 ) -> EnvironmentSpec:
-    names = spec.names()
-    pins, local = list(spec.packages), list(spec.local_code)
-    for item in extra:
+    # dask-rawvm itself always ships as its agent wheel (no dependencies), whatever form the
+    # environment names it in: its dependencies would bring the local cloud to every VM.
+    items = list(extra)
+    agent = [item for item in items if item.name == AGENT]
+    names = spec.names() - {AGENT}
+    pins = [p for p in spec.packages if p.name != AGENT]
+    local = [c for c in spec.local_code if c.name != AGENT]
+    for item in items:
         if item.name in names:
             continue
         if isinstance(item, LocalCode):
@@ -289,8 +351,13 @@ def _with_extra(
         else:
             pins.append(replace(item, root=True))
             after = item.requirement()
-        decisions.append(Decision(item.name, "add", None, after, "needed by the Dask worker"))
+        reason = AGENT_REASON if agent and item is agent[0] else "needed by the Dask worker"
+        decisions.append(Decision(item.name, "add", None, after, reason))
     return replace(spec, packages=tuple(pins), local_code=tuple(local))
+
+
+#: Why dask-rawvm is shipped the way it is.
+AGENT_REASON = "dask-rawvm's own code, for the VMs: its package files, without its dependencies"
 
 
 def _translate_pin(
@@ -299,10 +366,13 @@ def _translate_pin(
     spec: EnvironmentSpec,
     decisions: list[Decision],
     problems: list[Problem],
-) -> PackagePin | None:
+) -> tuple[PackagePin, bool, list[str]] | None:
+    """The pin on the target, whether only as a constraint, and builds to exclude."""
     before = pin.requirement()
     current: PackagePin | None = pin
     reasons: list[str] = []
+    relax = False
+    exclusions: list[str] = []
     for rule in _RULES:
         assert current is not None
         outcome = rule(current, target, spec)
@@ -317,19 +387,32 @@ def _translate_pin(
         if current is None:
             decisions.append(Decision(pin.name, "drop", before, None, outcome.reason))
             return None
+        relax = relax or outcome.relax
+        exclusions += [outcome.exclude] if outcome.exclude else []
     assert current is not None
     after = current.requirement()
     if after == before and not reasons:
-        decisions.append(Decision(pin.name, "keep", before, after, _keep_reason(pin)))
+        decisions.append(Decision(pin.name, "keep", before, after, _keep_reason(pin, spec)))
     else:
-        decisions.append(Decision(pin.name, "rewrite", before, after, "; ".join(reasons)))
-    return current
+        action: Action = "relax" if relax and after == before else "rewrite"
+        decisions.append(Decision(pin.name, action, before, after, "; ".join(reasons)))
+    return current, relax, exclusions
 
 
-def _keep_reason(pin: PackagePin) -> str:
-    if pin.root:
+def _keep_reason(pin: PackagePin, spec: EnvironmentSpec) -> str:
+    if pin.root or spec.complete:
         return "same version on the target"
     return "dependency: same version if the target needs it"
+
+
+def _name_and_version(requirement: str) -> tuple[str, str | None]:
+    """``"torch==2.13.0"`` -> ``("torch", "2.13.0")``; ``"x @ url"`` -> ``("x", None)``."""
+    try:
+        req = Requirement(requirement.split(" (local ")[0])
+    except InvalidRequirement:
+        return canonicalize_name(requirement.split()[0]), None
+    pinned = [s.version for s in req.specifier if s.operator in ("==", "===")]
+    return canonicalize_name(req.name), pinned[0] if pinned else None
 
 
 def _rule_ignore(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
@@ -467,6 +550,12 @@ def _to_cpu(pin: PackagePin) -> _Outcome | None:
         reason = f"{name} needs an NVIDIA GPU and has no CPU build"
         fix = f"{_IGNORE_FIX.format(name=name)}, or a GPU instance type (gpu=True)"
         return _Outcome(None, reason, Problem(name, reason, fix))
+    if _CUDA_RUNTIME.match(name) and not pin.root:
+        return _Outcome(
+            pin,
+            "CUDA runtime library on a CPU target: same version, where a package needs it",
+            relax=True,
+        )
     return None
 
 
@@ -478,21 +567,22 @@ def _rule_local_label(pin: PackagePin, target: Target, spec: EnvironmentSpec) ->
     if not _BUILD_LABEL.match(label):
         return None  # e.g. a company build on a private index: keep as is
     wanted = "cpu" if target.accelerator == "cpu" else f"cu{target.cuda_major}"
-    if label.startswith(wanted) and _has_private_index(spec.index):
-        return None  # the same build, and an index that may carry it
+    if label.startswith(wanted):
+        # The same build: from the user's indexes, or its wheel travels in the bundle (the
+        # lock falls back to the public build of this version when neither has it).
+        return None
     note = (
         "PyPI's Linux wheels are CUDA builds"
         if target.accelerator == "cuda"
         else "PyPI's build runs on CPU"
     )
+    # PEP 440: ``==2.13.0`` matches ``2.13.0+cpu`` too, and a resolver that can see the
+    # +cpu wheel (a CPU index, a find-links directory) picks it: exclude that build.
     return _Outcome(
         replace(pin, specifier=f"=={public}"),
-        f"local label +{label} names a build that is not on PyPI; {note}, same version",
+        f"local label +{label} names another build; {note}, same version (+{label} excluded)",
+        exclude=f"{pin.name}!={version}",
     )
-
-
-def _has_private_index(index: IndexConfig) -> bool:
-    return bool(index.extra_index_urls or index.find_links or index.index_url)
 
 
 _RULES: tuple[Rule, ...] = (
@@ -527,6 +617,7 @@ def _translate_local(
             decisions.append(Decision(code.name, "drop", label, None, problem.reason))
             continue
         reason = {
+            "agent": AGENT_REASON,
             "project": "local project: built into a wheel and shipped",
             "modules": f"loose modules {', '.join(code.modules)}: packed into a wheel and shipped",
             "wheel": "local wheel: shipped as is",
@@ -564,19 +655,38 @@ def _python_decision(spec: EnvironmentSpec, target: Target, decisions: list[Deci
         )
 
 
-def _index_decisions(index: IndexConfig, decisions: list[Decision]) -> None:
-    for url in (*index.extra_index_urls, *index.find_links, index.index_url or ""):
-        if url and ("://" not in url or url.startswith("file:")):
-            decisions.append(
-                Decision(
-                    "index",
-                    "note",
-                    redact_url(url),
-                    redact_url(url),
-                    "a path on this machine: used to lock; only VMs on this machine "
-                    "(local cloud) can install from it",
-                )
+def _index_for(index: IndexConfig, target: Target, decisions: list[Decision]) -> IndexConfig:
+    """The index configuration to resolve with, and a note for each setting the VMs get
+    differently: paths on this machine, and CPU-only indexes for a CUDA target."""
+    for url in index.local_locations():
+        decisions.append(
+            Decision(
+                "index",
+                "note",
+                redact_url(url),
+                None,
+                "a path on this machine, which VMs cannot read: packages only it has travel "
+                "in the bundle",
             )
+        )
+    if target.accelerator != "cuda":
+        return index
+    cpu_only = [u for u in (index.index_url or "", *index.extra_index_urls) if _CPU_INDEX.search(u)]
+    for url in cpu_only:
+        decisions.append(
+            Decision(
+                "index",
+                "drop",
+                redact_url(url),
+                None,
+                "serves CPU builds only; the CUDA target resolves without it",
+            )
+        )
+    return replace(
+        index,
+        index_url=None if index.index_url in cpu_only else index.index_url,
+        extra_index_urls=tuple(u for u in index.extra_index_urls if u not in cpu_only),
+    )
 
 
 def canonical(names: Iterable[str]) -> tuple[str, ...]:
