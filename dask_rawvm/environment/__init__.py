@@ -9,6 +9,7 @@ The cluster calls :func:`prepare_environment` once, before launching anything::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
@@ -88,7 +89,7 @@ __all__ = [
 def worker_packages(names: Iterable[str] = WORKER_PACKAGES) -> list[PackagePin | LocalCode]:
     """The running environment's versions of the packages a worker needs.
 
-    An editable install (dask-rawvm from a checkout) is local code, shipped as a wheel.
+    dask-rawvm itself is its own package files, shipped without dependencies.
     """
     found = (installed_distribution(name) for name in names)
     return [item for item in found if item is not None]
@@ -139,4 +140,5 @@ def prepare_environment(
     spec = resolve_environment_spec(environment, ignore=ignore, local_code=local_code)
     translation = translate_environment(spec, target, extra=worker_packages(worker))
     lock = lock_environment(translation, cache_dir=cache_dir, resolver=resolver)
-    return build_bundle(lock, cache_dir=cache_dir)
+    bundle = build_bundle(lock, cache_dir=cache_dir)
+    return dataclasses.replace(bundle, expected=translation.expected_versions())

@@ -39,7 +39,7 @@ from dask_rawvm.environment.inventory import loose_module_files, package_files
 from dask_rawvm.environment.lock import Lock, default_cache_dir, uv_binary, uv_environment
 from dask_rawvm.environment.spec import LocalCode
 from dask_rawvm.environment.target import Target, wheel_fits_target
-from dask_rawvm.environment.translate import EnvironmentTranslationError, Problem
+from dask_rawvm.environment.translate import EnvironmentTranslationError, Expected, Problem
 
 #: Bumped when the bundle layout changes.
 BUNDLE_FORMAT = 1
@@ -86,6 +86,9 @@ class Bundle:
     manifest : dict
         What ``manifest.json`` holds.
     lock : Lock
+    expected : dict
+        What a VM should have of each distribution of the source environment (the fidelity
+        check's reference; see ``Translation.expected_versions``). Not part of the digest.
     """
 
     path: Path
@@ -93,6 +96,7 @@ class Bundle:
     target: Target
     manifest: Mapping[str, object] = field(repr=False)
     lock: Lock = field(repr=False)
+    expected: Mapping[str, Expected] = field(default_factory=dict, repr=False)
 
     @property
     def wheels(self) -> list[Path]:

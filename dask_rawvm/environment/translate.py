@@ -89,6 +89,28 @@ class EnvironmentTranslationError(ValueError):
 
 
 @dataclass(frozen=True)
+class Expected:
+    """What a VM should have of one distribution of the source environment.
+
+    Parameters
+    ----------
+    name, version
+        The distribution there (``onnxruntime`` here may be ``onnxruntime-gpu`` there) and
+        its version (None: any).
+    present
+        False for a package left out by design (``reason`` says why).
+    ignored
+        Left out by the user's ``environment_ignore``.
+    """
+
+    name: str
+    version: str | None
+    present: bool = True
+    reason: str = ""
+    ignored: bool = False
+
+
+@dataclass(frozen=True)
 class Translation:
     """The environment as it must be on the target, ready to lock.
 
@@ -126,25 +148,24 @@ class Translation:
     problems: tuple[Problem, ...] = ()
     dependencies: tuple[str, ...] = ()
 
-    def expected_versions(self) -> dict[str, tuple[str, str | None] | None]:
-        """For each distribution of the source: its name and version on the target.
-
-        None for a package that is not installed there by design (dropped, ignored,
-        dask-rawvm's client side); a version of None for a requirement without one.
-        """
-        expected: dict[str, tuple[str, str | None] | None] = {}
+    def expected_versions(self) -> dict[str, Expected]:
+        """What a VM should have of each distribution of the source, after translation."""
+        expected: dict[str, Expected] = {}
         local = {code.name: code for code in self.local_code}
         for decision in self.decisions:
             if decision.package in ("python", "index") or decision.action == "note":
                 continue
             if decision.after is None:
-                expected[decision.package] = None
+                ignored = decision.reason == IGNORED_REASON
+                expected[decision.package] = Expected(
+                    decision.package, None, False, decision.reason, ignored
+                )
             elif decision.package not in local:
-                expected[decision.package] = _name_and_version(decision.after)
+                expected[decision.package] = Expected(*_name_and_version(decision.after))
         for code in local.values():
             # Loose modules get a content-hash version of their own: only their presence counts.
             version = code.version if code.kind in ("project", "agent") else None
-            expected[code.name] = (code.name, version)
+            expected[code.name] = Expected(code.name, version)
         return expected
 
     def changes(self) -> list[Decision]:
@@ -326,6 +347,8 @@ def translate_environment(
     return translation
 
 
+#: Why a package the user named in ``environment_ignore`` is not shipped.
+IGNORED_REASON = "left out by environment_ignore"
 #: Why dask-rawvm's client-side dependencies are not shipped.
 CLIENT_SIDE_REASON = (
     "installed only for dask-rawvm's client side (the local cloud, the CLI): not needed on VMs"
@@ -417,7 +440,7 @@ def _name_and_version(requirement: str) -> tuple[str, str | None]:
 
 def _rule_ignore(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outcome | None:
     if pin.name in spec.ignore or (pin.conda_name and pin.conda_name in spec.ignore):
-        return _Outcome(None, "left out by environment_ignore")
+        return _Outcome(None, IGNORED_REASON)
     return None
 
 
@@ -609,7 +632,7 @@ def _translate_local(
     for code in spec.local_code:
         label = f"{code.name} ({code.kind} {code.path})"
         if code.name in spec.ignore:
-            decisions.append(Decision(code.name, "drop", label, None, "left out by ignore"))
+            decisions.append(Decision(code.name, "drop", label, None, IGNORED_REASON))
             continue
         problem = _wheel_problem(code, target) if code.kind == "wheel" else None
         if problem is not None:
