@@ -179,7 +179,7 @@ def format_report(report: dict[str, Any], verbose: bool = False) -> str:
     kept = sum(d["action"] == "keep" for d in report["decisions"]) if not verbose else 0
     for d in shown:
         change = f"{d['before']} -> {d['after'] or '(dropped)'}"
-        if d["action"] == "note" or d["after"] is None and d["action"] != "drop":
+        if d["action"] == "note" or (d["after"] is None and d["action"] != "drop"):
             change = str(d["before"])
         elif d["before"] is None:
             change = str(d["after"])
