@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from environment_helpers import ARM as ARM_TAG
 from environment_helpers import (  # noqa: F401  (isolated is a fixture)
-    ARM as ARM_TAG,
     isolated,
     local_index_lines,
     make_index,

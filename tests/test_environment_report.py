@@ -5,10 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import distributed
 from click.testing import CliRunner
-from environment_helpers import isolated, make_index  # noqa: F401  (isolated is a fixture)
+from environment_helpers import isolated, pure  # noqa: F401  (isolated is a fixture)
+from environment_helpers import make_index as make_test_index
 
 from dask_rawvm.environment.report import env_command
+
+
+def make_index(root: Path) -> Path:
+    """The lock tests' index, plus a stand-in for what every VM gets: distributed."""
+    index = make_test_index(root)
+    pure(index, "distributed", distributed.__version__)
+    return index
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -39,7 +48,13 @@ def test_env_json_for_gpu_arm(tmp_path: Path, isolated: Path) -> None:  # noqa: 
     changes = {d["package"]: d for d in report["decisions"] if d["action"] != "keep"}
     assert changes["onnxruntime"]["after"] == "onnxruntime-gpu==1.0"
     assert changes["mkl"]["after"] is None and "x86_64-only" in changes["mkl"]["reason"]
-    assert report["lock"]["pins"] == ["app==1.0", "fastlib==1.0", "onnxruntime-gpu==1.0"]
+    assert report["lock"]["pins"] == [
+        "app==1.0",
+        f"distributed=={distributed.__version__}",  # what the workers run, added
+        "fastlib==1.0",
+        "onnxruntime-gpu==1.0",
+    ]
+    assert "dask-rawvm" in report["lock"]["local_wheels"]  # its own code, no dependencies
     assert report["lock"]["from_cache"] is False
     _, again = run(*args)
     assert json.loads(again)["lock"]["from_cache"] is True
@@ -62,4 +77,4 @@ def test_env_text_shows_reasons_and_masks_credentials(
     code, out = run("--environment", str(req), "--ignore", "cupy")
     assert code == 0, out
     assert "left out by environment_ignore" in out
-    assert "Lock: 1 pins (resolved by uv)" in out and "helper==1.0" in out
+    assert "Lock: 2 pins (resolved by uv)" in out and "helper==1.0" in out
