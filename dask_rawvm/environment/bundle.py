@@ -450,23 +450,43 @@ _INSTALL_SCRIPT = r"""# dask-rawvm: install the environment bundle (needs RAWVM_
 set -eu
 : "${RAWVM_BUNDLE:?must name the extracted bundle directory}"
 : "${RAWVM_VENV:?must name the virtualenv to create}"
-if command -v uv >/dev/null 2>&1; then
+# uv: the one the cluster stored for this VM (RAWVM_UV, fetched by the boot script), else the
+# image's. No pip: Amazon Linux 2023 ships none.
+if [ -n "${RAWVM_UV:-}" ]; then
+  rawvm_uv() { "$RAWVM_UV" "$@"; }
+elif command -v uv >/dev/null 2>&1; then
   rawvm_uv() { uv "$@"; }
 else
-  # No uv on the image: install it with pip (from the configured index), then run it as a
-  # module. PEP 668 images refuse --user installs without --break-system-packages.
-  rawvm_py=$(command -v python3 || command -v python)
-  if ! "$rawvm_py" -m uv --version >/dev/null 2>&1; then
-    "$rawvm_py" -m pip install --quiet --user uv \
-      || "$rawvm_py" -m pip install --quiet --user --break-system-packages uv
-  fi
-  rawvm_uv() { "$rawvm_py" -m uv "$@"; }
+  echo "dask-rawvm: no uv (RAWVM_UV unset and none on PATH)" >&2
+  exit 1
 fi
 # UV_CACHE_DIR, when set, is a warm cache (shared by the local cloud's VMs): uv reads it itself.
 # The index settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_INDEX_STRATEGY, RAWVM_NO_INDEX) come
 # from the caller's environment, never from the bundle: they may hold credentials.
+# Python: the client's minor version is required (pickled code and Dask need it); the image's
+# interpreter of that minor, preferring the client's exact release; else the distribution's
+# package (Amazon Linux 2023 has python3.11 ... python3.14 beside its python3 3.9); else uv's
+# managed Python of the exact release (UV_PYTHON_INSTALL_MIRROR when set).
 rawvm_python_version=$(cat "$RAWVM_BUNDLE/python-version")
-rawvm_uv venv --quiet --no-config --allow-existing --python "$rawvm_python_version" "$RAWVM_VENV"
+rawvm_minor=$(echo "$rawvm_python_version" | cut -d. -f1,2)
+rawvm_python=""
+rawvm_version_of() { "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null; }
+for rawvm_name in "python$rawvm_minor" python3; do
+  rawvm_path=$(command -v "$rawvm_name" 2>/dev/null) || continue
+  rawvm_found=$(rawvm_version_of "$rawvm_path") || continue
+  if [ "$rawvm_found" = "$rawvm_python_version" ]; then rawvm_python=$rawvm_path; break; fi
+  case "$rawvm_found" in "$rawvm_minor".*) rawvm_python=${rawvm_python:-$rawvm_path} ;; esac
+done
+if [ -z "$rawvm_python" ] && command -v dnf >/dev/null 2>&1 \
+    && dnf install -y -q "python$rawvm_minor" >/dev/null 2>&1; then
+  rawvm_python=$(command -v "python$rawvm_minor")
+fi
+if [ -z "$rawvm_python" ]; then
+  rawvm_uv python install --quiet "$rawvm_python_version"
+  rawvm_python=$rawvm_python_version
+fi
+echo "dask-rawvm: Python $rawvm_python_version wanted; using $rawvm_python" >&2
+rawvm_uv venv --quiet --no-config --allow-existing --python "$rawvm_python" "$RAWVM_VENV"
 set --
 [ -d "$RAWVM_BUNDLE/links" ] && set -- "$@" --find-links "$RAWVM_BUNDLE/links"
 [ -n "${RAWVM_NO_INDEX:-}" ] && set -- "$@" --no-index
@@ -491,10 +511,11 @@ def install_script() -> str:
     """The POSIX shell snippet that installs an extracted bundle on a VM.
 
     It reads ``RAWVM_BUNDLE`` (the extracted bundle directory) and ``RAWVM_VENV`` (the
-    virtualenv to create), uses ``uv`` from PATH or else installs it with pip, honours
-    ``UV_CACHE_DIR``, and runs in a subshell so that its ``set -eu`` and positional parameters
-    do not leak into the surrounding script; its exit status is the install's. The steps are
-    :func:`install_commands`.
+    virtualenv to create), uses the uv at ``RAWVM_UV`` (else on PATH), picks a Python of the
+    client's minor version (the image's, its package manager's, or uv's managed one), honours
+    ``UV_CACHE_DIR`` and the index variables of its environment, and runs in a subshell so
+    that its ``set -eu`` and positional parameters do not leak into the surrounding script; its
+    exit status is the install's. The steps are :func:`install_commands`.
 
     Returns
     -------
@@ -507,8 +528,9 @@ def install_script() -> str:
 def install_commands() -> list[str]:
     """What the VM runs, step by step (documentation of :func:`install_script`)."""
     return [
-        "command -v uv || python3 -m pip install --user uv",
-        'uv venv --python "$(cat $RAWVM_BUNDLE/python-version)" "$RAWVM_VENV"',
+        'uv="$RAWVM_UV"  # fetched from the cluster\'s store by the boot script',
+        "python=python3.X of the client's minor (image, dnf, or `uv python install X.Y.Z`)",
+        'uv venv --python "$python" "$RAWVM_VENV"',
         'uv pip sync --python "$RAWVM_VENV/bin/python" "$RAWVM_BUNDLE/requirements.txt"',
         'uv pip install --no-deps --python "$RAWVM_VENV/bin/python" "$RAWVM_BUNDLE"/wheels/*.whl',
     ]
