@@ -485,16 +485,13 @@ def _rule_conda(pin: PackagePin, target: Target, spec: EnvironmentSpec) -> _Outc
     if pin.source != "conda":
         return None
     if not pin.python:
-        reason = (
-            f"conda package {pin.conda_name} has no Python code, so no PyPI counterpart; conda "
-            "channels are not reachable from the VMs' installer (conda solving is not supported "
-            "yet)"
+        # No PyPI counterpart: it leaves the PyPI requirements, and the conda step
+        # (dask_rawvm.environment.conda) solves it for the target and installs it on the VMs.
+        return _Outcome(
+            None,
+            f"conda package {pin.conda_name} has no Python code: installed on the VMs from its "
+            f"conda channel, solved for {target.describe()} (py-rattler), not from PyPI",
         )
-        fix = (
-            f"environment_ignore=[{pin.conda_name!r}] and provide it in the VM image, "
-            "or depend on a PyPI package that bundles it"
-        )
-        return _Outcome(None, reason, Problem(pin.conda_name or pin.name, reason, fix))
     renamed = f" as {pin.name}" if pin.name != pin.conda_name else ""
     return _Outcome(
         replace(pin, source="index"),
