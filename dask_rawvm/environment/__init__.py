@@ -22,6 +22,7 @@ from dask_rawvm.environment.bundle import (
     install_script,
     write_wheel,
 )
+from dask_rawvm.environment.conda import lock_conda_for
 from dask_rawvm.environment.indexes import read_index_config
 from dask_rawvm.environment.inventory import installed_distribution, inventory_environment
 from dask_rawvm.environment.lock import (
@@ -140,5 +141,6 @@ def prepare_environment(
     spec = resolve_environment_spec(environment, ignore=ignore, local_code=local_code)
     translation = translate_environment(spec, target, extra=worker_packages(worker))
     lock = lock_environment(translation, cache_dir=cache_dir, resolver=resolver)
-    bundle = build_bundle(lock, cache_dir=cache_dir)
+    conda = lock_conda_for(spec, target, cache_dir)
+    bundle = build_bundle(lock, cache_dir=cache_dir, conda=conda)
     return dataclasses.replace(bundle, expected=translation.expected_versions())

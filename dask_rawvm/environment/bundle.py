@@ -6,6 +6,7 @@ Layout of a bundle directory (and of its ``.tar.gz``)::
     python-version     "3.11.7" (or "3.11" for another minor), read by the install script
     requirements.txt   exact pins (``uv pip sync``), no index options
     links/*.whl        (optional) pinned wheels only this machine's indexes have
+    conda/             (optional) conda-only packages: lock, installer, local package files
     wheels/*.whl       local code: dask-rawvm's own, editable projects, loose modules, wheels
 
 The bundle holds no index settings and no credentials: the VM's install step gets the index
@@ -35,6 +36,7 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from dask_rawvm.environment.conda import CondaLock
 from dask_rawvm.environment.inventory import loose_module_files, package_files
 from dask_rawvm.environment.lock import Lock, default_cache_dir, uv_binary, uv_environment
 from dask_rawvm.environment.spec import LocalCode
@@ -147,13 +149,20 @@ def _bundle_files(root: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_bundle(lock: Lock, *, cache_dir: str | os.PathLike[str] | None = None) -> Bundle:
+def build_bundle(
+    lock: Lock,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    conda: CondaLock | None = None,
+) -> Bundle:
     """Build local wheels for the lock's target and assemble the bundle.
 
     Parameters
     ----------
     lock : Lock
         From :func:`~dask_rawvm.environment.lock.lock_environment`.
+    conda : CondaLock, optional
+        The environment's conda-only packages (``conda/`` in the bundle).
     cache_dir : path-like, optional
         Cache root (see :func:`~dask_rawvm.environment.lock.default_cache_dir`).
 
@@ -185,6 +194,8 @@ def build_bundle(lock: Lock, *, cache_dir: str | os.PathLike[str] | None = None)
             links = _mkdir(staging / "links")
             for wheel in lock.links:
                 shutil.copyfile(wheel, links / wheel.name)
+        if conda is not None:
+            conda.write_into(staging)
         manifest = _manifest(staging, lock)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
         digest = _digest(manifest)

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,8 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-from dask_rawvm.environment.inventory import PackagePin
 from dask_rawvm.environment.lock import default_cache_dir
+from dask_rawvm.environment.spec import EnvironmentSpec, PackagePin
 from dask_rawvm.environment.target import Target
 from dask_rawvm.environment.translate import EnvironmentTranslationError, Problem
 
@@ -422,6 +423,34 @@ def effective_channels(channels: Iterable[str], packages: Iterable[CondaPackage]
 # --------------------------------------------------------------------------------------------
 # Locking
 # --------------------------------------------------------------------------------------------
+
+
+def lock_conda_for(
+    spec: EnvironmentSpec, target: Target, cache_dir: str | os.PathLike[str] | None = None
+) -> CondaLock | None:
+    """The conda lock of an environment's conda-only packages for ``target`` (None: none).
+
+    Their exact builds and channels come from where the spec came from: the running
+    environment's ``conda-meta``, or the ``conda-lock.yml`` it was read from.
+    """
+    pins = conda_only_pins(spec.packages, spec.ignore)
+    if not pins:
+        return None
+    if spec.origin == "local":
+        have = read_prefix_packages(sys.prefix)
+    else:
+        have = read_conda_lock_packages(spec.origin)
+    missing = [p.conda_name or p.name for p in pins if (p.conda_name or p.name) not in have]
+    if missing:
+        raise CondaEnvironmentError(
+            [
+                Problem(name, f"no conda record of {name} in {spec.origin}", "reinstall it")
+                for name in missing
+            ],
+            target,
+        )
+    packages = [have[p.conda_name or p.name] for p in pins]
+    return lock_conda(packages, target, channels=spec.conda_channels, cache_dir=cache_dir)
 
 
 def lock_conda(
