@@ -25,6 +25,7 @@ from dask_rawvm.environment.inventory import (
     redact_url,
 )
 from dask_rawvm.environment.target import Target
+from dask_rawvm.errors import RawVMError
 
 Action = Literal["keep", "rewrite", "drop", "add", "note"]
 
@@ -60,7 +61,7 @@ class Problem:
         return asdict(self)
 
 
-class EnvironmentTranslationError(ValueError):
+class EnvironmentTranslationError(RawVMError, ValueError):
     """The environment cannot be reproduced on the target; raised before any VM launches.
 
     Attributes
