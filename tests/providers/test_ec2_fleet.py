@@ -353,6 +353,7 @@ async def test_an_error_no_failover_fixes_is_one_clear_provider_error(
     assert fix in str(raised.value)
     assert isinstance(raised.value, FleetLaunchError) and raised.value.result.instances == []
     assert idle_cloud.calls == {"CreateFleet": 1}
+    assert raised.value.code == code  # EC2's code, kept on the exception
 
 
 async def test_spot_quota_falls_back_but_is_fatal_without_fallback(

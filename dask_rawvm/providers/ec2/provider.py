@@ -308,7 +308,8 @@ class EC2Provider(Provider):
                 self._ask_later(spec, launch, result.missing, on_late, on_gave_up)
             elif on_gave_up is not None:  # nobody will ask: given up already
                 asyncio.get_running_loop().call_soon(on_gave_up)
-        return [_launched_machine(i) for i in result.instances]
+        tags = self.tags(spec.role, spec.tags)
+        return [_launched_machine(i, tags) for i in result.instances]
 
     async def _fleet_launcher(self, spec: LaunchSpec) -> Callable[..., Awaitable[FleetResult]]:
         """``launch_fleet`` with everything bound but the count and the retry timeout."""
@@ -349,7 +350,7 @@ class EC2Provider(Provider):
         on_gave_up: OnGaveUp | None,
     ) -> None:
         def landed(instances: list[LaunchedInstance]) -> None:
-            on_late([_launched_machine(i) for i in instances])
+            on_late([_launched_machine(i, self.tags(spec.role, spec.tags)) for i in instances])
 
         topup = FleetTopUp(launch, missing, self.capacity_retry_timeout, landed).start()
         self._topups[spec.batch] = topup
@@ -442,9 +443,10 @@ class EC2Provider(Provider):
         """Remove everything tagged with ``cluster`` (:meth:`EC2Account.remove_cluster`);
         return the instances terminated."""
         removed = await self.account.remove_cluster(cluster)
-        if cluster == self.cluster:
+        if cluster == self.cluster:  # what it made is gone: a later launch makes it anew
             self.bucket = None
             self.security_group = None
+            self._template = None
         return removed.get("instances", [])
 
     def cleanup_blocking(self) -> list[str]:
@@ -499,8 +501,8 @@ class EC2Provider(Provider):
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring GET URL for a stored file; presigning is local, no API call."""
-        if self.bucket is None:
-            raise ProviderError(f"nothing stored for {self.cluster} yet: store() {key} first")
+        if self.bucket is None:  # a URL of something stored later (a name map)
+            self.bucket = await self._create_bucket()
         params = {"Bucket": self.bucket, "Key": key}
         return str(
             await self.clients.s3.generate_presigned_url(
@@ -551,8 +553,9 @@ class EC2Provider(Provider):
         )
 
 
-def _launched_machine(instance: LaunchedInstance) -> Machine:
-    """A machine just launched: no address yet (``describe`` has it once it is running)."""
+def _launched_machine(instance: LaunchedInstance, tags: dict[str, str]) -> Machine:
+    """A machine just launched, tagged as its template tags it: no address yet
+    (``describe`` has it once it is running)."""
     return Machine(
         id=instance.id,
         launch_index=0,
@@ -560,6 +563,7 @@ def _launched_machine(instance: LaunchedInstance) -> Machine:
         vm_type=instance.vm_type,
         zone=instance.zone,
         market="spot" if instance.market == "spot" else "on-demand",
+        tags=dict(tags),
     )
 
 
