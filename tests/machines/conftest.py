@@ -12,6 +12,7 @@ from memory_provider import Parts, make_parts
 @pytest.fixture
 def parts_factory() -> Callable[..., Awaitable[Parts]]:
     """Opened parts: ``await parts_factory(names_after_launch=..., **options)``."""
+
     async def factory(names_after_launch: bool = True, **options: Any) -> Parts:
         parts = make_parts(names_after_launch, **options)
         await parts.session.open()

@@ -51,7 +51,7 @@ async def test_by_launch_index_each_run_of_consecutive_names_is_one_request(
 
 
 async def test_the_scheduler_boots_the_providers_metadata_prelude(parts: Parts) -> None:
-    parts.provider.boot_prelude = lambda: 'INSTANCE_ID=from-the-provider\n'  # type: ignore[method-assign]
+    parts.provider.boot_prelude = lambda: "INSTANCE_ID=from-the-provider\n"  # type: ignore[method-assign]
     await parts.launcher.launch_scheduler()
     (spec,) = parts.provider.launches
     assert spec.role == "scheduler" and spec.count == 1

@@ -61,9 +61,7 @@ def test_the_readme_table_documents_every_option() -> None:
     readme = (PACKAGE.parent / "README.md").read_text()
     table = readme.split("| option | default | what it does |", 1)[1].split("\n\n", 1)[0]
     documented = {
-        name
-        for row in table.splitlines()[2:]
-        for name in re.findall(r"`(\w+)`", row.split("|")[1])
+        name for row in table.splitlines()[2:] for name in re.findall(r"`(\w+)`", row.split("|")[1])
     }
     assert documented == OPTIONS | SPEC_CLUSTER_KEYWORDS
 

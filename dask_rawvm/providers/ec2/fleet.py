@@ -604,8 +604,8 @@ async def launch_fleet(
     template
         From :func:`ensure_launch_template`.
     candidates
-        Instance types, best first: :class:`~dask_rawvm.providers.ec2.catalog.VMType` (its usage classes
-        are honoured) or ``(name, arch)``.
+        Instance types, best first: :class:`~dask_rawvm.providers.ec2.catalog.VMType` (its
+        usage classes are honoured) or ``(name, arch)``.
     subnets
         ``(subnet_id, zone)`` pairs to launch into.
     count
