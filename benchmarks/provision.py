@@ -40,7 +40,7 @@ from aiobotocore.session import get_session
 from dask_rawvm import RawVMCluster
 from dask_rawvm.environment import bootstrap
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
-from dask_rawvm.providers.aws import AMI_PARAMETER
+from dask_rawvm.providers.ec2.provider import AMI_PARAMETER
 
 OPTIONS: dict[str, Any] = {
     "scheduler": "local",

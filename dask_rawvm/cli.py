@@ -6,14 +6,19 @@ Thin over the library: each command parses its options and calls one function.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import threading
 from collections.abc import Callable
 
 import click
+import yaml
 
+from dask_rawvm.config import resolve_options
+from dask_rawvm.demo import run_demo
 from dask_rawvm.environment.report import env_command
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+from dask_rawvm.providers.ec2.account import list_clusters, remove_clusters
 
 
 @click.group(name="rawvm")
@@ -33,8 +38,6 @@ def main() -> None:
 )
 def demo(workers: int, maximum: int, scheduler: str) -> None:
     """Run a real cluster on the local cloud: boot, compute, adapt, scale down, tear down."""
-    from dask_rawvm.demo import run_demo
-
     raise SystemExit(run_demo(workers, maximum, scheduler, echo=click.echo))
 
 
@@ -66,12 +69,6 @@ def localcloud(port: int, region: str, boot_delay: float) -> None:
 @click.option("--config-name", default=None, help="Section of rawvm in dask's config.")
 def config(config_name: str | None) -> None:
     """Print the options a RawVMCluster would run with, resolved from dask's config."""
-    import dataclasses
-
-    import yaml
-
-    from dask_rawvm.config import resolve_options
-
     options = resolve_options(config_name)
     values = {
         f.name.replace("_", "-"): getattr(options, f.name) for f in dataclasses.fields(options)
@@ -94,8 +91,6 @@ def _cloud_options(command: Callable[..., None]) -> Callable[..., None]:
 @_cloud_options
 def ls(endpoint_url: str | None, region: str | None) -> None:
     """List dask-rawvm clusters in a region and the resources each one has."""
-    from dask_rawvm.admin import list_clusters
-
     clusters = asyncio.run(list_clusters(endpoint_url, region))
     if not clusters:
         click.echo("no dask-rawvm resources")
@@ -112,8 +107,6 @@ def down(
     names: tuple[str, ...], everything: bool, endpoint_url: str | None, region: str | None
 ) -> None:
     """Terminate and delete everything of the named clusters (even one whose client died)."""
-    from dask_rawvm.admin import remove_clusters
-
     if not names and not everything:
         raise click.UsageError("name the clusters to take down, or pass --all")
     removed = asyncio.run(remove_clusters(endpoint_url, region, names or None))

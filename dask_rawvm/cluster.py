@@ -1,13 +1,13 @@
 """``RawVMCluster``: a Dask cluster whose scheduler and workers are raw VMs.
 
-Knows Dask, not clouds: options come from :mod:`dask_rawvm.config`, VMs from a
-provider through :class:`dask_rawvm.machines.VMPool`.
+Knows Dask, not clouds: options come from :mod:`dask_rawvm.config`, machines from the
+provider the options name (:func:`dask_rawvm.providers.provider_for`), through the
+parts in :mod:`dask_rawvm.machines`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import html
 import logging
 import math
@@ -15,7 +15,6 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from contextlib import suppress
 from typing import Any
 
 import dask.config
@@ -29,14 +28,26 @@ from distributed.objects import SchedulerInfo
 from distributed.scheduler import Scheduler
 from distributed.utils import Log, Logs
 
-from dask_rawvm.catalog import Needs
-from dask_rawvm.config import ClusterOptions, resolve_options
-from dask_rawvm.cost import affordable_count, check_budget
-from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
-from dask_rawvm.machines import WORKER_PREFIX, SchedulerVM, VMPool, WorkerVM
-from dask_rawvm.progress import Progress
-from dask_rawvm.providers import Provider, create_provider
-from dask_rawvm.providers.aws import MAX_IDS_PER_CALL, AWSProvider, live_instances_sync
+from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options
+from dask_rawvm.errors import OptionError
+from dask_rawvm.machines import (
+    BootWatch,
+    ClusterStore,
+    Launcher,
+    Ledger,
+    Limits,
+    ProviderSession,
+    RunningCluster,
+    SchedulerVM,
+    Settings,
+    WorkerNames,
+    WorkerVM,
+    is_worker_name,
+    preflight,
+    worker_index,
+)
+from dask_rawvm.progress import Progress, Reporter
+from dask_rawvm.providers import Provider, provider_for
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +76,7 @@ class RawVMAdaptive(Adaptive):
 
 
 class RawVMCluster(SpecCluster):
-    """A Dask cluster on raw VMs: EC2, any EC2-compatible endpoint, or the local cloud.
+    """A Dask cluster on raw VMs: EC2, any EC2-compatible endpoint, the local cloud, SSH hosts.
 
     Used where ``LocalCluster`` is: as a context manager, sync or with
     ``asynchronous=True``, with ``scale``, ``adapt``, ``get_client`` and ``close``.
@@ -83,7 +94,8 @@ class RawVMCluster(SpecCluster):
         ``"aws"``, or a profile). See :func:`dask_rawvm.config.resolve_options`.
     provider
         ``"local"`` starts and owns an embedded :class:`~dask_rawvm.localcloud.LocalCloud`;
-        ``"aws"`` uses EC2 (or ``endpoint_url``).
+        ``"aws"`` uses EC2 (or ``endpoint_url``); ``"ssh"`` uses ``hosts``
+        (:data:`dask_rawvm.providers.PROVIDERS`).
     name
         Cluster name; every resource is tagged with it. Random when not given.
     region, endpoint_url
@@ -147,9 +159,17 @@ class RawVMCluster(SpecCluster):
         CIDRs that may reach the scheduler and dashboard ports (the cluster's own
         security group); this machine's public address by default, never 0.0.0.0/0
         unless given.
+    tls
+        Mutual TLS on every Dask connection with a CA made for the cluster (default);
+        ``False`` for plain TCP.
     hosts, workers_per_host, connect_options
         ``provider="ssh"``: the machines (``"user@host"``, ``"host:2222"``), how
         many workers each may run, and extra ``asyncssh.connect`` options.
+    progress
+        Live progress while starting: ``True``/``False`` to force it on or off; by
+        default shown in a terminal or Jupyter only.
+    launch_window
+        Launches (and terminations) asked for within this long go out as one call.
     **kwargs
         Passed to :class:`distributed.deploy.spec.SpecCluster` (``asynchronous``,
         ``loop``, ``security``, ``shutdown_on_close``, ``silence_logs``).
@@ -199,73 +219,52 @@ class RawVMCluster(SpecCluster):
         hosts: list[str] | None = None,
         workers_per_host: int | None = None,
         connect_options: dict[str, Any] | None = None,
+        progress: bool | None = None,
+        launch_window: float | str | None = None,
         **kwargs: Any,
     ) -> None:
-        self.options: ClusterOptions = resolve_options(
-            config_name,
-            provider=provider,
-            name=name,
-            region=region,
-            endpoint_url=endpoint_url,
-            scheduler=scheduler,
-            scheduler_vm_type=scheduler_vm_type,
-            worker_vm_type=worker_vm_type,
-            worker_vm_types=worker_vm_types,
-            spot_policy=spot_policy,
-            zone=zone,
-            capacity_retry_timeout=capacity_retry_timeout,
-            ami=ami,
-            worker_nthreads=worker_nthreads,
-            worker_memory_limit=worker_memory_limit,
-            death_timeout=death_timeout,
-            idle_timeout=idle_timeout,
-            scheduler_timeout=scheduler_timeout,
-            boot_delay=boot_delay,
-            tags=tags,
-            environment=environment,
-            environment_ignore=environment_ignore,
-            environment_resolver=environment_resolver,
-            max_workers=max_workers,
-            worker_cpu=worker_cpu,
-            worker_memory=worker_memory,
-            worker_gpu=worker_gpu,
-            arm=arm,
-            max_hourly_cost=max_hourly_cost,
-            allow_ingress_from=allow_ingress_from,
-            tls=tls,
-            hosts=hosts,
-            workers_per_host=workers_per_host,
-            connect_options=connect_options,
-        )
+        # The keywords above are the options (a test holds them to ClusterOptions):
+        # passed on by name, so each is written once here.
+        given = {key: value for key, value in locals().items() if key in OPTION_NAMES}
+        self.settings = Settings(resolve_options(config_name, **given))
+        options = self.settings.options
         if n_workers < 0:
-            raise ValueError(f"n_workers={n_workers} must be 0 or more")
-        if self.options.tls and kwargs.get("security") is not None:
-            raise ValueError(
+            raise OptionError(f"n_workers={n_workers} must be 0 or more")
+        if options.tls and kwargs.get("security") is not None:
+            raise OptionError(
                 "security= and tls=True both set the cluster's TLS: dask-rawvm makes a CA "
                 "for each cluster and gives every VM and this client a certificate from it. "
                 "Drop security=, or pass tls=False to run plain TCP"
             )
-        self._check_limit(n_workers)
-        if not kwargs.get("shutdown_on_close", True) and self.options.provider == "local":
-            raise ValueError(
-                "shutdown_on_close=False needs a cloud that outlives this process, and an "
-                "embedded local cloud does not: run `dask-rawvm localcloud` and pass "
-                "endpoint_url=..., or use provider='aws'"
-            )
         self._n_workers = n_workers
-        self.cluster_name = self.options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
-        self.cloud: LocalCloud | None = None
-        self.pool = VMPool(self.cluster_name, self.options)
-        self.pool.on_gave_up = self._forget_unlaunched
-        self._next_index = 0
+        self.cluster_name = options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
+        self.ledger = Ledger()
+        self.session = ProviderSession(
+            provider_for(options, self.cluster_name), self.cluster_name, self.ledger
+        )
+        self.limits = Limits(self.settings, self.session, self.ledger)
+        self.limits.check(n_workers, 0)
+        if not kwargs.get("shutdown_on_close", True):
+            self.session.unopened.check_outlives_client()
+        self.store = ClusterStore(self.cluster_name, self.session)
+        self.launcher = Launcher(
+            self.cluster_name,
+            self.settings,
+            self.session,
+            self.store,
+            self.ledger,
+            on_gave_up=self._forget_unlaunched,
+        )
+        self.watch = BootWatch(self.session, self.ledger)
+        self._report = Reporter()
+        self.names = WorkerNames()
+        self._running: RunningCluster | None = None  # the cluster reconnected to, if any
         self._launched: set[str] = set()
-        worker = {"cls": WorkerVM, "options": {"pool": self.pool}}
-        workers = {self._take_name(): worker for _ in range(n_workers)}
-        # An unclosed cluster's VMs are terminated at garbage collection or exit. A
-        # local cloud needs no sweep: it halts its VMs when it goes.
-        self._finalizer = weakref.finalize(self, _terminate_leftovers, self.pool)
-        if self.options.provider == "local":
-            self._finalizer.detach()
+        worker = {"cls": WorkerVM, "options": {"launcher": self.launcher, "ledger": self.ledger}}
+        workers = {self.names.take(): worker for _ in range(n_workers)}
+        # An unclosed cluster's VMs are terminated at garbage collection or exit, by the
+        # provider's own synchronous means (the event loop may be gone by then).
+        self._finalizer = weakref.finalize(self, self.session.sweep_blocking)
         try:
             super().__init__(
                 workers=workers,
@@ -276,133 +275,92 @@ class RawVMCluster(SpecCluster):
             )
         except BaseException:
             # SpecCluster leaves its event loop thread running when start fails.
-            with suppress(Exception):
+            try:
                 self._loop_runner.stop()
+            except Exception as e:
+                logger.warning(
+                    "stopping the event loop of failed cluster %s: %s", self.cluster_name, e
+                )
             raise
+
+    @property
+    def options(self) -> ClusterOptions:
+        """The options the cluster runs with (the worker types as preflight chose them)."""
+        return self.settings.options
+
+    @property
+    def provider(self) -> Provider:
+        """Where the cluster's machines come from (started with the cluster)."""
+        return self.session.unopened
 
     def _scheduler_spec(self) -> dict[str, Any]:
         if self.options.scheduler == "local":
-            # In this process: VMs of the local cloud reach loopback; VMs of a real
-            # cloud reach this machine only from inside its network.
-            host = "127.0.0.1" if self.options.provider == "local" else "0.0.0.0"
-            options = {"host": host, "dashboard_address": ":0", "protocol": self.pool.scheme}
+            options: dict[str, Any] = {
+                "host": self.session.unopened.in_process_scheduler_host,
+                "dashboard_address": ":0",
+                "protocol": self.settings.scheme,
+            }
             return {"cls": Scheduler, "options": options}
-        return {"cls": SchedulerVM, "options": {"pool": self.pool}}
-
-    # -- names -----------------------------------------------------------------------
-    def _take_name(self) -> str:
-        name = f"{WORKER_PREFIX}{self._next_index}"
-        self._next_index += 1
-        return name
+        options = {
+            "settings": self.settings,
+            "launcher": self.launcher,
+            "watch": self.watch,
+            "store": self.store,
+            "report": self._report,
+        }
+        return {"cls": SchedulerVM, "options": options}
 
     def new_worker_spec(self) -> dict[str, Any]:
         """The next worker: a name never used before in this cluster."""
-        return {self._take_name(): self.new_spec}
+        return {self.names.take(): self.new_spec}
 
     # -- start and stop -------------------------------------------------------------
     async def _start(self) -> None:
-        if self.pool.provider is not None or self.status != Status.created:
+        if self.session.is_open or self.status != Status.created:
             await super()._start()
             return
         progress = Progress(f"RawVMCluster {self.cluster_name}", self.options.progress)
-        self.pool.report = progress.update
-        try:
-            progress.update(stage="checking the machines and building the environment")
-            await self._start_provider()
-        except BaseException:
-            self.status = Status.failed
-            progress.close()
-            await self._release_cloud()
-            raise
-        try:
+        with self._report.showing(progress):
+            try:
+                progress.update(stage="checking the machines and building the environment")
+                await self._open_provider()
+            except BaseException:
+                self.status = Status.failed
+                raise
             await super()._start()
-            if self.pool.adopted_workers:
-                await self._adopt_workers()
+            if self._running is not None and self._running.workers:
+                await self._adopt_workers(self._running)
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
-        finally:
-            progress.close()
-            self.pool.report = lambda **fields: None
 
-    async def _start_provider(self) -> None:
-        options = self.options
-        endpoint_url, credentials = options.endpoint_url, None
-        if options.provider == "local":
-            self.cloud = LocalCloud(
-                region=options.region or "us-east-1", boot_delay=options.boot_delay
-            )
-            await asyncio.to_thread(self.cloud.start)
-            endpoint_url, credentials = self.cloud.endpoint_url, CREDENTIALS
-        provider = create_provider(options, self.cluster_name, endpoint_url, credentials)
-        self.pool.provider = provider
+    async def _open_provider(self) -> None:
+        """Open the provider and check everything before anything launches; on any error,
+        remove what was made meanwhile (the bundle's bucket) and close it again."""
         try:
-            await provider.start()
-            provider.check_capacity(self._n_workers)
-            if options.name is not None:
-                await self.pool.find_running(provider)
-            await self._preflight(provider)
+            await self.session.open()
+            self.session.provider.check_capacity(self._n_workers)
+            if self.options.name is not None:
+                self._running = await self.session.find_running()
+                if self._running is not None and self.options.scheduler == "vm":
+                    self.scheduler_spec["options"]["machine"] = self._running.scheduler
+            await preflight(self.session, self.settings, self.store, self.limits, self._n_workers)
             await self._prepare_tls()
         except BaseException:
-            with suppress(Exception):
-                await self.pool.close()  # what preflight stored (the bundle's bucket)
-            await provider.close()
-            self.pool.provider = None
+            await self.session.close(terminate=True)
             raise
-
-    async def _preflight(self, provider: Provider) -> None:
-        """Every problem we can see is raised here, before any VM is launched."""
-        await self._choose_worker_types(provider)
-        options = self.options
-        roles = {"worker": options.worker_vm_type}
-        if options.scheduler == "vm":
-            roles["scheduler"] = options.scheduler_vm_type
-        await provider.preflight(roles)
-        self._check_budget(self._n_workers, provider)
-        if options.environment is not None:
-            targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
-            await self.pool.prepare_environments(targets)
-
-    async def _choose_worker_types(self, provider: Provider) -> None:
-        """The worker types, best first: named, or the cheapest that meet the needs.
-
-        Every candidate must run the same environment (architecture and accelerator)
-        as the first: the workers' environment is built once, for one platform.
-        """
-        options = self.options
-        needs = (options.worker_cpu, options.worker_memory, options.worker_gpu, options.arm)
-        if options.worker_vm_types:
-            candidates = await provider.choose(names=list(options.worker_vm_types))
-        elif any(need is not None for need in needs):
-            candidates = await provider.choose(needs=Needs.from_options(*needs))
-        else:
-            return
-        target = provider.target_for(candidates[0])
-        others = [t for t in candidates if provider.target_for(t) != target]
-        if others and options.worker_vm_types:
-            raise ValueError(
-                f"worker_vm_types mixes platforms: {others} do not run the {target.arch}/"
-                f"{target.accelerator} environment of {candidates[0]}; the workers share one "
-                "environment, so list types of one architecture (and all GPU or all CPU)"
-            )
-        candidates = [t for t in candidates if t not in others]
-        self.options = self.pool.options = dataclasses.replace(
-            options, worker_vm_type=candidates[0], worker_vm_types=candidates
-        )
-        logger.info("worker VM types, best first: %s", ", ".join(candidates))
 
     async def _prepare_tls(self) -> None:
         """The cluster's certificates: new ones, or those of the cluster we reconnect to."""
         if not self.options.tls:
             return
-        if self.pool.adopted_scheduler is not None:
-            await self.pool.reuse_tls()
+        if self._running is not None:
+            self.security = await self.store.reuse_tls()
         else:
-            await self.pool.prepare_tls()
-        self.security = self.pool.security
+            self.security = await self.store.create_tls()
         if self.options.scheduler == "local":
             # The in-process scheduler presents the scheduler VM role's certificate.
-            self.scheduler_spec["options"]["security"] = self.pool.scheduler_security
+            self.scheduler_spec["options"]["security"] = self.store.scheduler_security
 
-    async def _adopt_workers(self) -> None:
+    async def _adopt_workers(self, running: RunningCluster) -> None:
         """Take over the workers of the running cluster we reconnected to.
 
         Workers are matched to their VMs by address; the spec becomes the adopted
@@ -410,19 +368,19 @@ class RawVMCluster(SpecCluster):
         """
         assert self.scheduler_comm is not None
         identity = await self.scheduler_comm.identity()
-        by_ip = {m.private_ip: m for m in self.pool.adopted_workers}
+        by_ip = {m.private_ip: m for m in running.workers}
         contact = getattr(self.scheduler, "contact_address", None) or self.scheduler_address
         adopted: dict[str, WorkerVM] = {}
         for address, info in identity.get("workers", {}).items():
             name = str(info.get("name"))
             machine = by_ip.get(get_address_host(address))
-            if machine is None or not name.startswith(WORKER_PREFIX):
+            if machine is None or not is_worker_name(name):
                 continue
-            adopted[name] = WorkerVM.adopt(contact, name, self.pool, machine)
-            self._next_index = max(self._next_index, self._index(name) + 1)
+            adopted[name] = WorkerVM.adopt(contact, name, self.launcher, self.ledger, machine)
+            self.names.seen(name)
         fresh = max(0, self._n_workers - len(adopted))
         self.worker_spec = {name: self.new_spec for name in adopted}
-        self.worker_spec.update({self._take_name(): self.new_spec for _ in range(fresh)})
+        self.worker_spec.update({self.names.take(): self.new_spec for _ in range(fresh)})
         self.workers.update(adopted)
         self._launched.update(adopted)
         logger.info("reconnected to %s: adopted workers %s", self.cluster_name, sorted(adopted))
@@ -434,13 +392,9 @@ class RawVMCluster(SpecCluster):
         try:
             await super()._close()
         finally:
-            with suppress(Exception):
-                leftovers = await self.pool.close()
-                if leftovers:
-                    logger.info(
-                        "terminated %d leftover VM(s) of %s", len(leftovers), self.cluster_name
-                    )
-            await self._release_cloud()
+            leftovers = await self.session.close(terminate=True)
+            if leftovers:
+                logger.info("terminated %d leftover VM(s) of %s", len(leftovers), self.cluster_name)
             self._finalizer.detach()
 
     async def _disconnect(self) -> None:
@@ -454,16 +408,10 @@ class RawVMCluster(SpecCluster):
             worker.status = Status.closed  # this object's handle, not the VM
         if self.scheduler_comm is not None:
             await self.scheduler_comm.close_rpc()
-        if self.pool.provider is not None:
-            await self.pool.provider.close()
-            self.pool.provider = None
+        await self.session.close(terminate=False)
         self._finalizer.detach()
         logger.info("left cluster %s running (shutdown_on_close=False)", self.cluster_name)
         await Cluster._close(self)
-
-    async def _release_cloud(self) -> None:
-        if self.cloud is not None:
-            await asyncio.to_thread(self.cloud.close)
 
     # -- scaling ---------------------------------------------------------------------
     def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
@@ -472,46 +420,9 @@ class RawVMCluster(SpecCluster):
         The workers removed are those not yet connected, then those holding the
         least data.
         """
-        self._check_limit(n)
+        self.limits.check(n, len(self.worker_spec))
         self._order_by_value()
         return super().scale(n, memory=memory, cores=cores)
-
-    def _check_budget(self, n: int, provider: Provider | None = None) -> None:
-        """Refuse a size whose estimated cost would pass ``max_hourly_cost``; say the estimate."""
-        provider = provider or self.pool.provider
-        if provider is None:
-            return
-        options = self.options
-        worker_price = self._worker_price(provider)
-        running = self.pool.meter.cost_per_hour()
-        if self.pool.meter.running():
-            added = worker_price * max(0, n - len(self.worker_spec))
-        else:  # nothing launched yet: the scheduler VM is part of what is about to be
-            scheduler = options.scheduler == "vm"
-            added = worker_price * n + (
-                provider.hourly_price(options.scheduler_vm_type, "on-demand") if scheduler else 0
-            )
-        if added:
-            logger.info("estimated cost: +$%.3f/h (now $%.3f/h)", added, running)
-        check_budget(running, added, options.max_hourly_cost)
-
-    def _worker_price(self, provider: Provider) -> float:
-        """USD per hour of a worker VM at worst: the dearest candidate type, on-demand."""
-        types = self.options.worker_vm_types or [self.options.worker_vm_type]
-        return max(provider.hourly_price(t, "on-demand") for t in types)
-
-    def _check_limit(self, n: int) -> None:
-        """Refuse a size over ``max_workers`` or the provider's capacity, before any launch."""
-        limit = self.options.max_workers
-        if limit is not None and n > limit:
-            raise ValueError(
-                f"asked for {n} workers, over max_workers={limit}: ask for fewer, or raise "
-                "max_workers (in the call or the rawvm config)"
-            )
-        provider = getattr(getattr(self, "pool", None), "provider", None)
-        if provider is not None:
-            provider.check_capacity(n)
-            self._check_budget(n, provider)
 
     def _order_by_value(self) -> None:
         """Re-order the worker spec so the cheapest workers to lose come last.
@@ -525,15 +436,9 @@ class RawVMCluster(SpecCluster):
         # Connected before not connected, more data before less, older before newer.
         order = sorted(
             self.worker_spec,
-            key=lambda n: (n not in managed, -managed.get(n, 0), self._index(n)),
+            key=lambda n: (n not in managed, -managed.get(n, 0), worker_index(n)),
         )
         self.worker_spec = {name: self.worker_spec[name] for name in order}
-
-    @staticmethod
-    def _index(name: str) -> int:
-        return (
-            int(str(name).removeprefix(WORKER_PREFIX)) if str(name).startswith(WORKER_PREFIX) else 0
-        )
 
     async def _correct_state_internal(self) -> None:
         to_close = set(self.workers) - set(self.worker_spec)
@@ -580,11 +485,9 @@ class RawVMCluster(SpecCluster):
         """
         for name in [n for n in self.worker_spec if n in self._launched and n not in self.workers]:
             spec = self.worker_spec.pop(name)
-            self.worker_spec[self._take_name()] = spec
+            self.worker_spec[self.names.take()] = spec
             self._launched.discard(name)
-            machine = self.pool.assigned.get(name)
-            if machine is not None and machine.market == "spot":
-                self.pool.replace_on_demand += 1
+            self.launcher.replace_lost(name)
 
     def _forget_unlaunched(self, names: list[str]) -> None:
         """Workers whose VMs never found capacity leave the spec: the cluster goes without.
@@ -618,25 +521,10 @@ class RawVMCluster(SpecCluster):
 
         Same parameters as :meth:`distributed.deploy.spec.SpecCluster.adapt`; the
         default :class:`RawVMAdaptive` gives idle VMs back within seconds and
-        terminates only workers that retired.
+        terminates only workers that retired. ``maximum`` is clamped to
+        ``max_workers``, the provider's capacity and what ``max_hourly_cost`` allows.
         """
-        provider = self.pool.provider
-        ceiling = min(
-            self.options.max_workers or math.inf,
-            provider.capacity if provider else math.inf,
-        )
-        if provider is not None:
-            price = self._worker_price(provider)
-            more = affordable_count(
-                self.pool.meter.cost_per_hour(), price, self.options.max_hourly_cost
-            )
-            if more is not None:
-                ceiling = min(ceiling, len(self.workers) + more)
-        if maximum > ceiling:
-            logger.info(
-                "adapt maximum %s clamped to %s (max_workers, capacity, budget)", maximum, ceiling
-            )
-            maximum = ceiling
+        maximum = self.limits.adapt_maximum(maximum, len(self.workers))
         return super().adapt(
             Adaptive,
             minimum,
@@ -664,8 +552,7 @@ class RawVMCluster(SpecCluster):
         The ``job_script()`` of this project: what runs on the VM, and nothing secret.
         """
         contact = getattr(self.scheduler, "contact_address", None) or self.scheduler_address
-        name = f"{WORKER_PREFIX}{self._next_index}"
-        return self.sync(self.pool.worker_user_data, contact, [name])
+        return self.sync(self.launcher.worker_user_data, contact, [self.names.next_name])
 
     async def _get_logs(
         self, cluster: bool = True, scheduler: bool = True, workers: Any = True
@@ -676,12 +563,12 @@ class RawVMCluster(SpecCluster):
             logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
         machine = getattr(self.scheduler, "machine", None)
         if scheduler and machine is not None:
-            logs["Scheduler"] = Log(await self.pool.console_output(machine.id))
+            logs["Scheduler"] = Log(await self.watch.console_output(machine.id))
         names = list(self.workers) if workers is True else list(workers or [])
         for name in names:
             worker = self.workers.get(name)
             if worker is not None and worker.machine is not None:
-                logs[name] = Log(await self.pool.console_output(worker.machine.id))
+                logs[name] = Log(await self.watch.console_output(worker.machine.id))
         return logs
 
     async def _wait_for_workers(self, n_workers: int = 0, timeout: Any = None) -> None:
@@ -707,7 +594,7 @@ class RawVMCluster(SpecCluster):
                 waiting = [w for n, w in self.workers.items() if n not in connected and w.machine]
                 if time.monotonic() - checked > 3:
                     checked = time.monotonic()
-                    booting = await self.pool.raise_if_dead(
+                    booting = await self.watch.raise_if_dead(
                         [w.machine for w in waiting if w.machine]
                     )
                     running = len(connected) + sum(m.state == "running" for m in booting)
@@ -715,7 +602,9 @@ class RawVMCluster(SpecCluster):
                     raise TimeoutError(
                         f"only {len(connected)} of {n_workers} workers connected within "
                         f"{timeout}; "
-                        + await self.pool.describe_waiting({w.name: w.machine for w in waiting})
+                        + await self.watch.describe_waiting(
+                            {w.name: w.machine for w in waiting}, self.launcher.waiting
+                        )
                     )
                 await asyncio.sleep(0.2)
         finally:
@@ -724,16 +613,16 @@ class RawVMCluster(SpecCluster):
     @property
     def cost_per_hour(self) -> float:
         """Estimated USD per hour of the VMs running now (list prices)."""
-        return self.pool.meter.cost_per_hour()
+        return self.ledger.cost_per_hour()
 
     @property
     def spent(self) -> float:
         """Estimated USD spent on this cluster's VMs so far (per second, 60 s minimum)."""
-        return self.pool.meter.spent()
+        return self.ledger.spent()
 
     def _vm_summary(self) -> str:
         """``3 x t3.large on-demand in us-east-1a``, one phrase per kind of VM."""
-        kinds = Counter((m.vm_type, m.market, m.zone or "?") for m in self.pool.live())
+        kinds = Counter((m.vm_type, m.market, m.zone or "?") for m in self.ledger.live())
         return ", ".join(f"{n} x {t} {mk} in {z}" for (t, mk, z), n in sorted(kinds.items()))
 
     def __repr__(self) -> str:
@@ -744,7 +633,7 @@ class RawVMCluster(SpecCluster):
         )
 
     def _waiting_note(self) -> str:
-        waiting = len(self.pool.waiting)
+        waiting = len(self.launcher.waiting)
         return f" ({waiting} waiting for capacity)" if waiting else ""
 
     def _repr_html_(self, cluster_status: Any = None) -> str:
@@ -767,32 +656,3 @@ class RawVMCluster(SpecCluster):
         )
         title = f"<h3>RawVMCluster {html.escape(self.cluster_name)}</h3>"
         return f"<div>{title}<table>{body}</table></div>"
-
-
-def _terminate_leftovers(pool: VMPool) -> None:
-    """At garbage collection or exit of an unclosed cluster: terminate its VMs.
-
-    Synchronous botocore on purpose: at interpreter exit the cluster's event loop
-    may be gone and executors refuse new work, which aiobotocore needs.
-    """
-    provider = pool.provider
-    cleanup_blocking = getattr(provider, "cleanup_blocking", None)
-    if cleanup_blocking is not None:  # a provider with its own synchronous sweep (SSH)
-        cleanup_blocking()
-        return
-    if not isinstance(provider, AWSProvider):
-        return
-    import botocore.session
-
-    ec2 = botocore.session.get_session().create_client(
-        "ec2",
-        region_name=provider.region,
-        endpoint_url=provider.endpoint_url,
-        **provider.credentials,
-    )
-    try:
-        ids = [i["InstanceId"] for i in live_instances_sync(ec2, pool.cluster)]
-        for start in range(0, len(ids), MAX_IDS_PER_CALL):
-            ec2.terminate_instances(InstanceIds=ids[start : start + MAX_IDS_PER_CALL])
-    except Exception:
-        logger.exception("could not terminate the VMs of unclosed cluster %s", pool.cluster)

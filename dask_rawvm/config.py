@@ -18,11 +18,22 @@ import dask.config
 import yaml
 from dask.utils import parse_timedelta
 
+from dask_rawvm.errors import OptionError, UnknownOptionError
+from dask_rawvm.needs import SpotPolicy, check_spot_policy
+
 _DEFAULTS = os.path.join(os.path.dirname(__file__), "rawvm.yaml")
 with open(_DEFAULTS) as f:
-    dask.config.update_defaults(yaml.safe_load(f))
+    PACKAGED: dict[str, Any] = yaml.safe_load(f)
+dask.config.update_defaults(PACKAGED)
 
-PROVIDERS = ("local", "aws", "ssh")
+#: The providers: each has a packaged section of its own name, whose ``provider`` is that
+#: name (a profile names one of them). :data:`dask_rawvm.providers.PROVIDERS` has a class
+#: for each.
+PROVIDERS = tuple(
+    name
+    for name, section in PACKAGED["rawvm"].items()
+    if isinstance(section, dict) and section.get("provider") == name
+)
 SCHEDULER_PLACEMENTS = ("vm", "local")
 
 
@@ -39,7 +50,7 @@ class ClusterOptions:
     scheduler_vm_type: str = "t3.medium"
     worker_vm_type: str = "t3.large"
     worker_vm_types: list[str] | None = None
-    spot_policy: str = "on-demand"
+    spot_policy: SpotPolicy = "on-demand"
     zone: str | list[str] | None = None
     capacity_retry_timeout: float = 600.0
     ami: str | None = None
@@ -76,7 +87,6 @@ _DURATIONS = (
     "launch_window",
     "capacity_retry_timeout",
 )
-SPOT_POLICIES = ("on-demand", "spot", "spot_with_fallback")
 
 
 def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOptions:
@@ -93,15 +103,17 @@ def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOpt
 
     Raises
     ------
-    TypeError
-        For a keyword that is not an option.
-    ValueError
+    UnknownOptionError
+        For a keyword that is not an option (a TypeError too).
+    OptionError
         For an unknown section, a key in a section that is not an option, or a
-        value outside its choices.
+        value outside its choices (a ValueError too).
     """
     unknown = set(kwargs) - set(OPTION_NAMES)
     if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options are {OPTION_NAMES}")
+        raise UnknownOptionError(
+            f"unknown option(s) {sorted(unknown)}; valid options are {OPTION_NAMES}"
+        )
     given = {k: v for k, v in kwargs.items() if v is not None}
     if config_name is None:
         config_name = _default_section(given)
@@ -127,7 +139,7 @@ def _section(config_name: str) -> dict[str, Any]:
     raw = dask.config.get(f"rawvm.{config_name}", default=None)
     if not isinstance(raw, dict):
         sections = sorted(k for k, v in dask.config.get("rawvm").items() if isinstance(v, dict))
-        raise ValueError(
+        raise OptionError(
             f"no configuration section 'rawvm.{config_name}'; known sections: {sections}. "
             "Pass config_name= one of those, or add the section to your dask config."
         )
@@ -139,7 +151,7 @@ def _section(config_name: str) -> dict[str, Any]:
         section = base
     unknown = set(section) - set(OPTION_NAMES)
     if unknown:
-        raise ValueError(
+        raise OptionError(
             f"configuration section 'rawvm.{config_name}' has unknown key(s) "
             f"{sorted(k.replace('_', '-') for k in unknown)}; valid keys are "
             f"{[k.replace('_', '-') for k in OPTION_NAMES]}"
@@ -151,40 +163,36 @@ def _seconds(key: str, value: Any) -> float | None:
     if value is None or value in ("none", "None", False):
         if key == "idle_timeout":
             return None
-        raise ValueError(f"option {key} needs a duration, got {value!r}")
+        raise OptionError(f"option {key} needs a duration, got {value!r}")
     return float(parse_timedelta(value, default="seconds"))
 
 
 def _validate(options: ClusterOptions, config_name: str) -> None:
     if options.provider not in PROVIDERS:
-        raise ValueError(
+        raise OptionError(
             f"provider={options.provider!r} (section 'rawvm.{config_name}') is not one of "
             f"{list(PROVIDERS)}"
         )
     if options.scheduler not in SCHEDULER_PLACEMENTS:
-        raise ValueError(
+        raise OptionError(
             f"scheduler={options.scheduler!r} is not one of {list(SCHEDULER_PLACEMENTS)}: "
             "'vm' runs the scheduler on its own VM, 'local' in this process"
         )
-    if options.spot_policy not in SPOT_POLICIES:
-        raise ValueError(
-            f"spot_policy={options.spot_policy!r} is not one of {list(SPOT_POLICIES)}: "
-            "'spot_with_fallback' takes the spot capacity there is and fills the rest on-demand"
-        )
+    check_spot_policy(options.spot_policy)
     if options.worker_vm_types is not None and (
         isinstance(options.worker_vm_types, str) or not options.worker_vm_types
     ):
-        raise ValueError(
+        raise OptionError(
             f"worker_vm_types={options.worker_vm_types!r} must be a non-empty list of "
             "instance types, best first (worker_vm_type takes a single one)"
         )
     if options.environment_resolver not in ("uv", "pip-tools"):
-        raise ValueError(
+        raise OptionError(
             f"environment_resolver={options.environment_resolver!r} is not 'uv' or 'pip-tools' "
             "(pip-tools only resolves for this machine's platform)"
         )
     if options.provider == "local" and options.endpoint_url:
-        raise ValueError(
+        raise OptionError(
             "provider='local' starts its own cloud and takes no endpoint_url; "
             "to use a local cloud running elsewhere pass provider='aws', endpoint_url=..."
         )

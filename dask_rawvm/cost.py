@@ -1,7 +1,8 @@
 """What a cluster costs: an estimate before launching, a meter while it runs, a budget guard.
 
-Prices come from :mod:`dask_rawvm.catalog` (a :class:`~dask_rawvm.catalog.VMType` annotated
-by a :class:`~dask_rawvm.catalog.PriceTable`). EC2 bills Linux instances per second with a
+Prices come from a provider's catalog (any :class:`PricedType`, such as EC2's
+:class:`~dask_rawvm.providers.ec2.catalog.VMType` annotated by its
+:class:`~dask_rawvm.providers.ec2.catalog.PriceTable`). EC2 bills Linux instances per second with a
 60-second minimum, on-demand and spot alike; the meter counts the same way, from launch
 (not from ``running``: a slight over-estimate, which is the safe side for a budget).
 """
@@ -14,19 +15,41 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-from dask_rawvm.catalog import MARKETS, VMType
+from dask_rawvm.errors import RawVMError
+from dask_rawvm.needs import check_market
 
 #: EC2 bills at least this many seconds for each Linux instance launch.
 BILLING_MINIMUM_SECONDS = 60.0
 #: Rounding slack when comparing a cost with a limit (USD/hour).
 _EPSILON = 1e-9
 
+
+class PricedType(Protocol):
+    """A machine type with its prices, as a provider's catalog describes it."""
+
+    @property
+    def name(self) -> str: ...
+
+    #: The on-demand price is estimated from the type's shape, not listed.
+    @property
+    def price_estimated(self) -> bool: ...
+
+    #: The spot price is a live price, not a default discount.
+    @property
+    def spot_price_live(self) -> bool: ...
+
+    def price(self, market: str) -> float | None:
+        """USD per hour on ``market``, when known."""
+        ...
+
+
 #: ``(type, market, count)``: ``count`` instances of ``type`` on ``market``.
-PlanItem = tuple[VMType, str, int]
+PlanItem = tuple[PricedType, str, int]
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(RawVMError, RuntimeError):
     """A launch or scale-up would take the cluster over ``max_hourly_cost``.
 
     Attributes
@@ -116,7 +139,7 @@ def estimate_cost(plan: Iterable[PlanItem]) -> CostEstimate:
     ----------
     plan
         ``(vm_type, market, count)`` items; each type must carry prices
-        (:meth:`dask_rawvm.catalog.PriceTable.annotate`).
+        (e.g. :meth:`dask_rawvm.providers.ec2.catalog.PriceTable.annotate`).
 
     Raises
     ------
@@ -201,7 +224,7 @@ class CostMeter:
     def launched(
         self,
         instance_id: str,
-        vm_type: str | VMType,
+        vm_type: str | PricedType,
         market: str,
         hourly_price: float | None = None,
         at: float | None = None,
@@ -210,13 +233,12 @@ class CostMeter:
 
         A second report of the same instance is ignored: launches may be reported twice.
         """
-        if market not in MARKETS:
-            raise ValueError(f"market {market!r} is not one of {', '.join(MARKETS)}")
+        check_market(market)
         if hourly_price is None:
-            hourly_price = vm_type.price(market) if isinstance(vm_type, VMType) else None
+            hourly_price = None if isinstance(vm_type, str) else vm_type.price(market)
         if hourly_price is None:
             raise ValueError(f"no hourly price for {instance_id}: pass hourly_price=...")
-        name = vm_type.name if isinstance(vm_type, VMType) else vm_type
+        name = vm_type if isinstance(vm_type, str) else vm_type.name
         with self._lock:
             if instance_id not in self._usage:
                 self._usage[instance_id] = Usage(

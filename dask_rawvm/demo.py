@@ -17,7 +17,7 @@ from distributed import Client
 
 from dask_rawvm.cluster import RawVMCluster
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
-from dask_rawvm.providers.aws import live_instances_sync
+from dask_rawvm.providers.ec2.account import live_instances_sync
 
 
 def slow_square(i: int) -> int:

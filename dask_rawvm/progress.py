@@ -10,6 +10,8 @@ from __future__ import annotations
 import html
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 FIELDS = ("stage", "vms", "requested", "running", "connected")
@@ -90,3 +92,30 @@ class Progress:
         for key, value in self._rows():
             table.add_row(key, value)
         return table
+
+
+class Reporter:
+    """Where the parts of a cluster report what they do: the :class:`Progress` shown, if any.
+
+    Passed to whatever reports (the scheduler VM's start); the cluster shows a
+    :class:`Progress` through it while it starts (:meth:`showing`), and reports go
+    nowhere otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._progress: Progress | None = None
+
+    def update(self, **fields: Any) -> None:
+        """Forward to the progress shown now (see :meth:`Progress.update`)."""
+        if self._progress is not None:
+            self._progress.update(**fields)
+
+    @contextmanager
+    def showing(self, progress: Progress) -> Iterator[Progress]:
+        """Report to ``progress`` inside the block; close it at the end."""
+        self._progress = progress
+        try:
+            yield progress
+        finally:
+            self._progress = None
+            progress.close()

@@ -1,11 +1,12 @@
-"""Shared fixtures: a local cloud per test, credentials for endpoint clients, and
-a check that every VM process a test started is gone when it ends."""
+"""Shared fixtures: a local cloud per test, credentials for endpoint clients, a check
+that every VM process a test started is gone when it ends, and two SSH hosts."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+from sshd import Lab, make_lab, sshd_available
 
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 
@@ -41,3 +42,16 @@ def broken_image_cloud(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Lo
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
     with LocalCloud(image_path=[str(tmp_path)]) as cloud:
         yield cloud
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Two SSH hosts (real sshd on loopback addresses) and a key and known_hosts for both."""
+    if not sshd_available():
+        pytest.skip("needs OpenSSH's sshd: run ci/install-system-deps.sh")
+    lab = make_lab(tmp_path_factory.mktemp("ssh-lab"))
+    try:
+        yield lab
+    finally:
+        for server in lab.servers:
+            server.stop()

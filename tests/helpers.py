@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 
 from dask_rawvm.localcloud import LocalCloud, RemoteCloud
-from dask_rawvm.providers.aws import live_instances_sync
+from dask_rawvm.providers.ec2.account import live_instances_sync
 
 
 def live_instances(cloud: LocalCloud | RemoteCloud, cluster: str | None = None) -> list[dict]:

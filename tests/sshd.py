@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dask_rawvm.localcloud.runtime import HOST_NETWORK_VARIABLES  # a test host keeps them too
 
@@ -200,3 +201,75 @@ def make_server(directory: Path, address: str, client_key: str) -> SSHServer:
     server = SSHServer(address, free_port(address), directory, home, host_key)
     server.start(client_key, image_environment(home))
     return server
+
+
+@dataclass
+class Lab:
+    """Two SSH hosts, a client key that logs in to both, and a known_hosts of their keys."""
+
+    servers: list[SSHServer]
+    directory: Path
+    client_key: Path
+    known_hosts: Path
+
+    @property
+    def hosts(self) -> list[str]:
+        # One with a user, one without: both forms of a hosts entry.
+        return [f"root@{self.servers[0].spec}", self.servers[1].spec]
+
+    def connect_options(self, known_hosts: Path | None = None) -> dict[str, Any]:
+        # Hermetic: this key and these known hosts only; no ~/.ssh/config, no agent.
+        return {
+            "client_keys": [str(self.client_key)],
+            "known_hosts": str(known_hosts or self.known_hosts),
+            "config": [],
+            "agent_path": None,
+        }
+
+    def cluster_dirs(self, name: str) -> list[Path]:
+        return [s.home / ".cache" / "dask-rawvm" / "ssh" / name for s in self.servers]
+
+
+def make_lab(directory: Path) -> Lab:
+    """Two started servers on fresh loopback addresses, authorising one new client key."""
+    public = generate_key(directory / "client_key")
+    servers: list[SSHServer] = []
+    try:
+        for i, address in enumerate(loopback_addresses(2)):
+            servers.append(make_server(directory / f"host{i}", address, public))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    known_hosts = directory / "known_hosts"
+    known_hosts.write_text("".join(s.known_hosts_line() + "\n" for s in servers))
+    return Lab(servers, directory, directory / "client_key", known_hosts)
+
+
+def cluster_processes(name: str) -> dict[int, str]:
+    """Live processes carrying the cluster's marker, pid -> instance id."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"RAWVM_SSH_CLUSTER={name}".encode() in environ:
+            ids = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RAWVM_INSTANCE_ID=")]
+            found[int(entry)] = ids[0].decode() if ids else ""
+    return found
+
+
+def live_slots(name: str) -> set[str]:
+    return set(cluster_processes(name).values())
+
+
+def read_log(lab: Lab, name: str, machine_id: str) -> str:
+    for directory in lab.cluster_dirs(name):
+        log = directory / f"{machine_id}.log"
+        if log.exists():
+            return log.read_text()
+    return ""

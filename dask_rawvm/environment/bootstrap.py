@@ -1,8 +1,9 @@
 """The user-data script every VM boots with.
 
-One script serves EC2 and the local cloud: it reads the instance metadata
-(IMDSv2) at ``$RAWVM_IMDS``, which the local cloud sets and EC2 leaves unset
-(so it is ``169.254.169.254``), makes sure the Dask environment is there,
+One script serves every provider: it learns who its machine is from the
+provider's metadata prelude (the ``metadata`` argument: EC2's reads the instance
+metadata service; the default, :data:`IDENTITY_FROM_VARIABLES`, reads variables the
+provider sets, as the SSH provider does), makes sure the Dask environment is there,
 runs the Dask scheduler or worker in the foreground, and powers the VM off when
 that process exits. Instances launch with ``InstanceInitiatedShutdownBehavior``
 ``terminate``, so a Dask process that ends (retired, idle, scheduler gone past
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import dask
 
 from dask_rawvm.environment.bundle import install_script
+from dask_rawvm.tls import vm_tls_script
 
 USER_DATA_LIMIT = 16 * 1024
 SCHEDULER_PORT = 8786
@@ -40,22 +42,26 @@ NAME_WAIT_SECONDS = 300
 
 _PRELUDE = r"""
 log() { echo "[dask-rawvm $(date -u +%H:%M:%S)] $*"; }
-IMDS="${RAWVM_IMDS:-http://169.254.169.254}"
-# A host that is not a cloud VM (the SSH provider) passes its identity in
-# RAWVM_INSTANCE_ID, RAWVM_ADDRESS and RAWVM_LAUNCH_INDEX and has no metadata service.
-if [ -z "${RAWVM_INSTANCE_ID:-}" ]; then
-    TOKEN=$(curl -sf --retry 10 --retry-connrefused -X PUT \
-        -H "X-aws-ec2-metadata-token-ttl-seconds: 21600" "$IMDS/latest/api/token")
-fi
-meta() { curl -sf --retry 5 -H "X-aws-ec2-metadata-token: ${TOKEN:-}" "$IMDS/latest/meta-data/$1"; }
 # Power off only a machine that is ours to power off (RAWVM_POWEROFF=no on shared hosts).
 poweroff_vm() {
     if [ "${RAWVM_POWEROFF:-yes}" = yes ]; then log "powering off"; shutdown -h now; fi
     exit "${1:-0}"
 }
-INSTANCE_ID=${RAWVM_INSTANCE_ID:-$(meta instance-id)}
-ADDRESS=${RAWVM_ADDRESS:-$(meta local-ipv4)}
-[ -n "$ADDRESS" ] || { log "no instance metadata at $IMDS"; poweroff_vm 1; }
+"""
+
+#: The default metadata prelude: a machine told who it is in variables (the SSH provider's
+#: hosts: ``RAWVM_INSTANCE_ID``, ``RAWVM_ADDRESS``, ``RAWVM_LAUNCH_INDEX``), with no
+#: metadata service and nobody to take it back. A provider's prelude (``metadata=``) sets
+#: ``INSTANCE_ID`` and ``ADDRESS``, defines ``launch_index`` (prints the machine's index
+#: in its launch request) and, where the cloud can take a machine back with notice (spot),
+#: ``interruption_notice`` (succeeds once notice is given). It may call ``log`` and
+#: ``poweroff_vm``.
+IDENTITY_FROM_VARIABLES = r"""
+INSTANCE_ID=${RAWVM_INSTANCE_ID:-}
+ADDRESS=${RAWVM_ADDRESS:-}
+[ -n "$INSTANCE_ID" ] && [ -n "$ADDRESS" ] \
+    || { log "no RAWVM_INSTANCE_ID and RAWVM_ADDRESS for this machine"; poweroff_vm 1; }
+launch_index() { echo "${RAWVM_LAUNCH_INDEX:-0}"; }
 """
 
 # The user's environment, locked for this VM's platform, fetched by an expiring
@@ -119,11 +125,11 @@ ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT"
 # tls when the VM got the cluster's certificates (mutual TLS: plain TCP is refused).
 [ -n "${RAWVM_DASK_SCHEME:-}" ] && ARGS+=(--protocol "$RAWVM_DASK_SCHEME")
 if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
-    # Idle = no client and no task (dask_rawvm.vm); distributed's own idle timeout
-    # ignores clients, and is the fallback on an image without dask_rawvm.
-    if "$PYTHON" -c "import dask_rawvm.vm" 2>/dev/null; then
+    # Idle = no client and no task (dask_rawvm.idle_shutdown); distributed's own idle
+    # timeout ignores clients, and is the fallback on an image without dask_rawvm.
+    if "$PYTHON" -c "import dask_rawvm.idle_shutdown" 2>/dev/null; then
         export RAWVM_IDLE_TIMEOUT
-        ARGS+=(--preload dask_rawvm.vm)
+        ARGS+=(--preload dask_rawvm.idle_shutdown)
     else
         ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
     fi
@@ -143,14 +149,14 @@ if [ -n "$RAWVM_NAMES_URL" ]; then
     done
     [ -n "$NAME" ] || { log "the cluster named no worker $INSTANCE_ID"; poweroff_vm 1; }
 else
-    INDEX=${RAWVM_LAUNCH_INDEX:-$(meta ami-launch-index)}
+    INDEX=$(launch_index)
     NAME="$RAWVM_NAME_PREFIX$((RAWVM_FIRST_INDEX + INDEX))"
 fi
 log "worker $NAME of cluster $RAWVM_CLUSTER on $INSTANCE_ID ($ADDRESS)"
-# A spot VM gets two minutes' notice: retire gracefully, so its data moves first.
+# A machine the cloud takes back with notice (spot): retire gracefully, so its data moves first.
 watch_for_interruption() {
     while sleep "$RAWVM_SPOT_POLL"; do
-        meta spot/instance-action >/dev/null 2>&1 || continue
+        interruption_notice || continue
         log "spot interruption notice: retiring $NAME"
         "$PYTHON" -c "$RETIRE" "$RAWVM_SCHEDULER" "$NAME" || log "retirement failed"
         return
@@ -166,7 +172,7 @@ async def retire(address, name):
         await scheduler.retire_workers(names=[name], close_workers=True, remove=True)
 asyncio.run(retire(*sys.argv[1:]))
 '
-[ -n "${RAWVM_INSTANCE_ID:-}" ] || watch_for_interruption &
+declare -F interruption_notice >/dev/null && watch_for_interruption &
 ARGS=(--name "$NAME" --host "$ADDRESS" --death-timeout "$RAWVM_DEATH_TIMEOUT"
       --memory-limit "$RAWVM_MEMORY_LIMIT")
 [ -n "$RAWVM_NTHREADS" ] && ARGS+=(--nthreads "$RAWVM_NTHREADS")
@@ -181,8 +187,6 @@ def _tls(secrets_url: str | None) -> tuple[dict[str, object], str]:
     """Mutual TLS with the cluster's CA: key and certificates fetched by an expiring URL."""
     if secrets_url is None:
         return {}, ""
-    from dask_rawvm.security import vm_tls_script
-
     return {"RAWVM_SECRETS_URL": secrets_url}, vm_tls_script(on_failure="poweroff_vm 1")
 
 
@@ -191,6 +195,7 @@ def _render(
     body: str,
     environment: EnvironmentRef | None,
     secrets_url: str | None = None,
+    metadata: str = IDENTITY_FROM_VARIABLES,
 ) -> str:
     env_variables, env_script = _environment(environment)
     tls_variables, tls_script = _tls(secrets_url)
@@ -200,7 +205,7 @@ def _render(
     )
     script = (
         f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n"
-        f"{_PRELUDE}{tls_script}{env_script}{body}"
+        f"{_PRELUDE}{metadata}{tls_script}{env_script}{body}"
     )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
@@ -214,6 +219,7 @@ def scheduler_script(
     idle_timeout: float | None,
     environment: EnvironmentRef | None = None,
     secrets_url: str | None = None,
+    metadata: str = IDENTITY_FROM_VARIABLES,
 ) -> str:
     """User-data for the scheduler VM.
 
@@ -228,7 +234,9 @@ def scheduler_script(
         The environment bundle to install; the image's Python when None.
     secrets_url
         An expiring URL of the VM's TLS key and certificates
-        (:func:`dask_rawvm.security.upload_vm_material`); plain TCP when None.
+        (:func:`dask_rawvm.tls.pack_vm_material`); plain TCP when None.
+    metadata
+        The provider's metadata prelude (see :data:`IDENTITY_FROM_VARIABLES`).
     """
     return _render(
         {
@@ -241,6 +249,7 @@ def scheduler_script(
         _SCHEDULER,
         environment,
         secrets_url,
+        metadata,
     )
 
 
@@ -255,6 +264,7 @@ def worker_script(
     environment: EnvironmentRef | None = None,
     names_url: str | None = None,
     secrets_url: str | None = None,
+    metadata: str = IDENTITY_FROM_VARIABLES,
 ) -> str:
     """User-data for the worker VMs of one launch request.
 
@@ -279,6 +289,8 @@ def worker_script(
         An expiring URL of the ``instance-id name`` map of this request's VMs.
     secrets_url
         An expiring URL of the VMs' TLS key and certificates; plain TCP when None.
+    metadata
+        The provider's metadata prelude (see :data:`IDENTITY_FROM_VARIABLES`).
     """
     return _render(
         {
@@ -297,4 +309,5 @@ def worker_script(
         _WORKER,
         environment,
         secrets_url,
+        metadata,
     )

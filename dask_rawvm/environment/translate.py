@@ -27,6 +27,7 @@ from dask_rawvm.environment.spec import (
     redact_url,
 )
 from dask_rawvm.environment.target import Target, wheel_fits_target
+from dask_rawvm.errors import RawVMError
 
 Action = Literal["keep", "rewrite", "relax", "drop", "add", "note"]
 
@@ -63,7 +64,7 @@ class Problem:
         return asdict(self)
 
 
-class EnvironmentTranslationError(ValueError):
+class EnvironmentTranslationError(RawVMError, ValueError):
     """The environment cannot be reproduced on the target; raised before any VM launches.
 
     Attributes

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from moto.core.utils import utcnow
 
-from dask_rawvm.providers.aws import AMI_PARAMETER, GPU_AMI_PARAMETER
+# The SSM parameters AWS publishes its images under. The local cloud imitates AWS and
+# imports nothing of its clients, so it states them itself; the EC2 provider asks for the
+# same names (tests/localcloud/test_localcloud.py holds the two together).
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+GPU_AMI_PARAMETER = (
+    "/aws/service/deeplearning/ami/{arch}/base-oss-nvidia-driver-gpu-amazon-linux-2023/"
+    "latest/ami-id"
+)
 
 ARCHITECTURES = ("x86_64", "arm64")
 

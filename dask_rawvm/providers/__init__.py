@@ -1,39 +1,39 @@
-"""Where machines come from: one small interface, one implementation per kind of cloud."""
+"""Where machines come from: one small interface, one implementation per kind of cloud.
+
+:data:`PROVIDERS` maps the ``provider`` option to a class that builds itself from the
+cluster's options (:meth:`~dask_rawvm.providers.base.Provider.from_options`). A new
+cloud is one new package here and one line in :data:`PROVIDERS`.
+"""
 
 from __future__ import annotations
 
 from dask_rawvm.config import ClusterOptions
-from dask_rawvm.providers.base import Provider, ProviderError
+from dask_rawvm.errors import OptionError, ProviderError
+from dask_rawvm.providers.base import LaunchSpec, Machine, Provider
+from dask_rawvm.providers.ec2 import EC2Provider
+from dask_rawvm.providers.localcloud import LocalCloudProvider
+from dask_rawvm.providers.ssh import SSHProvider
+
+#: Provider classes by the name the ``provider`` option gives.
+PROVIDERS: dict[str, type[Provider]] = {
+    "local": LocalCloudProvider,
+    "aws": EC2Provider,
+    "ssh": SSHProvider,
+}
 
 
-def create_provider(
-    options: ClusterOptions,
-    cluster: str,
-    endpoint_url: str | None = None,
-    credentials: dict[str, str] | None = None,
-) -> Provider:
-    """The provider ``options.provider`` names, for the cluster ``cluster``.
+def provider_for(options: ClusterOptions, cluster: str) -> Provider:
+    """The provider ``options.provider`` names, for the cluster named ``cluster``.
 
-    ``local`` and ``aws`` both speak EC2 (the local cloud at ``endpoint_url``).
+    Raises
+    ------
+    OptionError
+        For a name no provider has.
     """
-    if options.provider in ("local", "aws"):
-        from dask_rawvm.providers.aws import AWSProvider
-
-        return AWSProvider(
-            cluster,
-            region=options.region,
-            endpoint_url=endpoint_url or options.endpoint_url,
-            credentials=credentials,
-            ami=options.ami,
-            allow_ingress_from=options.allow_ingress_from,
-            zones=[options.zone] if isinstance(options.zone, str) else options.zone,
-            capacity_retry_timeout=options.capacity_retry_timeout,
-        )
-    if options.provider == "ssh":
-        from dask_rawvm.providers.ssh import SSHProvider
-
-        return SSHProvider(cluster, options)
-    raise ProviderError(f"no provider named {options.provider!r}")
+    cls = PROVIDERS.get(options.provider)
+    if cls is None:
+        raise OptionError(f"provider={options.provider!r} is not one of {sorted(PROVIDERS)}")
+    return cls.from_options(options, cluster)
 
 
-__all__ = ["Provider", "ProviderError", "create_provider"]
+__all__ = ["PROVIDERS", "LaunchSpec", "Machine", "Provider", "ProviderError", "provider_for"]

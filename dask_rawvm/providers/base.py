@@ -1,7 +1,9 @@
 """What every provider offers: launch N machines of a spec, terminate, describe, clean up.
 
 Providers know clouds, not Dask: the cluster hands them a :class:`LaunchSpec`
-(role, type, user-data, tags, count) and gets :class:`Machine` records back.
+(role, type, user-data, tags, count) and gets :class:`Machine` records back. A provider
+builds itself from the cluster's options (:meth:`Provider.from_options`), which is how
+the registry in :mod:`dask_rawvm.providers` makes one by name.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dask_rawvm.config import ClusterOptions
+from dask_rawvm.environment.bootstrap import IDENTITY_FROM_VARIABLES
+from dask_rawvm.environment.target import Target
+from dask_rawvm.errors import ProviderError
+from dask_rawvm.needs import Market, Needs, SpotPolicy
+
 if TYPE_CHECKING:
-    from dask_rawvm.catalog import Needs
-    from dask_rawvm.environment.target import Target
+    from typing_extensions import Self
 
 #: The tag every resource of a cluster carries: its value is the cluster's name.
 CLUSTER_TAG = "dask-rawvm:cluster"
 #: "scheduler" or "worker".
 ROLE_TAG = "dask-rawvm:role"
-
-
-class ProviderError(RuntimeError):
-    """The cloud refused or failed a request; the message names the call and the cause."""
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class LaunchSpec:
     count: int
     tags: dict[str, str] = field(default_factory=dict)
     alternatives: tuple[str, ...] = ()
-    spot_policy: str = "on-demand"
+    spot_policy: SpotPolicy = "on-demand"
     #: Identifies the request, e.g. to stop asking for what it still lacks.
     batch: str = ""
 
@@ -63,7 +66,7 @@ class Machine:
     private_ip: str | None = None
     public_ip: str | None = None
     zone: str | None = None
-    market: str = "on-demand"
+    market: Market = "on-demand"
     state_reason: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -78,15 +81,39 @@ LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 #: Called with the machines a request got after it returned (capacity found later).
 OnLate = Callable[[list[Machine]], None]
+#: Called once a request stopped asking for what it still lacked (its time ran out).
+OnGaveUp = Callable[[], None]
 
 
 class Provider(abc.ABC):
-    """A source of machines for one cluster."""
+    """A source of machines for one cluster.
+
+    The methods come in groups: lifecycle (:meth:`from_options`, :meth:`start`,
+    :meth:`close`); choosing machines (:meth:`preflight`, :meth:`choose`,
+    :meth:`target_for`, :meth:`boot_prelude`); machines (:meth:`launch`,
+    :meth:`stop_asking`, :meth:`terminate`, :meth:`describe`, :meth:`live_machines`,
+    :meth:`cleanup`, :meth:`cleanup_blocking`); files for the machines (:meth:`store`,
+    :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`); limits and prices
+    (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`); diagnostics
+    (:meth:`console_output`).
+    """
 
     #: Whether machines learn their worker name from a map written after launch
     #: (clouds whose launch order says nothing about which machine is which), rather
     #: than from their launch index.
     names_after_launch: bool = False
+    #: Where a scheduler running in the client's process listens for this provider's
+    #: machines: every interface (machines in the cloud's network reach it there).
+    in_process_scheduler_host: str = "0.0.0.0"
+
+    # -- lifecycle -----------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, options: ClusterOptions, cluster: str) -> Self:
+        """The provider of the cluster named ``cluster``, as its options describe it.
+
+        Cheap and local: nothing is contacted before :meth:`start`.
+        """
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -96,6 +123,12 @@ class Provider(abc.ABC):
     async def close(self) -> None:
         """Release connections (not machines)."""
 
+    def check_outlives_client(self) -> None:
+        """Raise an OptionError if the machines cannot outlive this process, which a
+        cluster left running (``shutdown_on_close=False``) needs; they can by default."""
+        return None
+
+    # -- choosing machines ------------------------------------------------------------
     @abc.abstractmethod
     async def preflight(self, roles: dict[str, str]) -> None:
         """Check every machine choice (``role -> vm_type``) before anything is created."""
@@ -111,13 +144,29 @@ class Provider(abc.ABC):
     def target_for(self, vm_type: str) -> Target:
         """The platform an environment must be built for to run on ``vm_type``."""
 
+    def boot_prelude(self) -> str:
+        """The metadata prelude of this provider's boot scripts: how a machine learns who it is.
+
+        Machines told in variables by default
+        (:data:`dask_rawvm.environment.bootstrap.IDENTITY_FROM_VARIABLES`).
+        """
+        return IDENTITY_FROM_VARIABLES
+
+    # -- machines ---------------------------------------------------------------------
     @abc.abstractmethod
-    async def launch(self, spec: LaunchSpec, on_late: OnLate | None = None) -> list[Machine]:
+    async def launch(
+        self,
+        spec: LaunchSpec,
+        on_late: OnLate | None = None,
+        on_gave_up: OnGaveUp | None = None,
+    ) -> list[Machine]:
         """Ask for ``spec.count`` machines; return them once the cloud accepted the request.
 
         A cloud short of capacity may return fewer. With ``on_late``, it keeps asking
-        for the rest in the background and hands each batch that lands to ``on_late``;
-        without, it keeps asking before it returns, for as long as it is configured to.
+        for the rest in the background, hands each batch that lands to ``on_late``,
+        and calls ``on_gave_up`` (from the event loop, after this returned) once it
+        stops asking with machines still missing; without, it keeps asking before it
+        returns, for as long as it is configured to.
         """
 
     def stop_asking(self, batch: str) -> None:
@@ -133,16 +182,26 @@ class Provider(abc.ABC):
         """Current state of some machines."""
 
     @abc.abstractmethod
-    async def cleanup(self, cluster: str) -> list[str]:
-        """Terminate every live machine tagged with ``cluster``; return their ids."""
-
     async def live_machines(self, cluster: str) -> list[Machine]:
         """Every machine tagged with ``cluster`` that is not terminated."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
+    async def cleanup(self, cluster: str) -> list[str]:
+        """Remove everything of ``cluster`` (machines first); return the machines' ids."""
+
+    @abc.abstractmethod
+    def cleanup_blocking(self) -> list[str]:
+        """:meth:`cleanup` of this provider's cluster from synchronous code with no event loop.
+
+        For an unclosed cluster at garbage collection or interpreter exit, when the
+        cluster's event loop may be gone and executors refuse new work: terminate the
+        machines (the rest can wait for ``dask-rawvm down``); return their ids.
+        """
+
+    # -- files for the machines ---------------------------------------------------------
+    @abc.abstractmethod
     async def store(self, key: str, path: str) -> None:
         """Keep a file (an environment bundle) where this provider's machines can fetch it."""
-        raise NotImplementedError
 
     async def store_bytes(self, key: str, data: bytes) -> None:
         """:meth:`store` for something small held in memory."""
@@ -152,14 +211,15 @@ class Provider(abc.ABC):
                 f.write(data)
             await self.store(key, path)
 
+    @abc.abstractmethod
     async def fetch(self, key: str) -> bytes:
         """What :meth:`store` kept under ``key`` for this cluster, by any earlier client."""
-        raise NotImplementedError(f"{type(self).__name__} cannot read back what it stored")
 
+    @abc.abstractmethod
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring URL a machine fetches a stored file from."""
-        raise NotImplementedError
 
+    # -- limits and prices ----------------------------------------------------------------
     @property
     def capacity(self) -> float:
         """Most workers this provider can run at once (clouds: their quotas decide)."""
@@ -173,10 +233,11 @@ class Provider(abc.ABC):
                 f"{self.capacity:g}: ask for fewer"
             )
 
-    def hourly_price(self, vm_type: str, market: str) -> float:
+    def hourly_price(self, vm_type: str, market: Market) -> float:
         """USD per hour of a machine; 0.0 where nobody bills for it (machines you own)."""
         return 0.0
 
+    # -- diagnostics ----------------------------------------------------------------------
     async def console_output(self, machine_id: str) -> str:
         """What the machine's boot printed, where the provider can tell."""
         return ""

@@ -45,14 +45,15 @@ import asyncssh
 
 from dask_rawvm.config import ClusterOptions
 from dask_rawvm.environment.target import Target
+from dask_rawvm.errors import ProviderError
 from dask_rawvm.providers.base import (
     CLUSTER_TAG,
     ROLE_TAG,
     LaunchSpec,
     Machine,
+    OnGaveUp,
     OnLate,
     Provider,
-    ProviderError,
 )
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,10 @@ class SSHProvider(Provider):
         self._slots: dict[str, _Slot] = {}
         self._targets: dict[str, Target] = {}  # by vm_type label, from preflight
         self._bundle_urls: dict[str, str] = {}  # url_for's answer -> stored key
+
+    @classmethod
+    def from_options(cls, options: ClusterOptions, cluster: str) -> SSHProvider:
+        return cls(cluster, options)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -467,7 +472,12 @@ class SSHProvider(Provider):
                 slot.gone = True
 
     # -- machines ------------------------------------------------------------------
-    async def launch(self, spec: LaunchSpec, on_late: OnLate | None = None) -> list[Machine]:
+    async def launch(
+        self,
+        spec: LaunchSpec,
+        on_late: OnLate | None = None,
+        on_gave_up: OnGaveUp | None = None,
+    ) -> list[Machine]:
         """Start ``spec.count`` processes running ``spec.user_data``, each in its own session.
 
         The scheduler goes to the first host; workers to the least busy hosts.
@@ -803,6 +813,20 @@ rm -rf -- {directory}
         except (asyncssh.Error, OSError) as e:
             raise ProviderError(f"{host.spec.text}: copying {key} failed: {e}") from e
         logger.info("%s: copied %s (%d bytes)", host.spec.text, key, size)
+
+    async def fetch(self, key: str) -> bytes:
+        """A stored file, read back from the first host's cache by SFTP."""
+        _check_key(key)
+        host = self.hosts[0]
+        await self._probe(host)
+        remote = self._bundle_path(host, key)
+        conn = await self._connection(host)
+        try:
+            async with conn.start_sftp_client() as sftp, sftp.open(remote, "rb") as f:
+                data: bytes = await f.read()
+                return data
+        except (asyncssh.Error, OSError) as e:
+            raise ProviderError(f"{host.spec.text}: reading {key} failed: {e}") from e
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """A ``file://`` URL of a stored file, on the first host.

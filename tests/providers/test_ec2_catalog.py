@@ -14,10 +14,11 @@ import boto3
 import pytest
 from aiobotocore.session import get_session
 
-from dask_rawvm import catalog
-from dask_rawvm.catalog import (
-    CatalogError,
-    Needs,
+from dask_rawvm.errors import CatalogError
+from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.needs import Needs
+from dask_rawvm.providers.ec2 import catalog
+from dask_rawvm.providers.ec2.catalog import (
     PriceTable,
     VMType,
     choose_vm_types,
@@ -27,7 +28,6 @@ from dask_rawvm.catalog import (
     rank_candidates,
     resolve_vm_types,
 )
-from dask_rawvm.localcloud import LocalCloud
 
 
 async def _fetch(cloud: LocalCloud, **kwargs: object) -> dict[str, VMType]:

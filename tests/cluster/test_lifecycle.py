@@ -92,7 +92,7 @@ def test_spot_interruption_moves_data_and_replaces_the_worker_on_demand(
     ) as cluster:
         client = cluster.get_client()
         client.wait_for_workers(3, timeout=120)
-        assert {m.market for m in cluster.pool.assigned.values()} == {"spot"}
+        assert {m.market for m in cluster.ledger.assigned.values()} == {"spot"}
         data = client.persist(da.random.random((600, 600), chunks=100))
         expected = float(data.sum().compute())
         victim = max(client.has_what().items(), key=lambda kv: len(kv[1]))[0]
@@ -107,7 +107,7 @@ def test_spot_interruption_moves_data_and_replaces_the_worker_on_demand(
         (replacement,) = names(client) - survivors
         assert replacement != victim_name  # under a new name
         # Spot capacity was just taken back: the policy falls back, so on-demand.
-        assert cluster.pool.assigned[replacement].market == "on-demand"
+        assert cluster.ledger.assigned[replacement].market == "on-demand"
 
 
 def test_killed_client_leaves_nothing_running(tmp_path) -> None:
@@ -184,7 +184,7 @@ async def test_idle_means_no_client_and_no_task(monkeypatch: pytest.MonkeyPatch)
     # The way the bootstrap runs it: a preload reading the exported timeout.
     monkeypatch.setenv("RAWVM_IDLE_TIMEOUT", "0.3")
     async with Scheduler(
-        host="127.0.0.1", dashboard_address=":0", preload=["dask_rawvm.vm"]
+        host="127.0.0.1", dashboard_address=":0", preload=["dask_rawvm.idle_shutdown"]
     ) as scheduler:
         plugin = scheduler.plugins["dask-rawvm-idle-shutdown"]
         async with Client(scheduler.address, asynchronous=True):

@@ -88,7 +88,7 @@ async def test_async_cluster_end_to_end(cloud: LocalCloud) -> None:
 def test_owned_local_cloud_is_torn_down_with_the_cluster() -> None:
     with RawVMCluster(n_workers=1, death_timeout=20) as cluster:
         cluster.get_client().wait_for_workers(1, timeout=60)
-        cloud = cluster.cloud
+        cloud = cluster.provider.cloud  # type: ignore[attr-defined]
         assert cloud is not None
         processes = [vm.process for vm in cloud.runtime.vms.values()]  # type: ignore[union-attr]
         assert len(processes) == 2  # scheduler VM and worker VM
@@ -106,12 +106,12 @@ def test_no_capacity_at_launch_the_cluster_starts_and_keeps_asking(cloud: LocalC
         scheduler="local",
         capacity_retry_timeout=120,
     ) as cluster:
-        assert sorted(cluster.pool.waiting) == ["worker-0", "worker-1"]
+        assert sorted(cluster.launcher.waiting) == ["worker-0", "worker-1"]
         assert cluster.instances == {}
         client = cluster.get_client()
         client.wait_for_workers(2, timeout=90)
         assert connected(client) == {"worker-0", "worker-1"}
-        assert cloud.calls["CreateFleet"] == 2 and cluster.pool.waiting == {}
+        assert cloud.calls["CreateFleet"] == 2 and cluster.launcher.waiting == {}
         name = cluster.cluster_name
     assert live_instances(cloud, name) == []
 
@@ -131,7 +131,7 @@ async def test_workers_never_found_leave_the_spec_after_capacity_retry_timeout(
     ) as cluster:
         assert len(cluster.worker_spec) == 3
         await async_wait_for(lambda: not cluster.worker_spec, 30, "the spec to give up")
-        assert cluster.pool.waiting == {} and cluster.workers == {}
+        assert cluster.launcher.waiting == {} and cluster.workers == {}
         # Asking again (adapt's next pass, or scale) gets fresh names.
         cloud.clear_faults()
         cluster.scale(1)

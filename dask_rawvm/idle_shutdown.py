@@ -1,9 +1,13 @@
-"""Code that runs on the VMs: preloaded into the scheduler by the bootstrap.
+"""The scheduler preload that shuts an idle cluster down; it runs on the scheduler's VM.
 
-``dask scheduler --preload dask_rawvm.vm`` installs :class:`IdleShutdown`:
+``dask scheduler --preload dask_rawvm.idle_shutdown`` (the bootstrap's) installs
+:class:`IdleShutdown`:
 distributed's own ``--idle-timeout`` only looks at tasks, so it would shut a
 cluster down under a notebook that is connected but thinking. Here a cluster is
 idle only when no client is connected and no task has run.
+
+Imported on the VM: it imports distributed and nothing else of dask_rawvm's (no
+cloud, no local cloud, no cluster), which a test holds.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from helpers import live_instances
 
-from dask_rawvm.catalog import VMType
+from dask_rawvm.backoff import Backoff
+from dask_rawvm.errors import ProviderError
 from dask_rawvm.localcloud import LocalCloud
-from dask_rawvm.providers.aws import AMI_PARAMETER
-from dask_rawvm.providers.base import CLUSTER_TAG, ROLE_TAG, ProviderError
-from dask_rawvm.providers.fleet import (
-    Backoff,
+from dask_rawvm.providers.base import CLUSTER_TAG, ROLE_TAG
+from dask_rawvm.providers.ec2.catalog import VMType
+from dask_rawvm.providers.ec2.fleet import (
     FailoverPlanner,
     FleetLaunchError,
     FleetTopUp,
@@ -38,6 +38,7 @@ from dask_rawvm.providers.fleet import (
     parse_fleet_response,
     whole_call_error,
 )
+from dask_rawvm.providers.ec2.provider import AMI_PARAMETER
 
 CLUSTER = "fleet-test"
 SCRIPT = "#!/bin/sh\necho worker\n"
@@ -352,6 +353,7 @@ async def test_an_error_no_failover_fixes_is_one_clear_provider_error(
     assert fix in str(raised.value)
     assert isinstance(raised.value, FleetLaunchError) and raised.value.result.instances == []
     assert idle_cloud.calls == {"CreateFleet": 1}
+    assert raised.value.code == code  # EC2's code, kept on the exception
 
 
 async def test_spot_quota_falls_back_but_is_fatal_without_fallback(

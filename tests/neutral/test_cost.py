@@ -9,8 +9,6 @@ from pathlib import Path
 import pytest
 from aiobotocore.session import get_session
 
-from dask_rawvm import catalog
-from dask_rawvm.catalog import PriceTable, VMType, fetch_instance_types
 from dask_rawvm.cost import (
     BudgetExceeded,
     CostEstimate,
@@ -22,6 +20,8 @@ from dask_rawvm.cost import (
     format_money,
 )
 from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.providers.ec2 import catalog
+from dask_rawvm.providers.ec2.catalog import PriceTable, VMType, fetch_instance_types
 
 
 @pytest.fixture(scope="module")

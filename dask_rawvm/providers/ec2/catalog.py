@@ -7,7 +7,7 @@ with a :class:`CatalogError` that names the cause and the fix, before anything l
 
 The data comes from ``DescribeInstanceTypes`` (cached in memory and on disk for a day:
 a full describe takes seconds) and from a price table shipped with the package
-(``dask_rawvm/data/prices.json``), optionally refined by live spot prices.
+(``dask_rawvm/providers/ec2/data/prices.json``), optionally refined by live spot prices.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes
 
-from dask_rawvm.providers.base import ProviderError
+from dask_rawvm.errors import CatalogError, ProviderError
+from dask_rawvm.needs import MARKETS, MiB, Needs, check_market
+from dask_rawvm.providers.ec2.calls import error_code
 
 logger = logging.getLogger(__name__)
 
-MARKETS = ("on-demand", "spot")
 #: Architectures a Dask worker can run on; mac instances need dedicated hosts.
 ARCHITECTURES = ("x86_64", "arm64")
 #: Environment variable naming the cache directory (default ``~/.cache/dask-rawvm``).
@@ -46,8 +47,6 @@ CACHE_ENV = "DASK_RAWVM_CACHE_DIR"
 #: How long a cached DescribeInstanceTypes answer is trusted, in seconds.
 CACHE_TTL = 24 * 3600.0
 _CACHE_VERSION = 1
-#: A type may have at most this many times the vCPUs/memory/GPUs asked for.
-MAX_OVERSIZE = 4.0
 #: Previous-generation types rank as if this much dearer: their cores are slower.
 PREVIOUS_GENERATION_PENALTY = 1.2
 #: A live spot price below this fraction of on-demand is not believed (moto answers $0.00001).
@@ -56,12 +55,7 @@ _ACCELERATOR_KEYS = ("FpgaInfo", "NeuronInfo", "InferenceAcceleratorInfo", "Medi
 #: Estimated prices rank as if this much dearer: a listed price is a safer bet.
 ESTIMATE_PENALTY = 1.15
 _BURSTABLE = re.compile(r"^t\d")
-_MiB = 2**20
 _GiB_IN_MiB = 1024
-
-
-class CatalogError(ValueError):
-    """An instance-type request that cannot be met; the message names the cause and the fix."""
 
 
 # -- instance types ------------------------------------------------------------------------
@@ -110,7 +104,7 @@ class VMType:
 
     def price(self, market: str) -> float | None:
         """Hourly price on ``market``, when known."""
-        _check_market(market)
+        check_market(market)
         return self.spot_price if market == "spot" else self.on_demand_price
 
     def describe(self) -> str:
@@ -329,7 +323,7 @@ async def _all_pages(ec2_client: Any, operation: str, **params: Any) -> list[dic
     try:
         return [page async for page in paginator.paginate(**params)]
     except (ClientError, BotoCoreError) as e:
-        raise ProviderError(f"EC2 {_action(operation)} failed: {e}") from e
+        raise ProviderError(f"EC2 {_action(operation)} failed: {e}", error_code(e)) from e
 
 
 def _action(operation: str) -> str:
@@ -360,7 +354,9 @@ class PriceTable:
     def load(cls, region: str = "us-east-1", path: str | Path | None = None) -> PriceTable:
         """The packaged price table (or the JSON file at ``path``), scaled to ``region``."""
         if path is None:
-            text = resources.files("dask_rawvm").joinpath("data/prices.json").read_text()
+            text = (
+                resources.files("dask_rawvm.providers.ec2").joinpath("data/prices.json").read_text()
+            )
         else:
             text = Path(path).read_text()
         data = json.loads(text)
@@ -424,7 +420,7 @@ class PriceTable:
 
     def price(self, vm: VMType, market: str) -> float:
         """USD/hour of ``vm`` on ``market``."""
-        _check_market(market)
+        check_market(market)
         return self.spot(vm)[0] if market == "spot" else self.on_demand(vm)[0]
 
     def annotate(self, vm: VMType) -> VMType:
@@ -485,135 +481,8 @@ async def live_spot_prices(
                     if key not in latest or stamp > latest[key][0]:
                         latest[key] = (stamp, float(row["SpotPrice"]))
     except (ClientError, BotoCoreError) as e:
-        raise ProviderError(f"EC2 DescribeSpotPriceHistory failed: {e}") from e
+        raise ProviderError(f"EC2 DescribeSpotPriceHistory failed: {e}", error_code(e)) from e
     return {key: price for key, (_, price) in latest.items()}
-
-
-# -- needs ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What one worker needs; None/0 means "anything".
-
-    Build one from user options with :meth:`from_options`.
-    """
-
-    cpu: int | None = None
-    memory_mib: int | None = None
-    gpus: int = 0
-    gpu_model: str | None = None
-    #: True: arm64 (Graviton); False: x86_64; None: either.
-    arm: bool | None = None
-    market: str = "on-demand"
-    max_oversize: float = MAX_OVERSIZE
-    allow_burstable: bool = False
-
-    def __post_init__(self) -> None:
-        _check_market(self.market)
-        if self.cpu is not None and self.cpu < 1:
-            raise CatalogError(f"worker_cpu={self.cpu}: a worker needs at least 1 vCPU")
-        if self.memory_mib is not None and self.memory_mib < 1:
-            raise CatalogError("worker_memory must be positive, e.g. worker_memory='16 GiB'")
-        if self.gpus < 0:
-            raise CatalogError(f"worker_gpu={self.gpus}: a GPU count cannot be negative")
-        if self.max_oversize < 1:
-            raise CatalogError(f"max_oversize={self.max_oversize} must be at least 1")
-        if self.gpu_model and not self.gpus:  # naming a model asks for one
-            object.__setattr__(self, "gpus", 1)
-
-    @classmethod
-    def from_options(
-        cls,
-        worker_cpu: int | None = None,
-        worker_memory: str | int | None = None,
-        worker_gpu: int | str | tuple[int, str] | None = None,
-        arm: bool | None = None,
-        market: str = "on-demand",
-    ) -> Needs:
-        """Needs from the user's options.
-
-        Parameters
-        ----------
-        worker_cpu
-            Minimum vCPUs.
-        worker_memory
-            Minimum memory: a string with a unit ("16 GiB", "8GB") or a number of bytes.
-        worker_gpu
-            A GPU count (``1``), a model (``"A10G"``, meaning one) or both (``(2, "A100")``).
-        arm
-            True for arm64 (Graviton), False for x86_64, None for either.
-        market
-            "on-demand" or "spot": which price ranks the candidates.
-        """
-        gpus, model = parse_gpu(worker_gpu)
-        return cls(
-            cpu=None if worker_cpu is None else int(worker_cpu),
-            memory_mib=parse_memory(worker_memory),
-            gpus=gpus,
-            gpu_model=model,
-            arm=arm,
-            market=market,
-        )
-
-    @property
-    def arch(self) -> str | None:
-        return None if self.arm is None else "arm64" if self.arm else "x86_64"
-
-    def describe(self) -> str:
-        """``>= 2 vCPU, >= 16 GiB, 1 x A10G GPU, arm64, spot``."""
-        parts = []
-        if self.cpu:
-            parts.append(f">= {self.cpu} vCPU")
-        if self.memory_mib:
-            parts.append(f">= {format_bytes(self.memory_mib * _MiB)}")
-        if self.gpus:
-            parts.append(f"{self.gpus} x {self.gpu_model or 'any'} GPU")
-        if self.arch:
-            parts.append(self.arch)
-        parts.append(self.market)
-        return ", ".join(parts)
-
-
-def parse_memory(value: str | int | None) -> int | None:
-    """MiB from "16 GiB", "8GB" or a number of bytes (dask's convention); None stays None."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            size = parse_bytes(value)
-        except ValueError as e:
-            raise CatalogError(
-                f"worker_memory={value!r} is not a size: pass e.g. worker_memory='16 GiB'"
-            ) from e
-    else:
-        size = int(value)
-        if 0 < size < _MiB:  # "16" meant GiB, surely, but guessing units hides mistakes
-            raise CatalogError(
-                f"worker_memory={value!r} is read as bytes, which is too small for a VM: "
-                f"pass a unit, e.g. worker_memory='{value} GiB'"
-            )
-    return math.ceil(size / _MiB)
-
-
-def parse_gpu(value: int | str | tuple[int, str] | None) -> tuple[int, str | None]:
-    """``(count, model)`` from ``1``, ``"A10G"`` or ``(2, "A100")``."""
-    if value is None or value is False:
-        return 0, None
-    if isinstance(value, bool):  # True: one GPU of any model
-        return 1, None
-    if isinstance(value, int):
-        return value, None
-    if isinstance(value, str):
-        return 1, value.strip()
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        count, model = value
-        if isinstance(count, int) and isinstance(model, str):
-            return count, model.strip()
-    raise CatalogError(
-        f"worker_gpu={value!r} is not understood: pass a count (worker_gpu=1), a model "
-        "(worker_gpu='A10G') or both (worker_gpu=(2, 'A100'))"
-    )
 
 
 def _gpu_key(model: str) -> str:
@@ -654,7 +523,7 @@ def _needs_list(needs: Needs) -> list[_Need]:
         mem = needs.memory_mib
         result.append(
             _Need(
-                f">= {format_bytes(mem * _MiB)} memory",
+                f">= {format_bytes(mem * MiB)} memory",
                 lambda t: t.memory_mib >= mem,
                 lambda t: -t.memory_mib,
                 "ask for less memory per worker (a smaller worker_memory) and use more workers",
@@ -944,8 +813,3 @@ def choose_vm_types(
     if names:
         return resolve_vm_types(types, names, prices, needs)
     return rank_candidates(types, needs or Needs(), prices, limit=limit)
-
-
-def _check_market(market: str) -> None:
-    if market not in MARKETS:
-        raise CatalogError(f"market {market!r} is not one of {', '.join(MARKETS)}")

@@ -3,47 +3,53 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import logging
 import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+import botocore.session
 
-from dask_rawvm.catalog import (
-    Needs,
-    PriceTable,
-    VMType,
-    choose_vm_types,
-    fetch_instance_types,
-)
+from dask_rawvm.config import ClusterOptions
 from dask_rawvm.environment.target import Target
+from dask_rawvm.errors import ProviderError
+from dask_rawvm.needs import Market, Needs
 from dask_rawvm.providers.base import (
     CLUSTER_TAG,
     LIVE_STATES,
     ROLE_TAG,
     LaunchSpec,
     Machine,
+    OnGaveUp,
     OnLate,
     Provider,
-    ProviderError,
 )
-from dask_rawvm.providers.fleet import (
+from dask_rawvm.providers.ec2.account import EC2Account, live_instances_sync
+from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
+from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, ec2_call
+from dask_rawvm.providers.ec2.catalog import (
+    PriceTable,
+    VMType,
+    choose_vm_types,
+    fetch_instance_types,
+)
+from dask_rawvm.providers.ec2.clients import EC2Clients
+from dask_rawvm.providers.ec2.fleet import (
     FleetLaunchError,
     FleetResult,
     FleetTopUp,
     LaunchedInstance,
     LaunchTemplate,
-    ec2_call,
     ensure_launch_template,
     launch_fleet,
+)
+from dask_rawvm.providers.ec2.security_groups import (
+    create_cluster_security_group,
+    default_vpc_id,
+    ingress_cidrs,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,11 +61,9 @@ GPU_AMI_PARAMETER = (
     "/aws/service/deeplearning/ami/{arch}/base-oss-nvidia-driver-gpu-amazon-linux-2023/"
     "latest/ami-id"
 )
-# EC2 takes at most 1000 ids per TerminateInstances / DescribeInstances call.
-MAX_IDS_PER_CALL = 1000
 
 
-class AWSProvider(Provider):
+class EC2Provider(Provider):
     """Machines from EC2.
 
     Parameters
@@ -82,7 +86,8 @@ class AWSProvider(Provider):
     zones
         Availability zones to launch into; every zone of the region when None.
     capacity_retry_timeout
-        How long to keep asking for capacity a launch could not get at once.
+        How long to keep asking for capacity a launch could not get at once: the one
+        clock of it (a cluster gives up on its missing workers when this provider does).
     """
 
     names_after_launch = True  # a fleet's instances come back in no particular order
@@ -115,55 +120,49 @@ class AWSProvider(Provider):
         self._topups: dict[str, FleetTopUp] = {}
         self.catalog: dict[str, VMType] = {}  # the types chosen or checked, by name
         self._amis: dict[str, str] = {}
-        self._stack: AsyncExitStack | None = None
-        self.ec2: Any = None
-        self._ec2_launch: Any = None
-        self._ssm: Any = None
-        self._s3: Any = None
+        self._clients: EC2Clients | None = None
         self.bucket: str | None = None
         self._prices: PriceTable | None = None
 
+    @classmethod
+    def from_options(cls, options: ClusterOptions, cluster: str) -> EC2Provider:
+        return cls(
+            cluster,
+            region=options.region,
+            endpoint_url=options.endpoint_url,
+            ami=options.ami,
+            allow_ingress_from=options.allow_ingress_from,
+            zones=[options.zone] if isinstance(options.zone, str) else options.zone,
+            capacity_retry_timeout=options.capacity_retry_timeout,
+        )
+
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        session = get_session()
-        self.region = self.region or session.get_config_variable("region")
-        if not self.region:
-            raise ProviderError(
-                "no AWS region: pass region=... or set AWS_DEFAULT_REGION (or a profile's region)"
-            )
-        _check_region(self.region)
-        if not self.credentials and await session.get_credentials() is None:
-            raise ProviderError(
-                "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
-                "AWS_SECRET_ACCESS_KEY, or run `aws configure`"
-            )
-        self._stack = AsyncExitStack()
-        common = {"region_name": self.region, "endpoint_url": self.endpoint_url, **self.credentials}
-        standard = AioConfig(retries={"mode": "standard", "max_attempts": 5})
-        # Launch calls are never retried by botocore: capacity errors come back as
-        # HTTP 500, which it would retry blindly; we decide what to retry ourselves.
-        no_retry = AioConfig(retries={"total_max_attempts": 1})
-        client = session.create_client
-        self.ec2 = await self._stack.enter_async_context(client("ec2", config=standard, **common))
-        self._ec2_launch = await self._stack.enter_async_context(
-            client("ec2", config=no_retry, **common)
-        )
-        self._ssm = await self._stack.enter_async_context(client("ssm", config=standard, **common))
-        # SigV4 presigned URLs (a default client presigns SigV2, which newer regions refuse);
-        # path-style addressing for endpoints other than AWS's own.
-        s3_config = AioConfig(
-            signature_version="s3v4",
-            retries={"mode": "standard", "max_attempts": 5},
-            s3={"addressing_style": "path"} if self.endpoint_url else None,
-        )
-        self._s3 = await self._stack.enter_async_context(client("s3", config=s3_config, **common))
+        self._clients = await EC2Clients.open(self.region, self.endpoint_url, self.credentials)
+        self.region = self._clients.region
 
     async def close(self) -> None:
         for batch in list(self._topups):
             self.stop_asking(batch)
-        if self._stack is not None:
-            await self._stack.aclose()
-            self._stack = None
+        clients, self._clients = self._clients, None
+        if clients is not None:
+            await clients.close()
+
+    @property
+    def clients(self) -> EC2Clients:
+        """The open clients of the region (:meth:`start` opens them)."""
+        if self._clients is None:
+            raise ProviderError(f"the EC2 provider of {self.cluster} is not started")
+        return self._clients
+
+    @property
+    def account(self) -> EC2Account:
+        """Every cluster's resources in this region, through this provider's clients."""
+        return EC2Account(self.clients, self.throttle_timeout)
+
+    def boot_prelude(self) -> str:
+        """EC2 machines ask the instance metadata service who they are."""
+        return IMDS_PRELUDE
 
     # -- preflight -----------------------------------------------------------------
     async def preflight(self, roles: dict[str, str]) -> None:
@@ -179,7 +178,7 @@ class AWSProvider(Provider):
         """An explicit image exists here and runs on every type (an arm64 AMI on x86 does not)."""
         try:
             response = await self._call(
-                self.ec2.describe_images, "DescribeImages", ImageIds=[self.ami]
+                self.clients.ec2.describe_images, "DescribeImages", ImageIds=[self.ami]
             )
         except ProviderError as e:
             raise ProviderError(f"ami={self.ami!r} is not an image in {self.region}: {e}") from e
@@ -198,10 +197,10 @@ class AWSProvider(Provider):
     async def choose(self, names: list[str] | None = None, needs: Needs | None = None) -> list[str]:
         """The named types checked, or the cheapest types meeting ``needs``, best first.
 
-        Raises :class:`~dask_rawvm.catalog.CatalogError` naming the cause and the fix
+        Raises :class:`~dask_rawvm.errors.CatalogError` naming the cause and the fix
         (an unknown type with close names, a need no type meets, a GPU not in the region).
         """
-        types = await fetch_instance_types(self.ec2)
+        types = await fetch_instance_types(self.clients.ec2)
         chosen = choose_vm_types(types, self._price_table(), names=names, needs=needs)
         self.catalog.update((vm.name, vm) for vm in chosen)
         return [vm.name for vm in chosen]
@@ -229,7 +228,7 @@ class AWSProvider(Provider):
             glibc="2.34",
         )
 
-    def hourly_price(self, vm_type: str, market: str) -> float:
+    def hourly_price(self, vm_type: str, market: Market) -> float:
         """List price from the packaged table, scaled to the region (an estimate)."""
         return self._price_table().price(self.catalog[vm_type], market)
 
@@ -243,9 +242,11 @@ class AWSProvider(Provider):
         name = (GPU_AMI_PARAMETER if gpu else AMI_PARAMETER).format(arch=arch)
         if name not in self._amis:
             try:
-                response = await self._call(self._ssm.get_parameter, "GetParameter", Name=name)
+                response = await self._call(
+                    self.clients.ssm.get_parameter, "GetParameter", Name=name
+                )
             except ProviderError as e:
-                if "ParameterNotFound" not in str(e):
+                if e.code != "ParameterNotFound":
                     raise
                 what = "NVIDIA GPU image" if gpu else "Amazon Linux 2023 image"
                 raise ProviderError(
@@ -260,7 +261,7 @@ class AWSProvider(Provider):
         if self._subnets is None:
             vpc = await self._vpc()
             response = await self._call(
-                self.ec2.describe_subnets,
+                self.clients.ec2.describe_subnets,
                 "DescribeSubnets",
                 Filters=[
                     {"Name": "vpc-id", "Values": [vpc]},
@@ -279,7 +280,12 @@ class AWSProvider(Provider):
         return self._subnets
 
     # -- machines ------------------------------------------------------------------
-    async def launch(self, spec: LaunchSpec, on_late: OnLate | None = None) -> list[Machine]:
+    async def launch(
+        self,
+        spec: LaunchSpec,
+        on_late: OnLate | None = None,
+        on_gave_up: OnGaveUp | None = None,
+    ) -> list[Machine]:
         """Launch through EC2 Fleet: every candidate type x zone, the markets of the policy.
 
         One CreateLaunchTemplateVersion (the user-data of this request) and one CreateFleet
@@ -297,9 +303,13 @@ class AWSProvider(Provider):
                 await self.terminate(e.result.ids)
             raise
         # launch_fleet has logged what is missing, and why.
-        if result.missing and on_late is not None and self.capacity_retry_timeout > 0:
-            self._ask_later(spec, launch, result.missing, on_late)
-        return [_launched_machine(i) for i in result.instances]
+        if result.missing and on_late is not None:
+            if self.capacity_retry_timeout > 0:
+                self._ask_later(spec, launch, result.missing, on_late, on_gave_up)
+            elif on_gave_up is not None:  # nobody will ask: given up already
+                asyncio.get_running_loop().call_soon(on_gave_up)
+        tags = self.tags(spec.role, spec.tags)
+        return [_launched_machine(i, tags) for i in result.instances]
 
     async def _fleet_launcher(self, spec: LaunchSpec) -> Callable[..., Awaitable[FleetResult]]:
         """``launch_fleet`` with everything bound but the count and the retry timeout."""
@@ -312,7 +322,7 @@ class AWSProvider(Provider):
         for vm in candidates:
             amis.setdefault(self.architecture(vm.name), await self.image_for(vm.name))
         self._template = await ensure_launch_template(
-            self.ec2,
+            self.clients.ec2,
             self.cluster,
             user_data=spec.user_data,
             tags=self.tags(spec.role, spec.tags),
@@ -321,7 +331,7 @@ class AWSProvider(Provider):
         )
         return partial(
             launch_fleet,
-            self._ec2_launch,
+            self.clients.ec2_launch,
             template=self._template,
             candidates=candidates,
             subnets=await self.subnets(),
@@ -337,9 +347,10 @@ class AWSProvider(Provider):
         launch: Callable[..., Awaitable[FleetResult]],
         missing: int,
         on_late: OnLate,
+        on_gave_up: OnGaveUp | None,
     ) -> None:
         def landed(instances: list[LaunchedInstance]) -> None:
-            on_late([_launched_machine(i) for i in instances])
+            on_late([_launched_machine(i, self.tags(spec.role, spec.tags)) for i in instances])
 
         topup = FleetTopUp(launch, missing, self.capacity_retry_timeout, landed).start()
         self._topups[spec.batch] = topup
@@ -350,13 +361,20 @@ class AWSProvider(Provider):
             self.capacity_retry_timeout,
         )
         assert topup.task is not None
-        topup.task.add_done_callback(partial(self._asked, spec.batch))
+        topup.task.add_done_callback(partial(self._asked, spec.batch, on_gave_up))
 
-    def _asked(self, batch: str, task: asyncio.Task[FleetResult]) -> None:
+    def _asked(
+        self, batch: str, on_gave_up: OnGaveUp | None, task: asyncio.Task[FleetResult]
+    ) -> None:
         # A result is logged by launch_fleet (and FleetTopUp); an error only here.
         self._topups.pop(batch, None)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("asking for missing VMs failed: %s", task.exception())
+        if task.cancelled():  # stop_asking: the caller no longer wants them
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("asking for missing VMs failed: %s", error)
+        if (error is not None or task.result().missing) and on_gave_up is not None:
+            on_gave_up()
 
     def stop_asking(self, batch: str) -> None:
         topup = self._topups.pop(batch, None)
@@ -366,20 +384,16 @@ class AWSProvider(Provider):
     async def _security_group(self) -> str:
         """The cluster's security group, created on first launch (preflight creates nothing)."""
         if self.security_group is None:
-            from dask_rawvm.security import create_cluster_security_group, ingress_cidrs
-
             cidrs = await ingress_cidrs(self.allow_ingress_from, self.endpoint_url)
             self.security_group = await create_cluster_security_group(
-                self.ec2, self.cluster, await self._vpc(), cidrs
+                self.clients.ec2, self.cluster, await self._vpc(), cidrs
             )
         return self.security_group
 
     async def _vpc(self) -> str:
         """The default VPC, where the cluster's subnets and security group are (looked up once)."""
         if self._vpc_id is None:
-            from dask_rawvm.security import default_vpc_id
-
-            self._vpc_id = await default_vpc_id(self.ec2)
+            self._vpc_id = await default_vpc_id(self.clients.ec2)
         return self._vpc_id
 
     def tags(self, role: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -391,96 +405,68 @@ class AWSProvider(Provider):
         }
 
     async def terminate(self, ids: list[str]) -> None:
-        for start in range(0, len(ids), MAX_IDS_PER_CALL):
-            chunk = ids[start : start + MAX_IDS_PER_CALL]
-            await self._call(self.ec2.terminate_instances, "TerminateInstances", InstanceIds=chunk)
+        await self.account.terminate(ids)
 
     async def describe(self, ids: list[str]) -> list[Machine]:
         machines = []
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
             chunk = ids[start : start + MAX_IDS_PER_CALL]
             response = await self._call(
-                self.ec2.describe_instances, "DescribeInstances", InstanceIds=chunk
+                self.clients.ec2.describe_instances, "DescribeInstances", InstanceIds=chunk
             )
             machines += [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
         return machines
 
     async def live_machines(self, cluster: str) -> list[Machine]:
         """Every instance tagged with ``cluster`` that is not terminated."""
-        paginator = self.ec2.get_paginator("describe_instances")
         filters = [
             {"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]},
             {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
         ]
-        machines = []
-        try:
-            async for page in paginator.paginate(Filters=filters):
-                machines += [_machine(i) for r in page["Reservations"] for i in r["Instances"]]
-        except (ClientError, BotoCoreError) as e:
-            raise ProviderError(f"EC2 DescribeInstances failed: {e}") from e
+        response = await self._call(
+            self.clients.ec2.describe_instances, "DescribeInstances", Filters=filters
+        )
+        machines = [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
+        token = response.get("NextToken")
+        while token:
+            response = await self._call(
+                self.clients.ec2.describe_instances,
+                "DescribeInstances",
+                Filters=filters,
+                NextToken=token,
+            )
+            machines += [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
+            token = response.get("NextToken")
         return machines
 
     async def cleanup(self, cluster: str) -> list[str]:
-        """Remove everything tagged with ``cluster``; return the instances terminated."""
-        return (await self.remove_cluster(cluster)).get("instances", [])
-
-    # -- every cluster's resources, by tag (dask-rawvm ls / down) ----------------------
-    async def clusters(self) -> dict[str, dict[str, list[str]]]:
-        """Each cluster with resources in this region, and its resources by kind."""
-        found: dict[str, dict[str, list[str]]] = {}
-
-        def add(tags: list[dict[str, str]], kind: str, resource: str) -> None:
-            cluster = {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG)
-            if cluster is not None:
-                found.setdefault(cluster, {}).setdefault(kind, []).append(resource)
-
-        tagged = [{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
-        live = [*tagged, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
-        async for page in self.ec2.get_paginator("describe_instances").paginate(Filters=live):
-            for instance in (i for r in page["Reservations"] for i in r["Instances"]):
-                add(instance.get("Tags", []), "instances", instance["InstanceId"])
-        templates = await self._call(
-            self.ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=tagged
-        )
-        for template in templates.get("LaunchTemplates", []):
-            add(template.get("Tags", []), "launch-templates", template["LaunchTemplateId"])
-        groups = await self._call(
-            self.ec2.describe_security_groups, "DescribeSecurityGroups", Filters=tagged
-        )
-        for group in groups.get("SecurityGroups", []):
-            add(group.get("Tags", []), "security-groups", group["GroupId"])
-        for bucket, tags in await self._our_buckets():
-            add(tags, "buckets", bucket)
-        return found
-
-    async def _our_buckets(self) -> list[tuple[str, list[dict[str, str]]]]:
-        buckets = (await self._s3_call(self._s3.list_buckets, "ListBuckets")).get("Buckets", [])
-        result = []
-        for bucket in (b["Name"] for b in buckets if b["Name"].startswith("dask-rawvm-")):
-            try:
-                tagging = await self._s3.get_bucket_tagging(Bucket=bucket)
-            except ClientError:
-                continue  # untagged: not provably ours
-            result.append((bucket, tagging.get("TagSet", [])))
-        return result
-
-    async def remove_cluster(self, cluster: str) -> dict[str, list[str]]:
-        """Terminate and delete everything tagged with ``cluster``, whoever made it."""
-        from dask_rawvm.providers.fleet import delete_launch_templates
-        from dask_rawvm.security import delete_cluster_security_group
-
-        resources = (await self.clusters()).get(cluster, {})
-        if resources.get("instances"):
-            await self.terminate(resources["instances"])
-        for bucket in resources.get("buckets", []):
-            await self._delete_bucket(bucket)
-        self.bucket = None
-        await delete_launch_templates(self.ec2, cluster)
-        for group in resources.get("security-groups", []):  # after the instances that hold them
-            await delete_cluster_security_group(self.ec2, group)
-        if cluster == self.cluster:
+        """Remove everything tagged with ``cluster`` (:meth:`EC2Account.remove_cluster`);
+        return the instances terminated."""
+        removed = await self.account.remove_cluster(cluster)
+        if cluster == self.cluster:  # what it made is gone: a later launch makes it anew
+            self.bucket = None
             self.security_group = None
-        return resources
+            self._template = None
+        return removed.get("instances", [])
+
+    def cleanup_blocking(self) -> list[str]:
+        """Terminate the cluster's instances through synchronous botocore.
+
+        Synchronous on purpose: at interpreter exit the cluster's event loop may be gone
+        and executors refuse new work, which aiobotocore needs.
+        """
+        ec2 = botocore.session.get_session().create_client(
+            "ec2", region_name=self.region, endpoint_url=self.endpoint_url, **self.credentials
+        )
+        try:
+            ids = [i["InstanceId"] for i in live_instances_sync(ec2, self.cluster)]
+            for start in range(0, len(ids), MAX_IDS_PER_CALL):
+                ec2.terminate_instances(InstanceIds=ids[start : start + MAX_IDS_PER_CALL])
+        except Exception as e:
+            raise ProviderError(f"terminating the instances of {self.cluster} failed: {e}") from e
+        finally:
+            ec2.close()
+        return ids
 
     # -- files for the VMs -------------------------------------------------------------
     async def store(self, key: str, path: str) -> None:
@@ -488,9 +474,10 @@ class AWSProvider(Provider):
         if self.bucket is None:
             self.bucket = await self._create_bucket()
         with open(path, "rb") as f:
-            await self._s3_call(
-                self._s3.put_object,
+            await self._call(
+                self.clients.s3.put_object,
                 "PutObject",
+                service="S3",
                 Bucket=self.bucket,
                 Key=key,
                 Body=f.read(),
@@ -499,12 +486,14 @@ class AWSProvider(Provider):
 
     async def fetch(self, key: str) -> bytes:
         """A stored file, from any bucket of this cluster (a reconnecting client has its own)."""
-        for bucket, tags in await self._our_buckets():
+        for bucket, tags in await self.account.buckets():
             if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) != self.cluster:
                 continue
             try:
-                response = await self._s3.get_object(Bucket=bucket, Key=key)
-            except ClientError:
+                response = await self._call(
+                    self.clients.s3.get_object, "GetObject", service="S3", Bucket=bucket, Key=key
+                )
+            except ProviderError:
                 continue
             async with response["Body"] as body:
                 return bytes(await body.read())
@@ -512,10 +501,13 @@ class AWSProvider(Provider):
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring GET URL for a stored file; presigning is local, no API call."""
-        assert self.bucket is not None, "store() the file first"
+        if self.bucket is None:  # a URL of something stored later (a name map)
+            self.bucket = await self._create_bucket()
         params = {"Bucket": self.bucket, "Key": key}
         return str(
-            await self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=expires)
+            await self.clients.s3.generate_presigned_url(
+                "get_object", Params=params, ExpiresIn=expires
+            )
         )
 
     async def _create_bucket(self) -> str:
@@ -525,88 +517,53 @@ class AWSProvider(Provider):
         params: dict[str, Any] = {"Bucket": name}
         if self.region != "us-east-1":
             params["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
-        await self._s3_call(self._s3.create_bucket, "CreateBucket", **params)
+        s3 = self.clients.s3
+        await self._call(s3.create_bucket, "CreateBucket", service="S3", **params)
         tags = [{"Key": k, "Value": v} for k, v in self.tags("bucket").items()]
-        await self._s3_call(
-            self._s3.put_bucket_tagging,
+        await self._call(
+            s3.put_bucket_tagging,
             "PutBucketTagging",
+            service="S3",
             Bucket=name,
             Tagging={"TagSet": tags},
         )
         return name
 
-    async def _delete_bucket(self, bucket: str) -> None:
-        paginator = self._s3.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=bucket):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                await self._s3_call(
-                    self._s3.delete_objects,
-                    "DeleteObjects",
-                    Bucket=bucket,
-                    Delete={"Objects": keys},
-                )
-        await self._s3_call(self._s3.delete_bucket, "DeleteBucket", Bucket=bucket)
-
-    async def _s3_call(
-        self, method: Callable[..., Awaitable[Any]], action: str, **params: Any
-    ) -> Any:
-        try:
-            return await method(**params)
-        except (ClientError, BotoCoreError) as e:
-            raise ProviderError(f"S3 {action} failed: {e}") from e
-
     async def console_output(self, machine_id: str) -> str:
         response = await self._call(
-            self.ec2.get_console_output, "GetConsoleOutput", InstanceId=machine_id, Latest=True
+            self.clients.ec2.get_console_output,
+            "GetConsoleOutput",
+            InstanceId=machine_id,
+            Latest=True,
         )
         # EC2 sends the log base64-encoded and botocore decodes it (an after-call handler):
         # decoding again would turn text into garbage whenever it happens to look like base64.
         return str(response.get("Output") or "")
 
     # -- calls -----------------------------------------------------------------------
-    async def _call(self, method: Callable[..., Awaitable[Any]], action: str, **params: Any) -> Any:
-        return await ec2_call(method, action, throttle_timeout=self.throttle_timeout, **params)
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        action: str,
+        service: str = "EC2",
+        **params: Any,
+    ) -> Any:
+        return await ec2_call(
+            method, action, throttle_timeout=self.throttle_timeout, service=service, **params
+        )
 
 
-def live_instances_sync(ec2: Any, cluster: str | None = None) -> list[dict[str, Any]]:
-    """Instances not terminated (of ``cluster``, by its tag), through a synchronous client.
-
-    For callers without an event loop: the sweep at interpreter exit, the demo's
-    final check and the tests.
-    """
-    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
-    if cluster is not None:
-        filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
-    pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-    return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
-
-
-def _check_region(region: str) -> None:
-    """Refuse a region EC2 does not have, with the closest names, before any call."""
-    import botocore.session  # botocore's endpoint data: local, no call
-
-    session = botocore.session.get_session()
-    known = {
-        name
-        for partition in session.get_available_partitions()
-        for name in session.get_available_regions("ec2", partition_name=partition)
-    }
-    if known and region not in known:
-        close = difflib.get_close_matches(region, sorted(known), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ProviderError(f"region {region!r} is not an EC2 region{hint}: pass region=...")
-
-
-def _launched_machine(instance: LaunchedInstance) -> Machine:
-    """A machine just launched: no address yet (``describe`` has it once it is running)."""
+def _launched_machine(instance: LaunchedInstance, tags: dict[str, str]) -> Machine:
+    """A machine just launched, tagged as its template tags it: no address yet
+    (``describe`` has it once it is running)."""
     return Machine(
         id=instance.id,
         launch_index=0,
         state="pending",
         vm_type=instance.vm_type,
         zone=instance.zone,
-        market=instance.market,
+        market="spot" if instance.market == "spot" else "on-demand",
+        tags=dict(tags),
     )
 
 

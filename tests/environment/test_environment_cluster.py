@@ -69,7 +69,7 @@ def test_local_code_edited_here_runs_on_new_workers(
         assert read_on_a_worker(cluster, "rawvm_probe_pkg") == "editable v2"
         assert read_on_a_worker(cluster, "rawvm_probe_loose") == "loose v2"
         # Only local code changed: the lock came from the cache, no resolver ran.
-        assert cluster.pool.bundles["worker"].lock.from_cache
+        assert cluster.store.bundles["worker"].lock.from_cache
     assert live_instances(cloud) == []
 
 
@@ -77,9 +77,9 @@ def test_second_start_with_an_unchanged_environment_runs_no_resolver(cloud: Loca
     options = {"endpoint_url": cloud.endpoint_url, "region": cloud.region}
     requirements = ["toolz==1.0.0", "dask", "distributed"]
     with RawVMCluster(environment=requirements, **options) as first:
-        first_digest = first.pool.bundles["worker"].digest
+        first_digest = first.store.bundles["worker"].digest
     with RawVMCluster(environment=requirements, **options) as second:
-        bundle = second.pool.bundles["worker"]
+        bundle = second.store.bundles["worker"]
         assert bundle.lock.from_cache
         assert bundle.digest == first_digest
     assert live_instances(cloud) == []

@@ -166,10 +166,10 @@ def _alive(pid: int) -> bool:
 async def test_console_output_reaches_the_provider_verbatim(cloud: LocalCloud) -> None:
     # "abcdabcd" is valid base64: decoding botocore's already-decoded text would garble it.
     from dask_rawvm.localcloud import CREDENTIALS
-    from dask_rawvm.providers.aws import AWSProvider
+    from dask_rawvm.providers.ec2 import EC2Provider
 
     (instance_id,) = run(cloud, "#!/bin/bash\necho abcdabcd\nsleep 300\n")
-    provider = AWSProvider("t", cloud.region, cloud.endpoint_url, dict(CREDENTIALS))
+    provider = EC2Provider("t", cloud.region, cloud.endpoint_url, dict(CREDENTIALS))
     await provider.start()
     try:
         deadline = time.monotonic() + 30

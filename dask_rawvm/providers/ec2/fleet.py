@@ -27,19 +27,28 @@ import base64
 import hashlib
 import json
 import logging
-import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from dask_rawvm.catalog import VMType
-from dask_rawvm.config import SPOT_POLICIES
-from dask_rawvm.providers.base import CLUSTER_TAG, ProviderError
+from dask_rawvm.backoff import Backoff, retry
+from dask_rawvm.errors import ProviderError
+from dask_rawvm.needs import Market, SpotPolicy, markets_of
+from dask_rawvm.providers.base import CLUSTER_TAG
+from dask_rawvm.providers.ec2.calls import (
+    THROTTLE_BACKOFF,
+    THROTTLING,
+    TRANSIENT,
+    ec2_call,
+    error_code,
+    error_message,
+)
+from dask_rawvm.providers.ec2.catalog import VMType
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +62,6 @@ MAX_OVERRIDES = 300
 #: User-data limit, before base64 encoding.
 MAX_USER_DATA = 16 * 1024
 
-THROTTLING = {"RequestLimitExceeded", "Throttling", "ThrottlingException"}
-#: Whole-call errors worth sending again unchanged (the ClientToken makes that safe).
-TRANSIENT = {"InternalError", "InternalFailure", "Unavailable", "ServiceUnavailable"}
 #: Another type, zone or market may have what this pool lacks.
 CAPACITY = {
     "InsufficientInstanceCapacity",
@@ -88,6 +94,9 @@ _FIXES = {
     "the instance types, the AMI of each architecture and the subnets",
 }
 
+#: A launch template deleted meanwhile (by id, or by name).
+_TEMPLATE_GONE = {"InvalidLaunchTemplateId.NotFound", "InvalidLaunchTemplateName.NotFoundException"}
+
 Candidate = VMType | tuple[str, str]
 OnLaunch = Callable[[list["LaunchedInstance"]], object]
 
@@ -98,8 +107,8 @@ class FleetLaunchError(ProviderError):
     ``result`` holds what was launched before it: the caller owns those instances.
     """
 
-    def __init__(self, message: str, result: FleetResult) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, result: FleetResult, code: str | None = None) -> None:
+        super().__init__(message, code)
         self.result = result
 
 
@@ -188,21 +197,7 @@ class FleetResult:
         return text
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Full-jitter exponential backoff: sleep ``uniform(0, min(cap, base * 2**i))``."""
-
-    base: float = 0.2
-    cap: float = 20.0
-
-    def delays(self) -> Iterator[float]:
-        attempt = 0
-        while True:
-            yield random.uniform(0, min(self.cap, self.base * 2**attempt))
-            attempt += 1
-
-
-THROTTLE_BACKOFF = Backoff(0.2, 20.0)
+#: Between passes once every pool ran out: capacity frees up over minutes.
 CAPACITY_BACKOFF = Backoff(5.0, 60.0)
 
 
@@ -347,7 +342,7 @@ async def ensure_launch_template(
         )
     except ProviderError as e:
         # Left by an earlier run of a cluster of this name, or made concurrently: reuse it.
-        if "AlreadyExists" not in str(e):
+        if e.code != "InvalidLaunchTemplateName.AlreadyExistsException":
             raise
         found = await ec2_call(
             ec2.describe_launch_templates, "DescribeLaunchTemplates", LaunchTemplateNames=[name]
@@ -396,7 +391,7 @@ async def delete_launch_templates(ec2: Any, cluster: str) -> list[str]:
                 ec2.delete_launch_template, "DeleteLaunchTemplate", LaunchTemplateId=template_id
             )
         except ProviderError as e:
-            if "NotFound" not in str(e):  # gone already: that is what we wanted
+            if e.code not in _TEMPLATE_GONE:  # gone already is what we wanted
                 raise
             continue
         deleted.append(template_id)
@@ -523,18 +518,10 @@ class FailoverPlanner:
     ends after at most (pools + markets) requests.
     """
 
-    def __init__(self, pools: Sequence[Pool], spot_policy: str) -> None:
-        if spot_policy not in SPOT_POLICIES:
-            raise ProviderError(
-                f"spot_policy {spot_policy!r} is not one of {', '.join(SPOT_POLICIES)}"
-            )
+    def __init__(self, pools: Sequence[Pool], spot_policy: SpotPolicy | str) -> None:
         self.pools = list(pools)
         self.policy = spot_policy
-        self.markets = {
-            "on-demand": ("on-demand",),
-            "spot": ("spot",),
-            "spot_with_fallback": ("spot", "on-demand"),
-        }[spot_policy]
+        self.markets: tuple[Market, ...] = markets_of(spot_policy)
         self.dropped: dict[str, set[Pool]] = {m: set() for m in self.markets}
 
     def reset(self) -> None:
@@ -617,8 +604,8 @@ async def launch_fleet(
     template
         From :func:`ensure_launch_template`.
     candidates
-        Instance types, best first: :class:`~dask_rawvm.catalog.VMType` (its usage classes
-        are honoured) or ``(name, arch)``.
+        Instance types, best first: :class:`~dask_rawvm.providers.ec2.catalog.VMType` (its
+        usage classes are honoured) or ``(name, arch)``.
     subnets
         ``(subnet_id, zone)`` pairs to launch into.
     count
@@ -657,9 +644,11 @@ async def launch_fleet(
     _warn_if_retrying(ec2)
     planner = FailoverPlanner(pools, spot_policy)
     if planner.market() is None:
+        markets = " or ".join(planner.markets) or "no market (not a spot policy)"
         raise ProviderError(
             f"none of the instance types {sorted({p.vm_type for p in pools})} can be bought "
-            f"on {spot_policy}. Fix: choose other types or spot_policy='on-demand'"
+            f"on spot_policy={spot_policy!r}: {markets}. Fix: choose other types, or "
+            "spot_policy='on-demand'"
         )
     result = FleetResult(requested=max(count, 0))
     deadline = time.monotonic() + capacity_retry_timeout
@@ -718,7 +707,7 @@ async def _one_pass(launcher: _Launcher, planner: FailoverPlanner, max_per_call:
         launched, errors = await launcher.request(market, pools, n)
         fatal = next((e for e in errors if planner.fatal(e)), None)
         if fatal is not None:
-            raise FleetLaunchError(_fatal_message(fatal, result), result)
+            raise FleetLaunchError(_fatal_message(fatal, result), result, fatal.code)
         short = max(n - len(launched), 0)
         result.failovers += planner.record(market, errors, short)
         fallback = short if market == "spot" and planner.policy == "spot_with_fallback" else 0
@@ -756,9 +745,7 @@ class _Launcher:
         try:
             response = await self._send(params)
         except ClientError as e:
-            error = e.response.get("Error", {})
-            code, message = error.get("Code", ""), error.get("Message", "")
-            return [], [whole_call_error(code, message, market, pools)]
+            return [], [whole_call_error(error_code(e), error_message(e), market, pools)]
         launched, errors = parse_fleet_response(response, pools, market)
         self.result.instances += launched
         if launched and self.on_launch is not None:
@@ -766,23 +753,26 @@ class _Launcher:
         return launched, errors
 
     async def _send(self, params: dict[str, Any]) -> dict[str, Any]:
-        deadline = time.monotonic() + self.throttle_timeout
-        delays = self.backoff.delays()
-        while True:
+        async def send() -> dict[str, Any]:
             self.result.calls += 1
-            try:
-                return dict(await self.ec2.create_fleet(**params))
-            except ClientError as e:
-                code = e.response.get("Error", {}).get("Code", "")
-                if code not in THROTTLING | TRANSIENT or time.monotonic() >= deadline:
-                    raise
-                logger.info("CreateFleet: %s; backing off", code)
-            except BotoCoreError as e:
-                # The request may have landed: the same ClientToken makes sending it again safe.
-                if time.monotonic() >= deadline:
-                    raise FleetLaunchError(f"EC2 CreateFleet failed: {e}", self.result) from e
-                logger.info("CreateFleet: %s; trying again", e)
-            await asyncio.sleep(next(delays))
+            return dict(await self.ec2.create_fleet(**params))
+
+        try:
+            return await retry(
+                send,
+                retryable=_worth_sending_again,
+                timeout=self.throttle_timeout,
+                backoff=self.backoff,
+                what="EC2 CreateFleet",
+            )
+        except BotoCoreError as e:
+            raise FleetLaunchError(f"EC2 CreateFleet failed: {e}", self.result) from e
+
+
+def _worth_sending_again(error: Exception) -> bool:
+    """Throttling, a 5xx, or no answer at all (the request may have landed: the same
+    ClientToken makes sending it again safe)."""
+    return isinstance(error, BotoCoreError) or error_code(error) in THROTTLING | TRANSIENT
 
 
 def _fatal_message(error: PoolError, result: FleetResult) -> str:
@@ -864,32 +854,3 @@ class FleetTopUp:
         """Stop asking (scale-down or close); instances already reported stay the caller's."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
-
-
-# -- calls ------------------------------------------------------------------------------------
-
-
-async def ec2_call(
-    method: Callable[..., Awaitable[Any]],
-    action: str,
-    *,
-    throttle_timeout: float = 120.0,
-    **params: Any,
-) -> Any:
-    """One EC2 call (not a launch): throttling backs off with full jitter until
-    ``throttle_timeout``; any other error is a ProviderError naming the action and cause."""
-    deadline = time.monotonic() + throttle_timeout
-    delays = THROTTLE_BACKOFF.delays()
-    while True:
-        try:
-            return await method(**params)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in THROTTLING and time.monotonic() < deadline:
-                logger.info("EC2 throttled %s; backing off", action)
-                await asyncio.sleep(next(delays))
-                continue
-            message = e.response.get("Error", {}).get("Message", "")
-            raise ProviderError(f"EC2 {action} failed: {code}: {message}") from e
-        except BotoCoreError as e:
-            raise ProviderError(f"EC2 {action} failed: {e}") from e

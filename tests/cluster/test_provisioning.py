@@ -9,12 +9,11 @@ from distributed.core import rpc
 from helpers import live_instances
 
 from dask_rawvm import RawVMCluster
-from dask_rawvm.catalog import CatalogError
 from dask_rawvm.cost import BudgetExceeded
+from dask_rawvm.errors import CatalogError, ProviderError
 from dask_rawvm.localcloud import LocalCloud
-from dask_rawvm.providers.aws import AMI_PARAMETER, GPU_AMI_PARAMETER
-from dask_rawvm.providers.base import ProviderError
-from dask_rawvm.security import ClusterTLS
+from dask_rawvm.providers.ec2.provider import AMI_PARAMETER, GPU_AMI_PARAMETER
+from dask_rawvm.tls import ClusterTLS
 
 
 def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:
@@ -36,7 +35,7 @@ def test_worker_type_chosen_by_need(quiet_cloud: LocalCloud) -> None:
         n_workers=2, worker_cpu=4, worker_memory="16 GiB", **options(quiet_cloud)
     ) as cluster:
         chosen = cluster.options.worker_vm_type
-        vm = cluster.pool.provider.catalog[chosen]  # type: ignore[union-attr]
+        vm = cluster.provider.catalog[chosen]  # type: ignore[attr-defined]
         assert vm.vcpus >= 4 and vm.memory_mib >= 16 * 1024
         assert vm.arch == "x86_64" or vm.arch == "arm64"
         assert launched_types(quiet_cloud) == {chosen}
@@ -45,7 +44,7 @@ def test_worker_type_chosen_by_need(quiet_cloud: LocalCloud) -> None:
 
 def test_arm_need_picks_a_graviton_type(quiet_cloud: LocalCloud) -> None:
     with RawVMCluster(worker_cpu=2, arm=True, **options(quiet_cloud)) as cluster:
-        vm = cluster.pool.provider.catalog[cluster.options.worker_vm_type]  # type: ignore[union-attr]
+        vm = cluster.provider.catalog[cluster.options.worker_vm_type]  # type: ignore[attr-defined]
         assert vm.arch == "arm64"
 
 
@@ -129,7 +128,7 @@ def test_security_group_admits_only_the_client_and_goes_with_the_cluster(
     ec2 = boto3.client("ec2", **quiet_cloud.client_kwargs())
     with RawVMCluster(n_workers=1, **options(quiet_cloud)) as cluster:
         cluster.sync(cluster._correct_state)
-        group_id = cluster.pool.provider.security_group  # type: ignore[union-attr]
+        group_id = cluster.provider.security_group  # type: ignore[attr-defined]
         (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
         rules = group["IpPermissions"]
         public = {
@@ -165,7 +164,7 @@ async def test_every_dask_connection_is_mutual_tls_with_the_cluster_s_own_ca(
             info = client.scheduler_info()
             assert all(address.startswith("tls://") for address in info["workers"])
         # User-data carries an expiring URL to the keys, never a key.
-        script = await cluster.pool.worker_user_data(cluster.scheduler_address, ["worker-9"])
+        script = await cluster.launcher.worker_user_data(cluster.scheduler_address, ["worker-9"])
         assert "RAWVM_SECRETS_URL=" in script and "PRIVATE KEY" not in script
 
         host_port = cluster.scheduler_address.removeprefix("tls://")
@@ -234,7 +233,7 @@ def test_gpu_workers_boot_the_nvidia_image_of_their_architecture(quiet_cloud: Lo
     with RawVMCluster(n_workers=1, worker_gpu=1, **options(quiet_cloud)) as cluster:
         cluster.sync(cluster._correct_state)
         (instance,) = live_instances(quiet_cloud, cluster.cluster_name)
-        vm = cluster.pool.provider.catalog[instance["InstanceType"]]  # type: ignore[union-attr]
+        vm = cluster.provider.catalog[instance["InstanceType"]]  # type: ignore[attr-defined]
         assert vm.gpus >= 1
     ssm = boto3.client("ssm", **quiet_cloud.client_kwargs())
     arch = "arm64" if vm.arch == "arm64" else "x86_64"
@@ -254,7 +253,7 @@ def test_spot_with_fallback_fills_the_spot_shortfall_on_demand(quiet_cloud: Loca
         spot = [i for i in instances if i.get("InstanceLifecycle") == "spot"]
         assert (len(instances), len(spot)) == (8, 3)
         assert sorted(cluster.instances) == [f"worker-{i}" for i in range(8)]
-        assert cluster.pool.meter.cost_per_hour() > 0
+        assert cluster.ledger.meter.cost_per_hour() > 0
     asked = [
         (
             r["TargetCapacitySpecification.DefaultTargetCapacityType"],

@@ -1,0 +1,35 @@
+"""A cluster's machines, by concern: launching and naming (:class:`Launcher`), the files
+its machines fetch (:class:`ClusterStore`), the record of machines and cost
+(:class:`Ledger`), the provider's lifecycle (:class:`ProviderSession`), the options
+(:class:`Settings`), limits (:class:`Limits`), boot diagnostics (:class:`BootWatch`),
+and the scheduler and worker VMs as thin ProcessInterfaces."""
+
+from dask_rawvm.machines.launcher import Coalescer, Launcher
+from dask_rawvm.machines.ledger import Ledger
+from dask_rawvm.machines.limits import Limits
+from dask_rawvm.machines.names import WORKER_PREFIX, WorkerNames, is_worker_name, worker_index
+from dask_rawvm.machines.preflight import preflight
+from dask_rawvm.machines.processes import SchedulerVM, WorkerVM
+from dask_rawvm.machines.session import ProviderSession, RunningCluster
+from dask_rawvm.machines.settings import Settings
+from dask_rawvm.machines.store import ClusterStore
+from dask_rawvm.machines.watch import BootWatch
+
+__all__ = [
+    "WORKER_PREFIX",
+    "BootWatch",
+    "ClusterStore",
+    "Coalescer",
+    "Launcher",
+    "Ledger",
+    "Limits",
+    "ProviderSession",
+    "RunningCluster",
+    "SchedulerVM",
+    "Settings",
+    "WorkerNames",
+    "WorkerVM",
+    "is_worker_name",
+    "preflight",
+    "worker_index",
+]

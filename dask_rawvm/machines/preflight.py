@@ -1,0 +1,71 @@
+"""What is checked before a cluster launches anything: types, images, zones, cost, environment."""
+
+from __future__ import annotations
+
+import logging
+
+from dask_rawvm.errors import OptionError
+from dask_rawvm.machines.limits import Limits
+from dask_rawvm.machines.session import ProviderSession
+from dask_rawvm.machines.settings import Settings
+from dask_rawvm.machines.store import ClusterStore
+from dask_rawvm.needs import Needs
+
+logger = logging.getLogger(__name__)
+
+
+async def preflight(
+    session: ProviderSession,
+    settings: Settings,
+    store: ClusterStore,
+    limits: Limits,
+    n_workers: int,
+) -> None:
+    """Raise every problem that can be seen, before any VM is launched.
+
+    Chooses the worker types (:func:`choose_worker_types`), has the provider check each
+    role's type, checks the budget for ``n_workers``, and builds and stores each role's
+    environment (which may take a resolver run; a second start with the same environment
+    reuses the lock).
+    """
+    await choose_worker_types(session, settings)
+    options = settings.options
+    roles = {"worker": options.worker_vm_type}
+    if options.scheduler == "vm":
+        roles["scheduler"] = options.scheduler_vm_type
+    provider = session.provider
+    await provider.preflight(roles)
+    limits.check_budget(n_workers, 0)
+    if options.environment is not None:
+        targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
+        await store.prepare_environments(
+            targets, options.environment, options.environment_ignore, options.environment_resolver
+        )
+
+
+async def choose_worker_types(session: ProviderSession, settings: Settings) -> None:
+    """The worker types, best first: named, or the cheapest that meet the needs.
+
+    Every candidate must run the same environment (architecture and accelerator)
+    as the first: the workers' environment is built once, for one platform.
+    """
+    options = settings.options
+    provider = session.provider
+    needs = (options.worker_cpu, options.worker_memory, options.worker_gpu, options.arm)
+    if options.worker_vm_types:
+        candidates = await provider.choose(names=list(options.worker_vm_types))
+    elif any(need is not None for need in needs):
+        candidates = await provider.choose(needs=Needs.from_options(*needs))
+    else:
+        return
+    target = provider.target_for(candidates[0])
+    others = [t for t in candidates if provider.target_for(t) != target]
+    if others and options.worker_vm_types:
+        raise OptionError(
+            f"worker_vm_types mixes platforms: {others} do not run the {target.arch}/"
+            f"{target.accelerator} environment of {candidates[0]}; the workers share one "
+            "environment, so list types of one architecture (and all GPU or all CPU)"
+        )
+    candidates = [t for t in candidates if t not in others]
+    settings.use_worker_types(candidates)
+    logger.info("worker VM types, best first: %s", ", ".join(candidates))

@@ -1,0 +1,154 @@
+"""What a cluster keeps where its machines fetch it: environment bundles, TLS secrets, name maps.
+
+Everything goes through the provider's storage (:meth:`~dask_rawvm.providers.base.Provider.store`,
+:meth:`~dask_rawvm.providers.base.Provider.url_for`): an S3 bucket of the cluster on
+EC2, each host's cache over SSH. User-data carries expiring URLs to them, never their
+content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+from functools import partial
+from typing import cast
+
+from distributed.security import Security
+
+from dask_rawvm.environment import Bundle, Target, prepare_environment
+from dask_rawvm.environment.bootstrap import EnvironmentRef
+from dask_rawvm.environment.lock import Resolver
+from dask_rawvm.machines.session import ProviderSession
+from dask_rawvm.tls import (
+    CA_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    ClusterTLS,
+    pack_vm_material,
+    security_from_material,
+    unpack_vm_material,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ClusterStore:
+    """A cluster's files in its provider's storage, and the URLs its machines fetch them by.
+
+    Parameters
+    ----------
+    cluster
+        The cluster's name.
+    session
+        The cluster's provider.
+    """
+
+    def __init__(self, cluster: str, session: ProviderSession) -> None:
+        self.cluster = cluster
+        self.session = session
+        self.bundles: dict[str, Bundle] = {}  # the environment of each role's VMs
+        self._secrets: dict[str, str] = {}  # stored key of each role's TLS material
+        #: What this process presents: the client's certificate (mutual TLS), once made.
+        self.client_security: Security | None = None
+        #: What an in-process scheduler presents (the scheduler VM role's certificate).
+        self.scheduler_security: Security | None = None
+
+    # -- environments --------------------------------------------------------------------
+    async def prepare_environments(
+        self,
+        targets: dict[str, Target],
+        environment: object,
+        ignore: list[str],
+        resolver: str,
+    ) -> None:
+        """Lock and bundle the environment for each role's platform, and store it.
+
+        Runs before anything is launched, so an environment that cannot be built
+        for the VMs is an error that costs nothing.
+        """
+        for role, target in targets.items():
+            bundle = await asyncio.to_thread(
+                partial(
+                    prepare_environment,
+                    environment,  # type: ignore[arg-type]
+                    target,
+                    ignore,
+                    resolver=cast(Resolver, resolver),
+                )
+            )
+            if bundle.digest not in {b.digest for b in self.bundles.values()}:
+                with tempfile.TemporaryDirectory() as tmp:
+                    archive = await asyncio.to_thread(bundle.write_archive, tmp)
+                    await self.session.provider.store(_bundle_key(bundle), str(archive))
+            self.bundles[role] = bundle
+            lock = "cached lock" if bundle.lock.from_cache else "resolved"
+            logger.info("environment for %s VMs: %s (%s)", role, bundle.digest[:12], lock)
+
+    async def environment(self, role: str) -> EnvironmentRef | None:
+        """Where a VM of ``role`` gets its environment; None for the image's own Python."""
+        bundle = self.bundles.get(role)
+        if bundle is None:
+            return None
+        url = await self.session.provider.url_for(_bundle_key(bundle))
+        return EnvironmentRef(bundle.digest, url)
+
+    # -- TLS -----------------------------------------------------------------------------
+    async def create_tls(self) -> Security:
+        """A new CA for the cluster; each VM role's key and certificates stored for the VMs
+        to fetch (never in user-data), and the client's for a client that reconnects.
+
+        Returns the client's :class:`~distributed.security.Security`.
+        """
+        tls = ClusterTLS.create(self.cluster)
+        cert, key = tls.issue("client")
+        client = {CA_FILE: tls.ca_cert_pem, CERT_FILE: cert, KEY_FILE: key}
+        materials = {role: tls.vm_material(role) for role in ("scheduler", "worker")}
+        await self._store_secrets({**materials, "client": client})
+        self.client_security = security_from_material(client)
+        self.scheduler_security = security_from_material(materials["scheduler"])
+        return self.client_security
+
+    async def reuse_tls(self) -> Security:
+        """The TLS material of the running cluster this client reconnects to."""
+        provider = self.session.provider
+        materials = {
+            role: unpack_vm_material(await provider.fetch(_secret_key(role)))
+            for role in ("worker", "client")
+        }
+        await self._store_secrets(materials)  # this client's bucket, for the VMs it launches
+        self.client_security = security_from_material(materials["client"])
+        return self.client_security
+
+    async def secrets_url(self, role: str) -> str | None:
+        """An expiring URL of ``role``'s TLS material; None without TLS."""
+        if role not in self._secrets:
+            return None
+        return await self.session.provider.url_for(self._secrets[role])
+
+    async def _store_secrets(self, materials: dict[str, dict[str, str]]) -> None:
+        for role, material in materials.items():
+            self._secrets[role] = _secret_key(role)
+            await self.session.provider.store_bytes(self._secrets[role], pack_vm_material(material))
+
+    # -- worker names ----------------------------------------------------------------------
+    async def names_url(self, batch: str, expires: int) -> str:
+        """The expiring URL the VMs of launch request ``batch`` find their names at."""
+        return await self.session.provider.url_for(_names_key(batch), expires=expires)
+
+    async def write_names(self, batch: str, names: dict[str, str]) -> None:
+        """Store the ``instance-id name`` map of launch request ``batch``."""
+        lines = "".join(f"{machine_id} {name}\n" for machine_id, name in names.items())
+        await self.session.provider.store_bytes(_names_key(batch), lines.encode())
+
+
+def _bundle_key(bundle: Bundle) -> str:
+    return f"environments/{bundle.digest}.tar.gz"
+
+
+def _secret_key(role: str) -> str:
+    return f"secrets/{role}.tar"
+
+
+def _names_key(batch: str) -> str:
+    return f"names/{batch}.txt"

@@ -1,0 +1,79 @@
+"""Watching machines boot: their state, their boot logs, and errors that carry both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from dask_rawvm.errors import ProviderError
+from dask_rawvm.machines.ledger import Ledger
+from dask_rawvm.machines.names import worker_index
+from dask_rawvm.machines.session import ProviderSession
+from dask_rawvm.providers.base import Machine
+
+#: Lines of a boot log an error message quotes.
+LOG_TAIL_LINES = 15
+
+
+class BootWatch:
+    """What booting machines are doing, from the provider, recorded in the ledger.
+
+    Parameters
+    ----------
+    session
+        The cluster's provider.
+    ledger
+        Where each machine's latest state is recorded.
+    """
+
+    def __init__(self, session: ProviderSession, ledger: Ledger) -> None:
+        self.session = session
+        self.ledger = ledger
+
+    async def describe(self, machine_id: str) -> Machine:
+        """One machine's current state."""
+        (machine,) = await self.session.provider.describe([machine_id])
+        self.ledger.described(machine)
+        return machine
+
+    async def console_output(self, machine_id: str) -> str:
+        """What the machine's boot printed so far."""
+        return await self.session.provider.console_output(machine_id)
+
+    async def raise_if_dead(self, machines: list[Machine]) -> list[Machine]:
+        """Describe booting VMs; raise, with its boot log, if one has gone."""
+        if not machines:
+            return []
+        described = await self.session.provider.describe([m.id for m in machines])
+        for machine in described:
+            if machine.state not in ("pending", "running"):
+                raise ProviderError(await self.boot_failure(machine, "a worker VM died at boot"))
+        return described
+
+    async def describe_waiting(
+        self, machines: dict[str, Machine | None], waiting: Iterable[str] = ()
+    ) -> str:
+        """What each VM we are waiting for is doing (state, last log line), and which
+        workers (``waiting``) have no capacity yet."""
+        lines = []
+        known = {m.id: name for name, m in machines.items() if m is not None}
+        for machine in await self.session.provider.describe(list(known)):
+            log = (await self.console_output(machine.id)).strip().splitlines()
+            last = log[-1] if log else "(nothing logged yet)"
+            lines.append(f"{known[machine.id]} ({machine.id}, {machine.state}): {last}")
+        waiting = sorted(waiting, key=worker_index)
+        if waiting:
+            lines.append(f"no capacity yet for {waiting}")
+        return "still waiting for: " + "; ".join(lines) if lines else "no VM is booting"
+
+    async def boot_failure(self, machine: Machine, what: str) -> str:
+        """A message saying what a VM was doing, with the tail of its boot log."""
+        try:
+            log = await self.session.provider.console_output(machine.id)
+        except ProviderError:
+            log = ""
+        tail = "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:]) or "(no boot log)"
+        reason = f" ({machine.state_reason})" if machine.state_reason else ""
+        return (
+            f"{what}: instance {machine.id} is {machine.state}{reason}. "
+            f"Last lines of its boot log:\n{tail}"
+        )

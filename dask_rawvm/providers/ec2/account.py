@@ -1,0 +1,159 @@
+"""Every cluster of an account in one region, by its tag: what ``dask-rawvm ls`` and ``down`` do.
+
+A cluster's resources (instances, launch templates, its security group, its buckets) all
+carry the tag ``dask-rawvm:cluster=<name>``, so they are found and removed whoever made
+them, also after the client that made them died. A cluster's provider removes its own
+the same way when it closes (:meth:`EC2Account.remove_cluster`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
+from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, ec2_call
+from dask_rawvm.providers.ec2.clients import EC2Clients
+from dask_rawvm.providers.ec2.fleet import delete_launch_templates
+from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_group
+
+#: Every bucket dask-rawvm creates is named with this prefix (and tagged).
+BUCKET_PREFIX = "dask-rawvm-"
+#: ``{cluster: {kind: [resource ids]}}``, kinds being "instances", "launch-templates",
+#: "security-groups" and "buckets".
+Resources = dict[str, dict[str, list[str]]]
+
+
+class EC2Account:
+    """The dask-rawvm resources of one account in one region.
+
+    Parameters
+    ----------
+    clients
+        Open clients of the region (:meth:`EC2Clients.open`).
+    throttle_timeout
+        How long to keep backing off a throttled call.
+    """
+
+    def __init__(self, clients: EC2Clients, throttle_timeout: float = 120.0) -> None:
+        self.clients = clients
+        self.throttle_timeout = throttle_timeout
+
+    async def clusters(self) -> Resources:
+        """Each cluster with resources in this region, and its resources by kind."""
+        ec2 = self.clients.ec2
+        found: Resources = {}
+
+        def add(tags: list[dict[str, str]], kind: str, resource: str) -> None:
+            cluster = {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG)
+            if cluster is not None:
+                found.setdefault(cluster, {}).setdefault(kind, []).append(resource)
+
+        tagged = [{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
+        live = [*tagged, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+        async for page in ec2.get_paginator("describe_instances").paginate(Filters=live):
+            for instance in (i for r in page["Reservations"] for i in r["Instances"]):
+                add(instance.get("Tags", []), "instances", instance["InstanceId"])
+        templates = await self._call(
+            ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=tagged
+        )
+        for template in templates.get("LaunchTemplates", []):
+            add(template.get("Tags", []), "launch-templates", template["LaunchTemplateId"])
+        groups = await self._call(
+            ec2.describe_security_groups, "DescribeSecurityGroups", Filters=tagged
+        )
+        for group in groups.get("SecurityGroups", []):
+            add(group.get("Tags", []), "security-groups", group["GroupId"])
+        for bucket, tags in await self.buckets():
+            add(tags, "buckets", bucket)
+        return found
+
+    async def buckets(self) -> list[tuple[str, list[dict[str, str]]]]:
+        """dask-rawvm's buckets and their tags (an untagged one is not provably ours)."""
+        s3 = self.clients.s3
+        listing = await self._call(s3.list_buckets, "ListBuckets", service="S3")
+        result = []
+        for bucket in (b["Name"] for b in listing.get("Buckets", [])):
+            if not bucket.startswith(BUCKET_PREFIX):
+                continue
+            try:
+                tagging = await s3.get_bucket_tagging(Bucket=bucket)
+            except ClientError:
+                continue  # untagged: not provably ours
+            result.append((bucket, tagging.get("TagSet", [])))
+        return result
+
+    async def remove_cluster(self, cluster: str) -> dict[str, list[str]]:
+        """Terminate and delete everything tagged with ``cluster``; return what was found."""
+        resources = (await self.clusters()).get(cluster, {})
+        await self.terminate(resources.get("instances", []))
+        for bucket in resources.get("buckets", []):
+            await self.delete_bucket(bucket)
+        await delete_launch_templates(self.clients.ec2, cluster)
+        for group in resources.get("security-groups", []):  # after the instances that hold them
+            await delete_cluster_security_group(self.clients.ec2, group)
+        return resources
+
+    async def terminate(self, ids: list[str]) -> None:
+        """Terminate instances, 1000 per call."""
+        for start in range(0, len(ids), MAX_IDS_PER_CALL):
+            chunk = ids[start : start + MAX_IDS_PER_CALL]
+            await self._call(
+                self.clients.ec2.terminate_instances, "TerminateInstances", InstanceIds=chunk
+            )
+
+    async def delete_bucket(self, bucket: str) -> None:
+        """Delete a bucket and everything in it."""
+        s3 = self.clients.s3
+        async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                await self._call(
+                    s3.delete_objects,
+                    "DeleteObjects",
+                    service="S3",
+                    Bucket=bucket,
+                    Delete={"Objects": keys},
+                )
+        await self._call(s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket)
+
+    async def _call(self, method: Any, action: str, service: str = "EC2", **params: Any) -> Any:
+        return await ec2_call(
+            method, action, throttle_timeout=self.throttle_timeout, service=service, **params
+        )
+
+
+async def list_clusters(endpoint_url: str | None = None, region: str | None = None) -> Resources:
+    """Each dask-rawvm cluster with resources in the region, and those resources."""
+    clients = await EC2Clients.open(region, endpoint_url)
+    try:
+        return await EC2Account(clients).clusters()
+    finally:
+        await clients.close()
+
+
+async def remove_clusters(
+    endpoint_url: str | None = None, region: str | None = None, names: tuple[str, ...] | None = None
+) -> Resources:
+    """Remove everything of the named clusters (every cluster when ``names`` is None)."""
+    clients = await EC2Clients.open(region, endpoint_url)
+    try:
+        account = EC2Account(clients)
+        targets = names if names is not None else tuple(await account.clusters())
+        return {name: await account.remove_cluster(name) for name in targets}
+    finally:
+        await clients.close()
+
+
+def live_instances_sync(ec2: Any, cluster: str | None = None) -> list[dict[str, Any]]:
+    """Instances not terminated (of ``cluster``, by its tag), through a synchronous client.
+
+    For callers without an event loop: the sweep at interpreter exit
+    (:meth:`EC2Provider.cleanup_blocking`), the demo's final check and the tests.
+    """
+    filters = [{"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
+    if cluster is not None:
+        filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+    return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
