@@ -115,22 +115,8 @@ def import_circles() -> list[list[str]]:
     return circles
 
 
-def _inside_environment(circle: list[str]) -> bool:
-    return all(m.startswith("dask_rawvm.environment.") for m in circle)
-
-
 def test_there_is_no_import_circle() -> None:
-    circles = [c for c in import_circles() if not _inside_environment(c)]
-    assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="bundle -> lock -> translate -> bundle (translate's function-level import): "
-    "removed by the environment package's rewrite; drop this mark when it lands",
-)
-def test_there_is_no_import_circle_in_the_environment() -> None:
-    circles = [c for c in import_circles() if _inside_environment(c)]
+    circles = import_circles()
     assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
 
+from dask_rawvm.errors import RawVMError
+
 Source = Literal["index", "vcs", "url", "conda"]
 LocalKind = Literal["project", "modules", "wheel", "agent"]
 
@@ -17,7 +19,7 @@ LocalKind = Literal["project", "modules", "wheel", "agent"]
 AGENT = "dask-rawvm"
 
 
-class EnvironmentSpecError(ValueError):
+class EnvironmentSpecError(RawVMError, ValueError):
     """The ``environment=`` argument or a lock file it names cannot be read."""
 
 
