@@ -47,11 +47,13 @@ from dask_rawvm.errors import (
 if TYPE_CHECKING:
     from dask_rawvm.cluster import RawVMAdaptive, RawVMCluster
     from dask_rawvm.localcloud import LocalCloud
+    from dask_rawvm.machines.environment_check import EnvironmentMismatch
 
 __version__ = "0.1.0"
 __all__ = [
     "BudgetExceeded",
     "CatalogError",
+    "EnvironmentMismatch",
     "LocalCloud",
     "OptionError",
     "ProviderError",
@@ -67,6 +69,7 @@ _LAZY = {
     "RawVMCluster": "dask_rawvm.cluster",
     "RawVMAdaptive": "dask_rawvm.cluster",
     "LocalCloud": "dask_rawvm.localcloud",
+    "EnvironmentMismatch": "dask_rawvm.machines.environment_check",
 }
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import dask.config
 from dask.utils import parse_timedelta
+from distributed import Client
 from distributed.comm import get_address_host
 from distributed.core import Status
 from distributed.deploy.adaptive import Adaptive
@@ -33,6 +34,8 @@ from dask_rawvm.errors import OptionError
 from dask_rawvm.machines import (
     BootWatch,
     ClusterStore,
+    EnvironmentCheck,
+    EnvironmentMismatch,
     Launcher,
     Ledger,
     Limits,
@@ -136,15 +139,23 @@ class RawVMCluster(SpecCluster):
     tags
         Extra tags for every resource.
     environment
-        What the VMs install: ``"local"`` (default: this environment, translated
-        for the VMs' platform, with editable installs and loose local modules
-        shipped as wheels), a list of requirements, or the path of a lock file
+        What the VMs install: ``"local"`` (default: every distribution of this
+        environment at its version, translated for the VMs' platform; dask-rawvm's
+        client side left out), a list of requirements, or the path of a lock file
         (``requirements.txt``, ``uv.lock``, ``conda-lock.yml``).
     environment_ignore
         Packages of the environment the VMs do without.
     environment_resolver
         ``"uv"`` (default; resolves for the VMs' platform) or ``"pip-tools"``,
         which can only resolve for this machine's platform (an error otherwise).
+    environment_check
+        Once VMs are up, their distributions are compared with this process's
+        (after translation): ``"error"`` (default) stops a start whose VMs lack or
+        differ in a package this process has imported, naming each; ``"warn"`` only
+        warns; ``"off"`` skips the check.
+    local_code
+        Ship this environment's local code (editable projects, loose modules next
+        to the script or notebook) whatever ``environment`` is (default True).
     max_workers
         A ceiling: starting, scaling or adapting past it is an error before any
         VM is launched (adapt's ``maximum`` is clamped to it).
@@ -208,6 +219,8 @@ class RawVMCluster(SpecCluster):
         environment: str | list[str] | None = None,
         environment_ignore: list[str] | None = None,
         environment_resolver: str | None = None,
+        environment_check: str | None = None,
+        local_code: bool | None = None,
         max_workers: int | None = None,
         worker_cpu: int | None = None,
         worker_memory: str | None = None,
@@ -259,6 +272,8 @@ class RawVMCluster(SpecCluster):
         self._report = Reporter()
         self.names = WorkerNames()
         self._running: RunningCluster | None = None  # the cluster reconnected to, if any
+        self._environment_check: EnvironmentCheck | None = None
+        self._worker_check: asyncio.Future[None] | None = None
         self._launched: set[str] = set()
         worker = {"cls": WorkerVM, "options": {"launcher": self.launcher, "ledger": self.ledger}}
         workers = {self.names.take(): worker for _ in range(n_workers)}
@@ -331,6 +346,7 @@ class RawVMCluster(SpecCluster):
             if self._running is not None and self._running.workers:
                 await self._adopt_workers(self._running)
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
+            await self._check_environment("scheduler")
 
     async def _open_provider(self) -> None:
         """Open the provider and check everything before anything launches; on any error,
@@ -469,7 +485,53 @@ class RawVMCluster(SpecCluster):
             )
         return kept
 
+    # -- the environment on the VMs ------------------------------------------------------
+    @property
+    def environment_check(self) -> EnvironmentCheck:
+        """The fidelity check of this cluster's VMs (``environment_check=``): its reports."""
+        if self._environment_check is None:
+            expected = {role: bundle.expected for role, bundle in self.store.bundles.items()}
+            self._environment_check = EnvironmentCheck(self.options.environment_check, expected)
+        return self._environment_check
+
+    async def _check_environment(self, role: str, worker: tuple[str, str] | None = None) -> None:
+        """Compare a VM of ``role`` (a worker: its address and name) with this process; on a
+        mismatch in ``"error"`` mode, close the cluster and raise :class:`EnvironmentMismatch`
+        naming each package."""
+        check = self.environment_check
+        if not check.wants(role) or (role == "scheduler" and self.options.scheduler != "vm"):
+            return
+        try:
+            async with Client(
+                self.scheduler_address, security=self.security, asynchronous=True
+            ) as client:
+                if worker is None:
+                    await check.scheduler(client)
+                else:
+                    await check.worker(client, *worker)
+        except EnvironmentMismatch:
+            await self._close()
+            raise
+
+    def _worker_joined(self, address: str, name: str) -> None:
+        """The first worker to connect is checked (in the background: start has returned)."""
+        if not self.environment_check.wants("worker") or self._worker_check is not None:
+            return
+
+        async def check() -> None:
+            try:
+                await self._check_environment("worker", (address, name))
+            except EnvironmentMismatch as mismatch:
+                logger.error("%s\nThe cluster is closed.", mismatch)
+            except Exception as e:  # a check that could not run is not a verdict
+                logger.warning("could not compare worker %s's environment: %s", name, e)
+
+        self._worker_check = asyncio.ensure_future(check())
+
     def _update_worker_status(self, op: str, msg: Any) -> None:
+        if op == "add":
+            for address, info in msg.get("workers", {}).items():
+                self._worker_joined(address, str(info.get("name", address)))
         super()._update_worker_status(op, msg)
         if op == "remove" and self.status == Status.running:
             # SpecCluster forgets a lost worker after lost-worker-timeout but does not

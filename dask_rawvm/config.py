@@ -35,6 +35,9 @@ PROVIDERS = tuple(
     if isinstance(section, dict) and section.get("provider") == name
 )
 SCHEDULER_PLACEMENTS = ("vm", "local")
+#: ``environment_check=``: a start whose VMs differ from this environment in a package this
+#: process imported fails ("error"), or only says so ("warn"), or is not checked ("off").
+ENVIRONMENT_CHECKS = ("error", "warn", "off")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class ClusterOptions:
     environment: Any = "local"
     environment_ignore: list[str] = field(default_factory=list)
     environment_resolver: str = "uv"
+    environment_check: str = "error"
+    local_code: bool = True
     hosts: list[str] = field(default_factory=list)
     workers_per_host: int = 1
     connect_options: dict[str, Any] = field(default_factory=dict)
@@ -185,6 +190,12 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
         raise OptionError(
             f"worker_vm_types={options.worker_vm_types!r} must be a non-empty list of "
             "instance types, best first (worker_vm_type takes a single one)"
+        )
+    if options.environment_check not in ENVIRONMENT_CHECKS:
+        raise OptionError(
+            f"environment_check={options.environment_check!r} is not one of "
+            f"{list(ENVIRONMENT_CHECKS)}: 'error' stops a start whose VMs differ from this "
+            "environment in a package this process imported, 'warn' only says so, 'off' skips it"
         )
     if options.environment_resolver not in ("uv", "pip-tools"):
         raise OptionError(

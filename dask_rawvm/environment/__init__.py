@@ -50,8 +50,9 @@ from dask_rawvm.environment.translate import (
     translate_environment,
 )
 
-#: What a Dask worker VM needs whatever the user's environment lists.
-WORKER_PACKAGES = ("distributed", "dask-rawvm")
+#: What a Dask VM needs whatever the user's environment lists: the scheduler and worker,
+#: their dashboards (bokeh), and dask-rawvm's VM-side code (the idle shutdown preload).
+WORKER_PACKAGES = ("distributed", "bokeh", "dask-rawvm")
 
 __all__ = [
     "WORKER_PACKAGES",

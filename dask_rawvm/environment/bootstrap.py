@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import dask
 
 from dask_rawvm.environment.bundle import install_script
+from dask_rawvm.environment.conda import conda_install_script, conda_runtime_exports
 from dask_rawvm.tls import vm_tls_script
 
 USER_DATA_LIMIT = 16 * 1024
@@ -64,8 +65,8 @@ ADDRESS=${RAWVM_ADDRESS:-}
 launch_index() { echo "${RAWVM_LAUNCH_INDEX:-0}"; }
 """
 
-# The user's environment, locked for this VM's platform, fetched by an expiring
-# URL (never inlined: it can hold private index credentials) and installed with uv.
+# The user's environment, locked for this VM's platform, fetched by an expiring URL and
+# installed with uv, itself fetched from the cluster's store: the image needs only curl.
 _FETCH_BUNDLE = r"""
 # Where environments live: per machine, shared by its Dask processes (a host of the
 # SSH provider, or the local cloud's machine, which sets RAWVM_HOME for all its VMs).
@@ -83,39 +84,100 @@ if [ ! -f "$RAWVM_VENV/.dask-rawvm-installed" ]; then
     curl -sf --retry 10 --retry-connrefused -o "$RAWVM_BUNDLE.tar.gz" "$RAWVM_BUNDLE_URL" \
         && tar -xzf "$RAWVM_BUNDLE.tar.gz" -C "$RAWVM_BUNDLE" \
         || { log "could not fetch the environment bundle"; poweroff_vm 1; }
+    if [ -n "${RAWVM_UV_URL:-}" ]; then
+        RAWVM_UV="$RAWVM_HOME/tools/uv-$RAWVM_UV_KEY/uv"
+        if [ ! -x "$RAWVM_UV" ]; then
+            mkdir -p "${RAWVM_UV%/uv}"
+            curl -sf --retry 10 --retry-connrefused -o "$RAWVM_UV.$$" "$RAWVM_UV_URL" \
+                && chmod +x "$RAWVM_UV.$$" && mv "$RAWVM_UV.$$" "$RAWVM_UV" \
+                || { log "could not fetch uv"; poweroff_vm 1; }
+        fi
+        export RAWVM_UV
+    fi
+    # The install step's index settings may hold credentials: kept in this shell's memory,
+    # exported to the install commands only, never written to disk.
+    RAWVM_INDEX_ENV=""
+    if [ -n "${RAWVM_INDEX_URL:-}" ]; then
+        RAWVM_INDEX_ENV=$(curl -sf --retry 10 --retry-connrefused "$RAWVM_INDEX_URL") \
+            || { log "could not fetch the package index settings"; poweroff_vm 1; }
+    fi
+    (
+    eval "$RAWVM_INDEX_ENV"
 """
 _AFTER_INSTALL = r"""
+    )
     [ $? -eq 0 ] || { log "environment install failed"; poweroff_vm 1; }
+    unset RAWVM_INDEX_ENV
     touch "$RAWVM_VENV/.dask-rawvm-installed"
     log "environment installed"
 fi
 exec 9>&-
 PYTHON="$RAWVM_VENV/bin/python"
 """
-# Without a bundle the VM image must bring Python, else the client's dask from PyPI.
+# Between the two installs: the venv's must have succeeded before the conda packages'.
+_INSTALL_THEN = "    [ $? -eq 0 ] || exit 1\n"
+# Without a bundle (environment=None) the VM image must bring Python with Dask.
 _IMAGE_PYTHON = r"""
 PYTHON=$(command -v python3)
-if ! "$PYTHON" -c "import distributed" 2>/dev/null; then
-    log "installing dask $RAWVM_DASK_VERSION"
-    "$PYTHON" -m pip install --quiet "dask[distributed]==$RAWVM_DASK_VERSION" bokeh \
-        || { log "environment install failed"; poweroff_vm 1; }
+"$PYTHON" -c "import distributed" 2>/dev/null || {
+    log "environment=None, but the image's python3 has no distributed $RAWVM_DASK_VERSION:" \
+        "use an image with Dask installed, or let the cluster install the environment"
+    poweroff_vm 1
+}
+"""
+# The client's dask config (what the user set in code and YAML), as distributed's Nanny
+# hands it to its workers: read by dask at import. DASK_* variables set later still win.
+_CLIENT_CONFIG = r"""
+if [ -n "${RAWVM_CONFIG_URL:-}" ]; then
+    DASK_INTERNAL_INHERIT_CONFIG=$(curl -sf --retry 10 --retry-connrefused "$RAWVM_CONFIG_URL") \
+        || { log "could not fetch the client's dask config"; poweroff_vm 1; }
+    export DASK_INTERNAL_INHERIT_CONFIG
 fi
 """
 
 
 @dataclass(frozen=True)
 class EnvironmentRef:
-    """Where a VM gets its environment: a bundle's digest and an expiring URL to it."""
+    """Where a VM gets its environment, all by expiring URLs into the cluster's store.
+
+    Parameters
+    ----------
+    digest, url
+        The bundle's digest and URL.
+    uv_url, uv_key
+        The uv executable for the VM's architecture, and its name in the machine's tool
+        cache (``0.13.9-aarch64``); None: the image's uv.
+    index_url
+        The install step's index settings (``export`` lines, credentials included); None:
+        uv's defaults (PyPI).
+    """
 
     digest: str
     url: str
+    uv_url: str | None = None
+    uv_key: str | None = None
+    index_url: str | None = None
 
 
 def _environment(ref: EnvironmentRef | None) -> tuple[dict[str, object], str]:
     if ref is None:
         return {}, _IMAGE_PYTHON
-    variables: dict[str, object] = {"RAWVM_BUNDLE_DIGEST": ref.digest, "RAWVM_BUNDLE_URL": ref.url}
-    return variables, _FETCH_BUNDLE + install_script() + _AFTER_INSTALL
+    variables: dict[str, object] = {
+        "RAWVM_BUNDLE_DIGEST": ref.digest,
+        "RAWVM_BUNDLE_URL": ref.url,
+        "RAWVM_UV_URL": ref.uv_url,
+        "RAWVM_UV_KEY": ref.uv_key,
+        "RAWVM_INDEX_URL": ref.index_url,
+    }
+    script = (
+        _FETCH_BUNDLE
+        + install_script()
+        + _INSTALL_THEN
+        + conda_install_script()
+        + _AFTER_INSTALL
+        + conda_runtime_exports()
+    )
+    return variables, script
 
 
 _SCHEDULER = r"""
@@ -196,16 +258,18 @@ def _render(
     environment: EnvironmentRef | None,
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
+    config_url: str | None = None,
 ) -> str:
     env_variables, env_script = _environment(environment)
     tls_variables, tls_script = _tls(secrets_url)
+    config = {"RAWVM_CONFIG_URL": config_url}
     header = "\n".join(
         f"{key}={shlex.quote('' if value is None else str(value))}"
-        for key, value in {**variables, **env_variables, **tls_variables}.items()
+        for key, value in {**variables, **env_variables, **tls_variables, **config}.items()
     )
     script = (
         f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n"
-        f"{_PRELUDE}{metadata}{tls_script}{env_script}{body}"
+        f"{_PRELUDE}{metadata}{tls_script}{env_script}{_CLIENT_CONFIG}{body}"
     )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
@@ -220,6 +284,7 @@ def scheduler_script(
     environment: EnvironmentRef | None = None,
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
+    config_url: str | None = None,
 ) -> str:
     """User-data for the scheduler VM.
 
@@ -237,6 +302,9 @@ def scheduler_script(
         (:func:`dask_rawvm.tls.pack_vm_material`); plain TCP when None.
     metadata
         The provider's metadata prelude (see :data:`IDENTITY_FROM_VARIABLES`).
+    config_url
+        An expiring URL of the client's dask config (``dask.config.serialize``); the
+        image's defaults when None.
     """
     return _render(
         {
@@ -250,6 +318,7 @@ def scheduler_script(
         environment,
         secrets_url,
         metadata,
+        config_url,
     )
 
 
@@ -265,6 +334,7 @@ def worker_script(
     names_url: str | None = None,
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
+    config_url: str | None = None,
 ) -> str:
     """User-data for the worker VMs of one launch request.
 
@@ -291,6 +361,8 @@ def worker_script(
         An expiring URL of the VMs' TLS key and certificates; plain TCP when None.
     metadata
         The provider's metadata prelude (see :data:`IDENTITY_FROM_VARIABLES`).
+    config_url
+        An expiring URL of the client's dask config; the image's defaults when None.
     """
     return _render(
         {
@@ -310,4 +382,5 @@ def worker_script(
         environment,
         secrets_url,
         metadata,
+        config_url,
     )

@@ -457,18 +457,20 @@ def agent_wheel(code: LocalCode, out_dir: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------------------------
 
 _INSTALL_SCRIPT = r"""# dask-rawvm: install the environment bundle (needs RAWVM_BUNDLE, RAWVM_VENV)
+# uv: the one the cluster stored for this VM (RAWVM_UV, fetched by the boot script), else the
+# image's. No pip: Amazon Linux 2023 ships none. Defined here, outside the install's subshell,
+# for the steps after it (the conda packages).
+if [ -n "${RAWVM_UV:-}" ]; then
+  rawvm_uv() { "$RAWVM_UV" "$@"; }
+else
+  rawvm_uv() { uv "$@"; }
+fi
 (
 set -eu
 : "${RAWVM_BUNDLE:?must name the extracted bundle directory}"
 : "${RAWVM_VENV:?must name the virtualenv to create}"
-# uv: the one the cluster stored for this VM (RAWVM_UV, fetched by the boot script), else the
-# image's. No pip: Amazon Linux 2023 ships none.
-if [ -n "${RAWVM_UV:-}" ]; then
-  rawvm_uv() { "$RAWVM_UV" "$@"; }
-elif command -v uv >/dev/null 2>&1; then
-  rawvm_uv() { uv "$@"; }
-else
-  echo "dask-rawvm: no uv (RAWVM_UV unset and none on PATH)" >&2
+if ! rawvm_uv --version >/dev/null 2>&1; then
+  echo "dask-rawvm: no uv (RAWVM_UV unset, none on PATH)" >&2
   exit 1
 fi
 # UV_CACHE_DIR, when set, is a warm cache (shared by the local cloud's VMs): uv reads it itself.

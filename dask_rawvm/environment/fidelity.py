@@ -19,16 +19,14 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Literal
 
 from packaging.utils import canonicalize_name
 
 from dask_rawvm.environment.translate import Expected
 
-#: What ``environment_check=`` takes: raise for imported packages, only warn, or skip.
-Check = Literal["error", "warn", "off"]
-CHECKS: tuple[Check, ...] = ("error", "warn", "off")
-
+#: Installers a process may import without any task needing them on a VM (pip's and
+#: setuptools' modules load with build and packaging tools): a difference is a warning.
+INSTALLER_TOOLS = frozenset({"pip", "setuptools", "wheel", "uv"})
 
 
 def installed_versions() -> dict[str, str]:
@@ -150,13 +148,13 @@ def compare(
         actual = there.get(wanted.name)
         translated = (wanted.name, wanted.version) != (name, version)
         note = f"expected {wanted.name} {wanted.version or ''}".rstrip() if translated else ""
+        relevant = name in imported and name not in INSTALLER_TOOLS
         if actual is None:
-            report.differences.append(
-                Difference(name, version, "missing", where, name in imported, note)
-            )
+            if not wanted.optional:
+                report.differences.append(
+                    Difference(name, version, "missing", where, relevant, note)
+                )
         elif wanted.version is not None and actual != wanted.version:
             there_text = actual if wanted.name == name else f"{wanted.name} {actual}"
-            report.differences.append(
-                Difference(name, version, there_text, where, name in imported, note)
-            )
+            report.differences.append(Difference(name, version, there_text, where, relevant, note))
     return report

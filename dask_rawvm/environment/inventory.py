@@ -7,6 +7,7 @@ installed version, except dask-rawvm's own client-side dependencies (see
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -150,6 +151,12 @@ def client_side_only(dists: Mapping[str, _Dist]) -> set[str]:
     ]
     others += [(name, frozenset()) for name in VM_NEEDS if name in dists]
     return brought - _closure(others, dists)
+
+
+@functools.cache
+def client_side_here() -> frozenset[str]:
+    """:func:`client_side_only` of the running environment (cached: it does not change)."""
+    return frozenset(client_side_only(_scan_distributions(sys.path, Path.cwd())))
 
 
 def _closure(start: Sequence[tuple[str, frozenset[str]]], dists: Mapping[str, _Dist]) -> set[str]:

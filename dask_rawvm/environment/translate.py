@@ -102,6 +102,8 @@ class Expected:
         False for a package left out by design (``reason`` says why).
     ignored
         Left out by the user's ``environment_ignore``.
+    optional
+        Installed only where a package needs it: its absence is no difference.
     """
 
     name: str
@@ -109,6 +111,7 @@ class Expected:
     present: bool = True
     reason: str = ""
     ignored: bool = False
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,19 +153,28 @@ class Translation:
     dependencies: tuple[str, ...] = ()
 
     def expected_versions(self) -> dict[str, Expected]:
-        """What a VM should have of each distribution of the source, after translation."""
+        """What a VM should have of a distribution where it may differ from the source's.
+
+        A distribution without an entry is expected at the version this process has (the
+        fidelity rule). Entries: what a translation rule rewrote (``onnxruntime`` ->
+        ``onnxruntime-gpu``, ``torch 2.13.0+cpu`` -> ``2.13.0``), relaxed (there only where
+        needed), or left out; and local code, whose wheel version is its own.
+        """
         expected: dict[str, Expected] = {}
         local = {code.name: code for code in self.local_code}
         for decision in self.decisions:
-            if decision.package in ("python", "index") or decision.action == "note":
+            if decision.package in ("python", "index") or decision.package in local:
                 continue
             if decision.after is None:
                 ignored = decision.reason == IGNORED_REASON
                 expected[decision.package] = Expected(
                     decision.package, None, False, decision.reason, ignored
                 )
-            elif decision.package not in local:
+            elif decision.action == "rewrite":
                 expected[decision.package] = Expected(*_name_and_version(decision.after))
+            elif decision.action == "relax":
+                name, version = _name_and_version(decision.after)
+                expected[decision.package] = Expected(name, version, optional=True)
         for code in local.values():
             # Loose modules get a content-hash version of their own: only their presence counts.
             version = code.version if code.kind in ("project", "agent") else None

@@ -2,8 +2,10 @@
 its machines fetch (:class:`ClusterStore`), the record of machines and cost
 (:class:`Ledger`), the provider's lifecycle (:class:`ProviderSession`), the options
 (:class:`Settings`), limits (:class:`Limits`), boot diagnostics (:class:`BootWatch`),
-and the scheduler and worker VMs as thin ProcessInterfaces."""
+the environment's fidelity check (:class:`EnvironmentCheck`), and the scheduler and
+worker VMs as thin ProcessInterfaces."""
 
+from dask_rawvm.machines.environment_check import EnvironmentCheck, EnvironmentMismatch
 from dask_rawvm.machines.launcher import Coalescer, Launcher
 from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.machines.limits import Limits
@@ -20,6 +22,8 @@ __all__ = [
     "BootWatch",
     "ClusterStore",
     "Coalescer",
+    "EnvironmentCheck",
+    "EnvironmentMismatch",
     "Launcher",
     "Ledger",
     "Limits",

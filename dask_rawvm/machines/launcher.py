@@ -135,6 +135,7 @@ class Launcher:
             await self.store.environment("scheduler"),
             secrets_url=await self.store.secrets_url("scheduler"),
             metadata=self.session.provider.boot_prelude(),
+            config_url=await self.store.config_url(),
         )
 
     async def worker_user_data(
@@ -158,6 +159,7 @@ class Launcher:
             names_url=names_url,
             secrets_url=await self.store.secrets_url("worker"),
             metadata=self.session.provider.boot_prelude(),
+            config_url=await self.store.config_url(),
         )
 
     # -- the scheduler -----------------------------------------------------------------------

@@ -39,7 +39,11 @@ async def preflight(
     if options.environment is not None:
         targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
         await store.prepare_environments(
-            targets, options.environment, options.environment_ignore, options.environment_resolver
+            targets,
+            options.environment,
+            options.environment_ignore,
+            options.environment_resolver,
+            options.local_code,
         )
 
 

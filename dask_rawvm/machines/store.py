@@ -1,4 +1,5 @@
-"""What a cluster keeps where its machines fetch it: environment bundles, TLS secrets, name maps.
+"""What a cluster keeps where its machines fetch it: environment bundles, uv, index settings,
+the client's dask config, TLS secrets, name maps.
 
 Everything goes through the provider's storage (:meth:`~dask_rawvm.providers.base.Provider.store`,
 :meth:`~dask_rawvm.providers.base.Provider.url_for`): an S3 bucket of the cluster on
@@ -9,7 +10,10 @@ content.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import shlex
 import tempfile
 from functools import partial
 from typing import cast
@@ -18,7 +22,9 @@ from distributed.security import Security
 
 from dask_rawvm.environment import Bundle, Target, prepare_environment
 from dask_rawvm.environment.bootstrap import EnvironmentRef
+from dask_rawvm.environment.dask_config import serialize
 from dask_rawvm.environment.lock import Resolver
+from dask_rawvm.environment.tools import uv_for, uv_version
 from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.tls import (
     CA_FILE,
@@ -48,6 +54,10 @@ class ClusterStore:
         self.cluster = cluster
         self.session = session
         self.bundles: dict[str, Bundle] = {}  # the environment of each role's VMs
+        self._uv: set[str] = set()  # uv executables stored, by "<version>-<arch>"
+        self._uv_of: dict[str, str] = {}  # each role's uv
+        self._indexes: set[str] = set()  # roles whose install step has index settings
+        self._configs: set[str] = set()  # dask configs stored, by key
         self._secrets: dict[str, str] = {}  # stored key of each role's TLS material
         #: What this process presents: the client's certificate (mutual TLS), once made.
         self.client_security: Security | None = None
@@ -61,12 +71,16 @@ class ClusterStore:
         environment: object,
         ignore: list[str],
         resolver: str,
+        local_code: bool = True,
     ) -> None:
-        """Lock and bundle the environment for each role's platform, and store it.
+        """Lock and bundle the environment for each role's platform, and store it with
+        what the VM's boot needs besides: uv for its architecture, and the index settings
+        of its install step (a secret: they may hold credentials).
 
         Runs before anything is launched, so an environment that cannot be built
         for the VMs is an error that costs nothing.
         """
+        provider = self.session.provider
         for role, target in targets.items():
             bundle = await asyncio.to_thread(
                 partial(
@@ -75,13 +89,24 @@ class ClusterStore:
                     target,
                     ignore,
                     resolver=cast(Resolver, resolver),
+                    local_code=local_code,
                 )
             )
             if bundle.digest not in {b.digest for b in self.bundles.values()}:
                 with tempfile.TemporaryDirectory() as tmp:
                     archive = await asyncio.to_thread(bundle.write_archive, tmp)
-                    await self.session.provider.store(_bundle_key(bundle), str(archive))
+                    await provider.store(_bundle_key(bundle), str(archive))
+            uv_key = f"{uv_version()}-{target.arch}"
+            if uv_key not in self._uv:
+                uv = await asyncio.to_thread(uv_for, target)
+                await provider.store(_uv_key(uv_key), str(uv))
+                self._uv.add(uv_key)
+            settings = _index_settings(bundle)
+            if settings:
+                await provider.store_bytes(_index_key(role), settings.encode())
+                self._indexes.add(role)
             self.bundles[role] = bundle
+            self._uv_of[role] = uv_key
             lock = "cached lock" if bundle.lock.from_cache else "resolved"
             logger.info("environment for %s VMs: %s (%s)", role, bundle.digest[:12], lock)
 
@@ -90,8 +115,28 @@ class ClusterStore:
         bundle = self.bundles.get(role)
         if bundle is None:
             return None
-        url = await self.session.provider.url_for(_bundle_key(bundle))
-        return EnvironmentRef(bundle.digest, url)
+        provider = self.session.provider
+        uv_key = self._uv_of[role]
+        index_url = await provider.url_for(_index_key(role)) if role in self._indexes else None
+        return EnvironmentRef(
+            bundle.digest,
+            await provider.url_for(_bundle_key(bundle)),
+            uv_url=await provider.url_for(_uv_key(uv_key)),
+            uv_key=uv_key,
+            index_url=index_url,
+        )
+
+    # -- the client's dask config ------------------------------------------------------------
+    async def config_url(self) -> str:
+        """An expiring URL of this process's dask config, as the VMs get it
+        (:func:`~dask_rawvm.environment.dask_config.serialize`), stored once per content:
+        a VM launched after a ``dask.config.set`` gets the config of its launch."""
+        text = serialize()
+        key = f"config/{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+        if key not in self._configs:
+            await self.session.provider.store_bytes(key, text.encode())
+            self._configs.add(key)
+        return await self.session.provider.url_for(key)
 
     # -- TLS -----------------------------------------------------------------------------
     async def create_tls(self) -> Security:
@@ -144,6 +189,26 @@ class ClusterStore:
 
 def _bundle_key(bundle: Bundle) -> str:
     return f"environments/{bundle.digest}.tar.gz"
+
+
+def _uv_key(name: str) -> str:
+    return f"tools/uv-{name}"
+
+
+def _index_key(role: str) -> str:
+    return f"secrets/index-{role}.env"
+
+
+#: Client variables the VMs' install step gets too: uv's managed-Python download mirror (a
+#: locked-down account serves Python builds from its own bucket).
+FORWARDED_UV_VARIABLES = ("UV_PYTHON_INSTALL_MIRROR",)
+
+
+def _index_settings(bundle: Bundle) -> str:
+    """The install step's index settings as shell ``export`` lines ("" for uv's defaults)."""
+    variables = bundle.lock.index.install_environment()
+    variables.update({k: os.environ[k] for k in FORWARDED_UV_VARIABLES if os.environ.get(k)})
+    return "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(variables.items()))
 
 
 def _secret_key(role: str) -> str:

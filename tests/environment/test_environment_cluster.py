@@ -7,11 +7,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import boto3
+import dask
 import pytest
-from helpers import live_instances
+from environment_helpers import pure
+from helpers import live_instances, wait_for
 from uv import find_uv_bin
 
-from dask_rawvm import RawVMCluster
+from dask_rawvm import EnvironmentMismatch, RawVMCluster
 from dask_rawvm.environment import EnvironmentTranslationError
 from dask_rawvm.localcloud import LocalCloud
 
@@ -74,7 +77,13 @@ def test_local_code_edited_here_runs_on_new_workers(
 
 
 def test_second_start_with_an_unchanged_environment_runs_no_resolver(cloud: LocalCloud) -> None:
-    options = {"endpoint_url": cloud.endpoint_url, "region": cloud.region}
+    # toolz 1.0.0 is not this process's (which dask imported): the fidelity check would stop
+    # the start; this test is about the lock cache, so it only warns.
+    options = {
+        "endpoint_url": cloud.endpoint_url,
+        "region": cloud.region,
+        "environment_check": "warn",
+    }
     requirements = ["toolz==1.0.0", "dask", "distributed"]
     with RawVMCluster(environment=requirements, **options) as first:
         first_digest = first.store.bundles["worker"].digest
@@ -99,8 +108,6 @@ def test_untranslatable_environment_fails_before_anything_launches(cloud: LocalC
     assert cloud.calls["CreateFleet"] == 0
     assert live_instances(cloud) == []
     # Whatever preflight stored is gone too.
-    import boto3
-
     assert boto3.client("s3", **cloud.client_kwargs()).list_buckets()["Buckets"] == []
 
 
@@ -119,3 +126,70 @@ def test_pip_tools_cannot_lock_for_another_platform(cloud: LocalCloud) -> None:
     assert "aarch64" in str(error.value)
     assert cloud.calls["CreateFleet"] == 0
     assert live_instances(cloud) == []
+
+
+def test_the_clients_dask_config_reaches_every_vm(cloud: LocalCloud) -> None:
+    options = {"endpoint_url": cloud.endpoint_url, "region": cloud.region}
+    settings = {"my-key": 1, "distributed.scheduler.allowed-failures": 7}
+    with dask.config.set(settings), RawVMCluster(n_workers=2, **options) as cluster:
+        client = cluster.get_client()
+        client.wait_for_workers(2, timeout=180)
+        assert set(client.run(dask.config.get, "my-key").values()) == {1}
+        assert client.run_on_scheduler(dask.config.get, "my-key") == 1
+        assert (
+            client.run_on_scheduler(dask.config.get, "distributed.scheduler.allowed-failures") == 7
+        )
+        # Set later, here: a worker launched after it gets it too (its launch's config).
+        with dask.config.set({"my-key": 2}):
+            cluster.scale(3)
+            client.wait_for_workers(3, timeout=180)
+        assert sorted(client.run(dask.config.get, "my-key").values()) == [1, 1, 2]
+        assert "my-key" not in cluster.user_data()  # in the store, not in user-data
+
+
+def test_the_fidelity_check_compares_the_vms_with_this_process(cloud: LocalCloud) -> None:
+    options = {"endpoint_url": cloud.endpoint_url, "region": cloud.region}
+    with RawVMCluster(n_workers=1, **options) as cluster:
+        check = cluster.environment_check
+        assert not check.reports["scheduler"].differences
+        cluster.get_client().wait_for_workers(1, timeout=180)
+        wait_for(lambda: "worker" in check.reports, 120, "the first worker's check")
+        report = check.reports["worker"]
+        assert not report.differences  # moto, here for the local cloud only, is not one
+
+    # An environment whose toolz is not this process's (dask imported it): the start stops,
+    # naming it, and nothing is left behind.
+    with pytest.raises(EnvironmentMismatch) as error:
+        RawVMCluster(environment=["toolz==1.0.0", "dask", "distributed"], **options)
+    assert "toolz: 1.2.0 here, 1.0.0 on the scheduler VM" in str(error.value)
+    assert "environment_check='warn'" in str(error.value)
+    wait_for(lambda: not live_instances(cloud), 60, "the refused cluster's VMs terminated")
+
+
+def test_index_credentials_reach_the_install_step_only(
+    cloud: LocalCloud, served: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote, url = served
+    pure(remote, "rawvm-private-pkg", "1.0")
+    token_url = url.replace("http://", "http://me:t0ken-s3cret@")
+    monkeypatch.chdir(tmp_path)
+    with RawVMCluster(
+        n_workers=1,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        environment=["rawvm-private-pkg==1.0", "dask", "distributed", f"--find-links {token_url}"],
+        environment_check="off",
+    ) as cluster:
+        client = cluster.get_client()
+        client.wait_for_workers(1, timeout=180)
+        assert client.submit(lambda: __import__("rawvm_private_pkg").VERSION).result() == "1.0"
+        assert "t0ken-s3cret" not in cluster.user_data()
+        machine = next(iter(cluster.instances.values()))
+        assert "t0ken-s3cret" not in cloud.console_output(machine)
+        # Nothing on the VM's disk holds it: the bundle, the lock, the venv, the config.
+        home = Path(client.run(lambda: __import__("os").environ["RAWVM_HOME"]).popitem()[1])
+        leaked = [p for p in home.rglob("*") if p.is_file() and b"t0ken-s3cret" in p.read_bytes()]
+        assert leaked == []
+    bucket_objects = boto3.client("s3", **cloud.client_kwargs())
+    assert bucket_objects.list_buckets()["Buckets"] == []  # and the store went with the cluster

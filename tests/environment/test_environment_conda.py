@@ -387,3 +387,44 @@ def test_vm_script_installs_the_tool(channel: Path, tmp_path: Path, isolated: Pa
     second = time.monotonic() - started
     assert again.returncode == 0, again.stderr
     print(f"VM-side conda install: first {first:.1f} s, again {second:.1f} s")
+
+
+@network
+@needs_pypi
+def test_a_conda_only_package_runs_on_the_workers(
+    channel: Path, tmp_path: Path, cloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conda-lock.yml whose C-tool-like package comes from a local file channel: the
+    workers run it (py-rattler on the VM installs it from the bundle)."""
+    import dask
+    import distributed
+
+    from dask_rawvm import RawVMCluster
+
+    tool_file = channel / "linux-64" / f"rawvmtool-1.2.3-{TOOL_X86_BUILD}.tar.bz2"
+    pip = "".join(
+        f"- name: {name}\n  version: {version}\n  manager: pip\n  platform: linux-64\n"
+        f"  url: https://files.pythonhosted.org/{name}.whl\n"
+        for name, version in [("dask", dask.__version__), ("distributed", distributed.__version__)]
+    )
+    lock_file = tmp_path / "conda-lock.yml"
+    lock_file.write_text(
+        f"version: 1\nmetadata: {{channels: [{{url: '{channel.as_uri()}'}}]}}\npackage:\n"
+        f"- name: rawvmtool\n  version: 1.2.3\n  manager: conda\n  platform: linux-64\n"
+        f"  url: {tool_file.as_uri()}\n  hash: {{sha256: ab}}\n"
+        f"  dependencies: {{rawvmlib: '>=1', rawvmdata: ''}}\n" + pip
+    )
+    monkeypatch.chdir(tmp_path)
+    with RawVMCluster(
+        n_workers=1,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        worker_vm_type="t3.large" if HERE.arch == "x86_64" else "t4g.large",
+        environment=str(lock_file),
+        environment_check="warn",  # the list of pip packages is not this process's
+    ) as cluster:
+        client = cluster.get_client()
+        client.wait_for_workers(1, timeout=300)
+        out = client.run(subprocess.check_output, ["rawvmtool"])
+        assert set(out.values()) == {f"rawvmtool {HERE.arch} data2\n".encode()}

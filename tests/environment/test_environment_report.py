@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import bokeh
 import distributed
 from click.testing import CliRunner
 from environment_helpers import isolated, pure  # noqa: F401  (isolated is a fixture)
@@ -14,9 +15,10 @@ from dask_rawvm.environment.report import env_command
 
 
 def make_index(root: Path) -> Path:
-    """The lock tests' index, plus a stand-in for what every VM gets: distributed."""
+    """The lock tests' index, plus stand-ins for what every VM gets: distributed, bokeh."""
     index = make_test_index(root)
     pure(index, "distributed", distributed.__version__)
+    pure(index, "bokeh", bokeh.__version__)
     return index
 
 
@@ -50,7 +52,8 @@ def test_env_json_for_gpu_arm(tmp_path: Path, isolated: Path) -> None:  # noqa: 
     assert changes["mkl"]["after"] is None and "x86_64-only" in changes["mkl"]["reason"]
     assert report["lock"]["pins"] == [
         "app==1.0",
-        f"distributed=={distributed.__version__}",  # what the workers run, added
+        f"bokeh=={bokeh.__version__}",  # what the VMs run, added
+        f"distributed=={distributed.__version__}",
         "fastlib==1.0",
         "onnxruntime-gpu==1.0",
     ]
@@ -77,4 +80,4 @@ def test_env_text_shows_reasons_and_masks_credentials(
     code, out = run("--environment", str(req), "--ignore", "cupy")
     assert code == 0, out
     assert "left out by environment_ignore" in out
-    assert "Lock: 2 pins (resolved by uv)" in out and "helper==1.0" in out
+    assert "Lock: 3 pins (resolved by uv)" in out and "helper==1.0" in out
