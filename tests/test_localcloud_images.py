@@ -135,7 +135,7 @@ def test_a_bare_vm_has_a_view_of_its_own(bare_cloud: LocalCloud) -> None:
     assert seen["tmp"] == "1"  # its own /tmp: only the way to its own directory
     assert seen["usr_bin_pip"] == "masked"
     if Path("/usr/bin/python3").exists():
-        assert seen["usr_bin_python3"] == str(bare_cloud.workdir / "image" / "bare")
+        assert seen["usr_bin_python3"] == str(bare_cloud.runtime.machine_image.root)  # type: ignore[union-attr]
 
 
 def test_without_mount_namespaces_a_bare_vm_is_kept_apart_by_path_and_environment(
@@ -210,3 +210,17 @@ def test_the_image_is_known_before_launch_and_by_remote_clients() -> None:
     finally:
         os.killpg(server.pid, 15)
         assert server.wait(timeout=30) == 0
+
+
+def test_the_shared_bare_image_is_rebuilt_if_a_vm_changed_it(tmp_path: Path) -> None:
+    # A VM without a view of its own can write to it (python3 -m ensurepip, say).
+    from dask_rawvm.localcloud.vmimage import bare_root
+
+    root = bare_root(tmp_path)
+    assert bare_root(tmp_path) == root  # built once, then shared
+    (site_packages,) = root.glob("lib/python3*/site-packages")
+    (site_packages / "pip").mkdir()
+    (root / "bin" / "pip3").symlink_to("/bin/true")
+    assert bare_root(tmp_path) == root
+    assert not (site_packages / "pip").exists() and not (root / "bin" / "pip3").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # nothing left aside

@@ -392,6 +392,7 @@ class VMRuntime:
         if image == "bare":
             self.machine_image = BareImage(
                 workdir / "image",
+                _host_cache_dir() / "localcloud-images",
                 self.image_path,
                 own_view=own_view_unavailable() is None,
                 hide=[workdir],  # the other VMs' directories, the cloud's files

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import platform
 import pwd
 import re
+import shutil
 import site
 import subprocess
 import sys
+import tempfile
 import venv
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -246,9 +249,9 @@ class BareImage:
     Parameters
     ----------
     directory
-        The cloud's directory for image files: the image's root (a virtualenv of the base
-        interpreter without pip, whose ``bin`` holds ``python3`` and links to this machine's
-        tools) and the power-off shims. Building it takes ~10 ms.
+        The cloud's directory for image files (the power-off shims).
+    cache
+        Where this machine keeps the image's root (:func:`bare_root`).
     image_path
         Directories first on the VMs' ``PATH`` (after the shims).
     own_view
@@ -260,14 +263,18 @@ class BareImage:
     name: ImageName = "bare"
 
     def __init__(
-        self, directory: Path, image_path: list[str], own_view: bool, hide: list[Path]
+        self,
+        directory: Path,
+        cache: Path,
+        image_path: list[str],
+        own_view: bool,
+        hide: list[Path],
     ) -> None:
         self.shims = directory / "shims"
         _write_shims(self.shims)
-        self.root = directory / "bare"
+        self.root = bare_root(cache)
         self.image_path = image_path
         self.own_view = own_view
-        _build_root(self.root)
         self._view = _bare_view(self, hide) if own_view else None
 
     @property
@@ -314,29 +321,73 @@ class _NoScriptsEnvBuilder(venv.EnvBuilder):
         pass
 
 
-def _build_root(root: Path) -> None:
-    """The bare image's root: a venv of the base interpreter, its ``bin`` the image's tools."""
-    # In-process, from this (possibly virtual) environment: EnvBuilder links the new venv
-    # to the base interpreter (sys._base_executable), whose site-packages it does not see.
-    _NoScriptsEnvBuilder(symlinks=True, with_pip=False, clear=True).create(root)
-    bin_directory = root / "bin"
-    major_minor = f"python3.{sys.version_info.minor}"
-    for python in bin_directory.iterdir():
-        # An Amazon Linux VM has python3 and python3.X, no bare `python`.
-        if python.name not in ("python3", major_minor):
-            python.unlink()
+def _system_tools() -> dict[str, str]:
+    """The bare image's tools: this machine's commands but Python tooling, by name."""
+    tools: dict[str, str] = {}
     for directory in SYSTEM_PATH:
         with contextlib.suppress(OSError):
             for entry in os.scandir(directory):
                 name = entry.name
-                if _PYTHON_TOOLING.fullmatch(name) or name in _SHUTDOWN_COMMANDS:
+                if name in tools or _PYTHON_TOOLING.fullmatch(name) or name in _SHUTDOWN_COMMANDS:
                     continue
-                link = bin_directory / name
-                if entry.is_file() and os.access(entry.path, os.X_OK) and not link.is_symlink():
-                    link.symlink_to(entry.path)
-    # Masks /usr/bin/python3 in a VM's view: a file, since a bind mount follows symlinks.
-    (root / "python3").write_text(f'#!/bin/sh\nexec {bin_directory / "python3"} "$@"\n')
-    (root / "python3").chmod(0o755)
+                if entry.is_file() and os.access(entry.path, os.X_OK):
+                    tools[name] = entry.path
+    return tools
+
+
+def bare_root(cache: Path) -> Path:
+    """The bare image's root, built once per interpreter and set of tools under ``cache``.
+
+    A virtualenv of the base interpreter without pip (so ``python3`` imports the standard
+    library only), whose ``bin`` also links to this machine's tools. Building it makes
+    ~1200 symlinks, which takes ~1 s on this machine's disk (measured), so every cloud of
+    this machine shares one: read-only in a VM's own view, and checked at each cloud start
+    (a VM without a view could have installed pip into it: then it is built again).
+    """
+    tools = _system_tools()
+    version = python_version()
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    key = hashlib.sha256(repr((base, version, sorted(tools.items()))).encode()).hexdigest()
+    root = cache / f"bare-python{version}-{key[:16]}"
+    pythons = {"python3", f"python3.{sys.version_info.minor}"}
+    if _intact(root, set(tools) | pythons):
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    if root.exists():  # changed since it was built: set it aside, build it again
+        stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=cache))
+        with contextlib.suppress(OSError):
+            root.rename(stale / root.name)
+        shutil.rmtree(stale, ignore_errors=True)
+    building = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+    try:
+        # In-process, from this (possibly virtual) environment: EnvBuilder links the new
+        # venv to the base interpreter (sys._base_executable), not to this environment.
+        _NoScriptsEnvBuilder(symlinks=True, with_pip=False, clear=True).create(building)
+        for python in (building / "bin").iterdir():
+            if python.name not in pythons:  # Amazon Linux has python3 and python3.X only
+                python.unlink()
+        for name, path in tools.items():
+            (building / "bin" / name).symlink_to(path)
+        # Masks /usr/bin/python3 in a VM's view: a file, as a bind mount follows symlinks.
+        wrapper = building / "python3"
+        wrapper.write_text(f'#!/bin/sh\nexec {root / "bin" / "python3"} "$@"\n')
+        wrapper.chmod(0o755)
+        building.rename(root)
+    except OSError:
+        if not _intact(root, set(tools) | pythons):  # not another process's, just made
+            raise
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+    return root
+
+
+def _intact(root: Path, commands: set[str]) -> bool:
+    """Whether ``root`` is a bare image with exactly ``commands`` and no packages."""
+    try:
+        site_packages = list((root / "lib").glob("python3*/site-packages/*"))
+        return not site_packages and set(os.listdir(root / "bin")) == commands
+    except OSError:
+        return False
 
 
 def _network_variables() -> dict[str, str]:

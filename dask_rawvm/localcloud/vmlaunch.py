@@ -17,7 +17,7 @@ library only, ~30 ms) in a new session, and this process
    - ``keep``: directories under those that stay usable, bound back at the same path
      (the base interpreter, the VM's own directory, the image's directories);
    - ``mask``: files covered by another file (``/usr/bin/pip`` by ``/dev/null``,
-     ``/usr/bin/python3`` by the image's ``python3``; ``shutdown`` by the VM's power-off);
+     ``/usr/bin/python3`` by the image's ``python3``);
    - ``cgroups``: a fresh tmpfs at ``/sys/fs/cgroup`` with the VM's own cgroups mounted
      where Dask reads its limits (:mod:`.sizing`);
 3. becomes the boot script (``execv``): same pid, so the runtime's process group and
