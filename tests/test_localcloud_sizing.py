@@ -36,7 +36,7 @@ sleep 300
 """
 
 _ISOLATION = LocalCloud().image.isolation  # probed on this machine; nothing is started
-pytestmark = pytest.mark.skipif(
+needs_sizing = pytest.mark.skipif(
     not _ISOLATION.sized, reason=f"VMs cannot be sized here: {_ISOLATION.notes}"
 )
 
@@ -68,6 +68,7 @@ def expected(instance_type: str) -> dict[str, int]:
     }
 
 
+@needs_sizing
 @pytest.mark.parametrize("instance_type", ["t3.large", "m5.xlarge", "t3.micro"])
 def test_dask_sees_the_instance_types_memory_and_cpus(
     cloud: LocalCloud, instance_type: str
@@ -76,6 +77,7 @@ def test_dask_sees_the_instance_types_memory_and_cpus(
     assert seen == expected(instance_type)
 
 
+@needs_sizing
 def test_a_bare_vm_reads_the_same_limits() -> None:
     with LocalCloud(image="bare") as cloud:
         _, seen = boot(cloud, STDLIB_READS, "t3.large")
@@ -83,6 +85,7 @@ def test_a_bare_vm_reads_the_same_limits() -> None:
         assert seen["memory"] == 8 << 30
 
 
+@needs_sizing
 def test_cgroups_go_with_their_vm_and_their_cloud() -> None:
     with LocalCloud() as cloud:
         runtime = cloud.runtime
@@ -101,6 +104,7 @@ def test_cgroups_go_with_their_vm_and_their_cloud() -> None:
     assert not any(d.exists() for d in cloud_directories)
 
 
+@needs_sizing
 def test_a_process_that_left_its_vms_process_group_ends_with_the_vm(cloud: LocalCloud) -> None:
     instance_id, seen = boot(
         cloud,
@@ -125,6 +129,7 @@ def test_an_unsized_cloud_gives_every_vm_the_whole_machine() -> None:
         assert seen["memory"] == psutil.virtual_memory().total
 
 
+@needs_sizing
 def test_cgroups_of_clouds_whose_owner_is_gone_are_removed_at_the_next_start() -> None:
     ended = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                              stdin=subprocess.PIPE)  # fmt: skip
@@ -144,3 +149,18 @@ def test_cgroups_of_clouds_whose_owner_is_gone_are_removed_at_the_next_start() -
     finally:
         for directory in [*stale, *mine]:
             lifetime.empty_and_remove_cgroup(directory)
+
+
+def test_where_cgroups_are_not_writable_vms_are_unsized_and_the_cloud_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dask_rawvm.localcloud import runtime
+
+    monkeypatch.setattr(runtime, "sizing_unavailable", lambda: "cgroups are not writable here")
+    with LocalCloud() as cloud:
+        isolation = cloud.image.isolation
+        assert not isolation.sized
+        assert any("cgroups are not writable here" in note for note in isolation.notes)
+        assert cloud.runtime is not None and cloud.runtime.cgroups is None
+        _, seen = boot(cloud, DASK_READS, "t3.micro")
+        assert seen["memory"] == psutil.virtual_memory().total
