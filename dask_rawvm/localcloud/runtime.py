@@ -44,13 +44,13 @@ from typing import Any
 from dask_rawvm.localcloud import vmlaunch
 from dask_rawvm.localcloud.lifetime import Watchdog
 from dask_rawvm.localcloud.sizing import (
+    VIEW_DIRECTORIES,
     CloudCgroups,
     VMCgroups,
     instance_size,
     sizing_unavailable,
 )
 from dask_rawvm.localcloud.vmimage import (
-    CGROUP_VIEW,
     HOST_NETWORK_VARIABLES,
     BareImage,
     Image,
@@ -502,7 +502,7 @@ class VMRuntime:
         }
         view = self.machine_image.view(vm.directory)
         if vm.cgroups is not None:
-            view = {**(view or {}), "cgroups": CGROUP_VIEW}
+            view = {**(view or {}), "cgroups": VIEW_DIRECTORIES}
         # The gate is the VM's stdin (dash reads one-digit descriptors only).
         gate, opener = os.pipe()
         try:

@@ -45,6 +45,10 @@ CONTROLLERS = ("memory", "cpu")
 #: The directory, under this process's cgroup, that holds local clouds' cgroups.
 TREE = "dask-rawvm-localcloud"
 
+#: Where a VM's view mounts its cgroups, under ``/sys/fs/cgroup``: the directories dask
+#: reads (``cpu,cpuacct``: systemd's co-mounted name; ``cpu`` and ``cpuacct`` link to it).
+VIEW_DIRECTORIES = {"memory": "memory", "cpu": "cpu,cpuacct"}
+
 #: CFS period (µs): the kernel's default; the quota is ``vcpus`` times it.
 CFS_PERIOD_US = 100_000
 

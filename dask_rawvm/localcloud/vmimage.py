@@ -94,8 +94,6 @@ _SYSTEM_DIRECTORIES = (
 )  # fmt: skip
 # The view's private, empty, writable directories (Amazon Linux mounts a tmpfs on /tmp).
 _PRIVATE_DIRECTORIES = ("/tmp", "/dev/shm")
-# Where a sized VM's view mounts its cgroups: the paths distributed and dask read.
-CGROUP_VIEW = {"memory": "memory", "cpu": "cpu,cpuacct"}
 
 
 @dataclass(frozen=True)

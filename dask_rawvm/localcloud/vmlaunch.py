@@ -177,10 +177,9 @@ def _mount_cgroups(directories: dict[str, str]) -> None:
     for controller, name in directories.items():
         os.mkdir(f"{root}/{name}")
         _mount("cgroup", f"{root}/{name}", "cgroup", MS_NOSUID | MS_NODEV, controller)
-        # systemd's layout: "cpu,cpuacct" co-mounted, "cpu" and "cpuacct" linking to it.
-        for alias in name.split(","):
-            if alias != name and not os.path.lexists(f"{root}/{alias}"):
-                os.symlink(name, f"{root}/{alias}")
+        # As systemd lays it out ("cpu" links to "cpu,cpuacct"), where dask reads it.
+        if controller != name:
+            os.symlink(name, f"{root}/{controller}")
     _readonly(root)
 
 
