@@ -18,6 +18,7 @@ from dask_rawvm.config import resolve_options
 from dask_rawvm.demo import run_demo
 from dask_rawvm.environment.report import env_command
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+from dask_rawvm.localcloud.vmimage import IMAGES, ImageName
 from dask_rawvm.providers.ec2.account import list_clusters, remove_clusters
 
 
@@ -45,14 +46,37 @@ def demo(workers: int, maximum: int, scheduler: str) -> None:
 @click.option("--port", default=0, show_default=True, help="Port on 127.0.0.1; 0 picks a free one.")
 @click.option("--region", default="us-east-1", show_default=True)
 @click.option("--boot-delay", default=0.0, show_default=True, help="Seconds a VM stays pending.")
-def localcloud(port: int, region: str, boot_delay: float) -> None:
+@click.option(
+    "--image",
+    type=click.Choice(IMAGES),
+    default="warm",
+    show_default=True,
+    help="VM image: 'warm' (this machine's environment, fast) or 'bare' (a fresh Amazon Linux).",
+)
+@click.option(
+    "--sized/--unsized",
+    default=True,
+    show_default=True,
+    help="Give each VM its instance type's vCPUs and memory (where cgroups allow).",
+)
+def localcloud(port: int, region: str, boot_delay: float, image: ImageName, sized: bool) -> None:
     """Serve the embedded local cloud until interrupted, for clients in other processes."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalCloud(region=region, port=port, boot_delay=boot_delay) as cloud:
+    with LocalCloud(
+        region=region, port=port, boot_delay=boot_delay, image=image, sized=sized
+    ) as cloud:
         click.echo(f"endpoint: {cloud.endpoint_url}")
         click.echo(f"region: {region}")
+        isolation = cloud.image.isolation
+        click.echo(
+            f"image: {image} (python3 {cloud.image.python_version}; "
+            f"own view: {'yes' if isolation.own_view else 'no'}; "
+            f"sized: {'yes' if isolation.sized else 'no'})"
+        )
+        for note in isolation.notes:
+            click.echo(f"  {note}")
         click.echo(
             f"export AWS_ACCESS_KEY_ID={CREDENTIALS['aws_access_key_id']} "
             f"AWS_SECRET_ACCESS_KEY={CREDENTIALS['aws_secret_access_key']} "

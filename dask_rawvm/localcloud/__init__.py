@@ -2,5 +2,14 @@
 
 from dask_rawvm.localcloud.capacity import CapacityModel
 from dask_rawvm.localcloud.server import CREDENTIALS, LocalCloud, RemoteCloud
+from dask_rawvm.localcloud.vmimage import IMAGES, Image, Isolation
 
-__all__ = ["CREDENTIALS", "CapacityModel", "LocalCloud", "RemoteCloud"]
+__all__ = [
+    "CREDENTIALS",
+    "IMAGES",
+    "CapacityModel",
+    "Image",
+    "Isolation",
+    "LocalCloud",
+    "RemoteCloud",
+]

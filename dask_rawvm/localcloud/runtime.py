@@ -13,6 +13,11 @@ as it would on EC2, and the same bootstrap script runs unchanged.
 
 Hooks, not polling: DescribeInstances over a thousand instances takes seconds in
 moto, so the runtime is told of launches and terminations by the backend itself.
+
+What a VM sees is its machine image's (:mod:`.vmimage`: ``warm`` or ``bare``), sized like
+its instance type where the machine allows it (:mod:`.sizing`). Every VM starts as
+:mod:`.vmlaunch` (or, with nothing to set up, a shell) waiting at a gate until the cloud's
+watchdog knows it (:mod:`.lifetime`): no VM outlives the process that owns its cloud.
 """
 
 from __future__ import annotations
@@ -29,13 +34,34 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dask_rawvm.localcloud import vmlaunch
+from dask_rawvm.localcloud.lifetime import Watchdog
+from dask_rawvm.localcloud.sizing import (
+    VIEW_DIRECTORIES,
+    CloudCgroups,
+    VMCgroups,
+    instance_size,
+    sizing_unavailable,
+)
+from dask_rawvm.localcloud.vmimage import (
+    HOST_NETWORK_VARIABLES,
+    BareImage,
+    Image,
+    ImageName,
+    Isolation,
+    WarmImage,
+    own_view_unavailable,
+    python_version,
+)
+
+__all__ = ["HOST_NETWORK_VARIABLES", "VM", "VMRuntime", "describe_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +76,6 @@ _HOOKED = False
 _IP_OCTET = 64 + os.getpid() % 160
 _IP_COUNTER = itertools.count(1)
 
-# A local VM runs on this machine's network, so it keeps this machine's view of it:
-# the trust store and the proxies (a real VM image would carry its own). Nothing
-# else of the user's environment reaches a VM.
-HOST_NETWORK_VARIABLES = (
-    "SSL_CERT_FILE",
-    "SSL_CERT_DIR",
-    "REQUESTS_CA_BUNDLE",
-    "CURL_CA_BUNDLE",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
-)
-
-# Stands in for the VM's `shutdown`/`poweroff`: ends every process of the VM.
-_SHUTDOWN_SHIM = (
-    "#!/bin/sh\n# local cloud: powering off this VM ends its process group\nkill -TERM 0\n"
-)
-
 
 @functools.cache
 def _host_uv_cache() -> str:
@@ -80,6 +85,10 @@ def _host_uv_cache() -> str:
 
     result = subprocess.run([find_uv_bin(), "cache", "dir"], capture_output=True, text=True)
     return result.stdout.strip() or os.path.expanduser("~/.cache/uv")
+
+
+def _host_cache_dir() -> Path:
+    return Path(os.environ.get("DASK_RAWVM_CACHE_DIR", os.path.expanduser("~/.cache/dask-rawvm")))
 
 
 def _allocate_ip() -> str:
@@ -281,6 +290,7 @@ class VM:
     ip: str
     directory: Path
     process: subprocess.Popen[bytes] | None = None
+    cgroups: VMCgroups | None = None  # of its current boot, when sized
     halted: bool = False
     instance_action: dict[str, str] | None = None
     token: str = field(default_factory=lambda: os.urandom(16).hex())
@@ -288,6 +298,43 @@ class VM:
     @property
     def console_path(self) -> Path:
         return self.directory / "console.log"
+
+
+def describe_image(name: ImageName, sized: bool, sizing_failed: str | None = None) -> Image:
+    """What VMs of image ``name`` get on this machine (probed once per process).
+
+    Parameters
+    ----------
+    name
+        ``"warm"`` or ``"bare"``.
+    sized
+        Whether the cloud asks for sized VMs.
+    sizing_failed
+        Why the cloud could not make its cgroups, if it tried and could not.
+    """
+    notes = []
+    view_unavailable = own_view_unavailable()
+    own_view = name == "bare" and view_unavailable is None
+    if name == "bare" and view_unavailable:
+        notes.append(
+            f"no filesystem view of its own ({view_unavailable}): a bare VM is kept apart "
+            "by its PATH and environment only, and absolute paths reach this machine's files"
+        )
+    if sized:
+        why_not = sizing_failed or sizing_unavailable()
+        if why_not is None and view_unavailable:
+            why_not = f"a VM cannot see its own cgroups: {view_unavailable}"
+        if why_not:
+            notes.append(f"not sized: {why_not} (every VM sees this machine's CPUs and memory)")
+        sized = why_not is None
+    else:
+        notes.append("not sized: sized=False (every VM sees this machine's CPUs and memory)")
+    return Image(
+        name=name,
+        python_version=python_version(),
+        has_uv=name == "warm",
+        isolation=Isolation(own_view=own_view, sized=sized, notes=tuple(notes)),
+    )
 
 
 class VMRuntime:
@@ -298,16 +345,25 @@ class VMRuntime:
     account_id
         The moto account whose instances this runtime runs.
     workdir
-        Where each VM gets a directory (its user-data, console log and home).
+        Where each VM gets a directory (its user-data, console log and home), and the
+        machine image its files.
     imds_url
         Maps an instance id to the base URL of its instance-metadata stub.
+    watchdog
+        The cloud's watchdog: told of every VM's process group and of the cloud's cgroups,
+        it ends them if this process dies without closing the runtime.
     boot_delay
         Seconds an instance stays ``pending`` before it boots.
     shutdown_grace
         Seconds between SIGTERM and SIGKILL when an instance is halted.
     image_path
-        Directories the VMs' PATH starts with: what their machine image has
-        installed. Before them, the VM sees this Python's ``bin`` directory.
+        Directories the VMs' PATH starts with (after the power-off shims): software
+        added to their machine image.
+    image
+        The machine image, ``"warm"`` or ``"bare"`` (:mod:`.vmimage`).
+    sized
+        Give each VM its instance type's vCPUs and memory where the machine allows it
+        (:mod:`.sizing`).
     """
 
     def __init__(
@@ -315,32 +371,53 @@ class VMRuntime:
         account_id: str,
         workdir: Path,
         imds_url: Callable[[str], str],
+        watchdog: Watchdog,
         boot_delay: float = 0.0,
         shutdown_grace: float = 3.0,
         image_path: list[str] | None = None,
+        image: ImageName = "warm",
+        sized: bool = True,
     ) -> None:
         self.account_id = account_id
         self.workdir = workdir
         self.imds_url = imds_url
+        self.watchdog = watchdog
         self.boot_delay = boot_delay
         self.shutdown_grace = shutdown_grace
         self.image_path = list(image_path or [])
         self.vms: dict[str, VM] = {}
         self._lock = threading.RLock()
+        self._boots = itertools.count()
+        self.machine_image: WarmImage | BareImage
+        if image == "bare":
+            self.machine_image = BareImage(
+                workdir / "image",
+                _host_cache_dir() / "localcloud-images",
+                self.image_path,
+                own_view=own_view_unavailable() is None,
+                hide=[workdir],  # the other VMs' directories, the cloud's files
+            )
+        else:
+            self.machine_image = WarmImage(
+                workdir / "image",
+                self.image_path,
+                # Local VMs share this machine's uv cache, like a warm machine image: their
+                # environments install from it without downloading.
+                uv_cache=_host_uv_cache(),
+                environments=_host_cache_dir() / "localcloud-environments",
+            )
+        self.cgroups: CloudCgroups | None = None
+        sizing_failed = None
+        if describe_image(image, sized).isolation.sized:
+            try:
+                self.cgroups = CloudCgroups(account_id)
+            except OSError as error:
+                sizing_failed = f"could not make this cloud's cgroups: {error}"
+            else:
+                for directory in self.cgroups.directories.values():
+                    watchdog.watch_cgroup(directory)
+        self.image = describe_image(image, sized, sizing_failed)
         self._timers = _Timers(f"localcloud-{account_id}")
-        self._shim_dir = workdir / "image-bin"
-        self._shim_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("shutdown", "poweroff", "halt"):
-            shim = self._shim_dir / name
-            shim.write_text(_SHUTDOWN_SHIM)
-            shim.chmod(0o755)
-        # Local VMs share this machine's uv cache, like a warm machine image: their
-        # environments install from it without downloading.
-        self.uv_cache = _host_uv_cache()
-        self.environments = (
-            Path(os.environ.get("DASK_RAWVM_CACHE_DIR", os.path.expanduser("~/.cache/dask-rawvm")))
-            / "localcloud-environments"
-        )
         install_hooks()
         _RUNTIMES[account_id] = self
 
@@ -392,55 +469,83 @@ class VMRuntime:
             path = vm.directory / "user-data"
             path.write_text(script)
             path.chmod(0o700)
+            vm.cgroups = self._make_cgroups(vm)
+            vm.process = self._start(vm, path)
+        threading.Thread(
+            target=self._wait,
+            args=(vm, vm.process, vm.cgroups),
+            name=f"vm-{vm.instance.id}",
+            daemon=True,
+        ).start()
+
+    def _make_cgroups(self, vm: VM) -> VMCgroups | None:
+        if self.cgroups is None:
+            return None
+        instance_type = vm.instance.instance_type
+        size = instance_size(instance_type)
+        try:
+            if size is None:
+                raise ValueError(f"no size known for instance type {instance_type!r}")
+            # A name per boot: a stopped VM's cgroups may still be going when it restarts.
+            return self.cgroups.create(f"{vm.instance.id}.{next(self._boots)}", size)
+        except (OSError, ValueError) as error:
+            with open(vm.console_path, "a") as console:
+                console.write(f"[local cloud] this VM is not sized: {error}\n")
+            return None
+
+    def _start(self, vm: VM, script: Path) -> subprocess.Popen[bytes]:
+        """Start the VM's first process; it runs once its cgroups and the watchdog have it."""
+        environment = {
+            **self.machine_image.environment(vm.directory),
+            # The one variable that differs from EC2, where IMDS is 169.254.169.254.
+            "RAWVM_IMDS": self.imds_url(vm.instance.id),
+        }
+        view = self.machine_image.view(vm.directory)
+        if vm.cgroups is not None:
+            view = {**(view or {}), "cgroups": VIEW_DIRECTORIES}
+        # The gate is the VM's stdin (dash reads one-digit descriptors only).
+        gate, opener = os.pipe()
+        try:
+            if view is None:  # nothing to set up: a shell waits at the gate (~2 ms)
+                wait = 'read _ || exit 1; exec "$0" </dev/null'
+                argv = ["/bin/sh", "-c", wait, str(script)]
+            else:
+                argv = vmlaunch.command(
+                    {"cwd": str(vm.directory), "argv": [str(script)], "view": view}
+                )
             with open(vm.console_path, "ab") as console:
-                vm.process = subprocess.Popen(
-                    [str(path)],
+                process = subprocess.Popen(
+                    argv,
                     cwd=vm.directory,
-                    env=self._vm_environment(vm),
-                    stdin=subprocess.DEVNULL,
+                    env=environment,
+                    stdin=gate,
                     stdout=console,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-        threading.Thread(
-            target=self._wait, args=(vm, vm.process), name=f"vm-{vm.instance.id}", daemon=True
-        ).start()
+        except BaseException:
+            os.close(opener)
+            raise
+        finally:
+            os.close(gate)
+        try:
+            if vm.cgroups is not None:
+                vm.cgroups.attach(process.pid)
+            self.watchdog.watch_group(process.pid)
+            os.write(opener, b"go\n")
+        except OSError as error:
+            logger.warning("local cloud: could not start VM %s: %s", vm.instance.id, error)
+            _signal_group(process.pid, signal.SIGKILL)
+        finally:
+            os.close(opener)  # the gate reads end-of-file: a VM not let in exits
+        return process
 
-    def _vm_environment(self, vm: VM) -> dict[str, str]:
-        home = vm.directory / "home"
-        home.mkdir(exist_ok=True)
-        image_path = os.pathsep.join(
-            [
-                str(self._shim_dir),
-                *self.image_path,
-                # This environment (Python with Dask, and uv), then the base interpreter it
-                # was made from: uv makes VM venvs from a system Python, as on a real image.
-                os.path.dirname(sys.executable),
-                os.path.join(sys.base_prefix, "bin"),
-                "/usr/local/bin",
-                "/usr/bin",
-                "/bin",
-            ]
-        )
-        network = {k: os.environ[k] for k in HOST_NETWORK_VARIABLES if k in os.environ}
-        return {
-            **network,
-            "PATH": image_path,
-            "HOME": str(home),
-            "TMPDIR": str(home),
-            "LANG": "C.UTF-8",
-            "PYTHONUNBUFFERED": "1",
-            "UV_CACHE_DIR": str(self.uv_cache),
-            # One machine, one disk: VMs of the same environment share its venv (keyed
-            # by the bundle's digest; the first installs it, the others wait on a lock).
-            "RAWVM_HOME": str(self.environments),
-            # The one variable that differs from EC2, where IMDS is 169.254.169.254.
-            "RAWVM_IMDS": self.imds_url(vm.instance.id),
-        }
-
-    def _wait(self, vm: VM, process: subprocess.Popen[bytes]) -> None:
+    def _wait(self, vm: VM, process: subprocess.Popen[bytes], cgroups: VMCgroups | None) -> None:
         returncode = process.wait()
         _signal_group(process.pid, signal.SIGKILL)  # no orphans outlive their VM
+        self.watchdog.forget_group(process.pid)
+        if cgroups is not None:
+            cgroups.remove()  # what left the group (setsid) is still in its cgroups
         with self._lock:
             instance = vm.instance
             if vm.halted or instance._state.name != "running":
@@ -477,7 +582,7 @@ class VMRuntime:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def close(self) -> None:
-        """Halt every VM of this runtime and stop its timers."""
+        """Halt every VM of this runtime, remove its cgroups and stop its timers."""
         _RUNTIMES.pop(self.account_id, None)
         self._timers.close()
         with self._lock:
@@ -493,6 +598,11 @@ class VMRuntime:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=max(0.0, deadline - time.monotonic()))
             _signal_group(process.pid, signal.SIGKILL)
+        for process in processes:  # a SIGKILLed process is gone once reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=1.0)
+        if self.cgroups is not None and not self.cgroups.remove():
+            logger.warning("local cloud: cgroups %s stayed after close", self.cgroups.name)
 
 
 def decode_user_data(user_data: Any) -> str:

@@ -34,7 +34,10 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from dask_rawvm.localcloud import capacity, faults, imds
 from dask_rawvm.localcloud.images import publish_gpu_images
-from dask_rawvm.localcloud.runtime import VMRuntime
+from dask_rawvm.localcloud.lifetime import Watchdog, reap_stale_directories, write_owner_record
+from dask_rawvm.localcloud.runtime import VMRuntime, describe_image
+from dask_rawvm.localcloud.sizing import reap_stale_cgroups
+from dask_rawvm.localcloud.vmimage import IMAGES, Image, ImageName
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,9 @@ logger = logging.getLogger(__name__)
 CREDENTIALS = {"aws_access_key_id": "localcloud", "aws_secret_access_key": "localcloud"}
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+#: Working directories of local clouds: ``<temp dir>/<prefix><random>``.
+WORKDIR_PREFIX = "dask-rawvm-localcloud-"
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -52,6 +58,37 @@ class _QuietHandler(WSGIRequestHandler):
 class LocalCloud:
     """An EC2-compatible cloud on this machine, whose instances are local processes.
 
+    Each instance that enters ``running`` boots by running its user-data as a process
+    group of this machine; what that process sees is its *machine image*:
+
+    ``image="warm"`` (the default, for fast tests)
+        This machine as the client sees it: ``PATH`` starts with the client's environment
+        (Python with Dask, and uv), the machine's uv cache is shared, and environments
+        install once per machine into a shared directory, so a VM boots in about a second.
+        Not an honest stand-in for an EC2 VM: it already has what a real one must fetch.
+    ``image="bare"`` (what a fresh Amazon Linux 2023 VM has)
+        A system ``python3`` (this machine's base interpreter through a virtualenv without
+        pip: the standard library only), curl, bash, coreutils, tar, gzip, awk, sed, grep,
+        flock, setsid and the machine's other tools, but no uv, no pip and no client
+        virtualenv; its own ``HOME`` (so an empty uv cache) and its own ``RAWVM_HOME``.
+        Where mount namespaces work (as root), each VM also has a filesystem view of its
+        own: private ``/tmp``; the client's working directory, home, virtualenv and caches,
+        and other VMs' directories not visible; ``pip`` masked and ``/usr/bin/python3`` the
+        image's. Elsewhere it is kept apart by ``PATH`` and environment only.
+
+    Both images pass this machine's trust store and proxy variables through. Both are
+    *sized* (``sized=True``) where the machine allows it (cgroup v1 writable, mount
+    namespaces): each VM gets its instance type's vCPUs and memory as cgroup limits, seen
+    at the cgroup root, so Dask's ``memory_limit="auto"`` and CPU count read what they
+    would on EC2 (a t3.large: 2 vCPUs, 8 GiB; vCPUs beyond this machine's CPUs cap at its
+    count). :attr:`image` says what a cloud's VMs get, including which isolation is
+    active and why a feature is off.
+
+    VMs end with the cloud: on :meth:`close`, and, if the owning process dies without
+    closing it (SIGKILL included), within seconds by the cloud's watchdog, which also
+    removes the cloud's temporary working directory and cgroups. What a watchdog could not
+    remove is removed at the next LocalCloud start in this machine.
+
     Parameters
     ----------
     region
@@ -61,17 +98,25 @@ class LocalCloud:
     boot_delay
         Seconds an instance stays ``pending`` before its user-data runs.
     workdir
-        Directory for VM files (user-data, console logs, a shared uv cache).
-        A temporary directory, removed on close, by default.
+        Directory for VM files (user-data, console logs, homes) and image files. A
+        temporary directory, removed on close (or by the watchdog), by default.
     image_path
-        Directories first on the VMs' PATH: the software of their machine image
-        (this Python's environment comes after them).
+        Directories first on the VMs' PATH, after the power-off shims: software added to
+        their machine image (a test's broken ``curl``, say).
+    image
+        ``"warm"`` or ``"bare"``, see above.
+    sized
+        Size VMs like their instance type where the machine allows it; False gives every
+        VM the whole machine (benchmarks that pack many VMs).
 
     Examples
     --------
     >>> with LocalCloud() as cloud:                     # doctest: +SKIP
     ...     cloud.inject("RunInstances", error="InsufficientInstanceCapacity")
     ...     print(cloud.endpoint_url, cloud.calls)
+    >>> LocalCloud(image="bare").image                  # doctest: +SKIP
+    Image(name='bare', python_version='3.11.7', has_uv=False,
+          isolation=Isolation(own_view=True, sized=True, notes=()))
     """
 
     def __init__(
@@ -81,15 +126,24 @@ class LocalCloud:
         boot_delay: float = 0.0,
         workdir: str | Path | None = None,
         image_path: list[str] | None = None,
+        image: ImageName = "warm",
+        sized: bool = True,
     ) -> None:
+        if image not in IMAGES:
+            raise ValueError(
+                f"LocalCloud(image={image!r}): no such local image; use one of {IMAGES} "
+                "('warm': this machine's environment, fast; 'bare': a fresh Amazon Linux VM)"
+            )
         self.region = region
         self.image_path = image_path
+        self.image_name: ImageName = image
+        self.sized = sized
         self.port = port
         self.boot_delay = boot_delay
         # A fresh 12-digit moto account: this cloud's state is its own.
         self.account_id = str(random.randrange(10**11, 10**12))
-        self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dask-rawvm-localcloud-"))
+        self._given_workdir = Path(workdir) if workdir is not None else None
+        self._workdir: Path | None = self._given_workdir
         self.faults = faults.FaultInjector()
         self.capacity = capacity.CapacityModel()
         self.runtime: VMRuntime | None = None
@@ -104,28 +158,68 @@ class LocalCloud:
             raise RuntimeError("LocalCloud is not started: use `with LocalCloud() as cloud:`")
         return f"http://127.0.0.1:{self._server.server_port}"
 
+    @property
+    def workdir(self) -> Path:
+        """The directory of this cloud's VM and image files."""
+        if self._workdir is None:
+            raise RuntimeError("LocalCloud is not started: its working directory comes with it")
+        return self._workdir
+
+    @property
+    def image(self) -> Image:
+        """What this cloud's VMs boot with: image name, ``python3`` version, isolation.
+
+        Known before :meth:`start` (probed on this machine); after it, what the cloud
+        actually got (e.g. not sized if it could not make its cgroups).
+        """
+        if self.runtime is not None:
+            return self.runtime.image
+        return describe_image(self.image_name, self.sized)
+
     def start(self) -> LocalCloud:
         """Start serving (idempotent); returns self."""
         if self._server is not None:
             return self
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
 
-        moto_app = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server(
-            "127.0.0.1",
-            self.port,
-            _Middleware(self, moto_app),
-            threaded=True,
-            request_handler=_QuietHandler,
-        )
-        endpoint = self.endpoint_url  # not `self`: the runtime must not keep the cloud alive
-        self.runtime = VMRuntime(
-            self.account_id,
-            self.workdir,
-            imds_url=lambda iid: f"{endpoint}/_imds/{iid}",
-            boot_delay=self.boot_delay,
-            image_path=self.image_path,
-        )
+        # What clouds of owners that died (and whose watchdogs died too) left behind.
+        reap_stale_directories(Path(tempfile.gettempdir()), WORKDIR_PREFIX)
+        reap_stale_cgroups()
+        own_workdir = self._given_workdir is None
+        workdir = self._given_workdir or Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._workdir = workdir
+        watchdog = Watchdog()
+        if own_workdir:
+            write_owner_record(workdir)
+            watchdog.watch_directory(workdir)
+        try:
+            self._server = make_server(
+                "127.0.0.1",
+                self.port,
+                _Middleware(self, DomainDispatcherApplication(create_backend_app)),
+                threaded=True,
+                request_handler=_QuietHandler,
+            )
+            endpoint = self.endpoint_url  # not `self`: the runtime must not keep the cloud alive
+            self.runtime = VMRuntime(
+                self.account_id,
+                workdir,
+                imds_url=lambda iid: f"{endpoint}/_imds/{iid}",
+                watchdog=watchdog,
+                boot_delay=self.boot_delay,
+                image_path=self.image_path,
+                image=self.image_name,
+                sized=self.sized,
+            )
+        except BaseException:
+            if self._server is not None:
+                self._server.server_close()
+                self._server = None
+            if own_workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+            watchdog.release()
+            raise
         capacity.register(self.account_id, self.capacity)
         publish_gpu_images(self.account_id, self.region)
         self._thread = threading.Thread(
@@ -139,9 +233,15 @@ class LocalCloud:
             self._server,
             self.runtime,
             self.account_id,
-            self.workdir if self._own_workdir else None,
+            workdir if own_workdir else None,
+            watchdog,
         )
-        logger.info("local cloud serving %s (region %s)", self.endpoint_url, self.region)
+        logger.info(
+            "local cloud serving %s (region %s, %s image)",
+            self.endpoint_url,
+            self.region,
+            self.image_name,
+        )
         return self
 
     def close(self) -> None:
@@ -289,7 +389,11 @@ class LocalCloud:
 
 
 def _shutdown(
-    server: BaseWSGIServer, runtime: VMRuntime, account_id: str, workdir: Path | None
+    server: BaseWSGIServer,
+    runtime: VMRuntime,
+    account_id: str,
+    workdir: Path | None,
+    watchdog: Watchdog,
 ) -> None:
     runtime.close()
     server.shutdown()
@@ -298,6 +402,7 @@ def _shutdown(
     capacity.unregister(account_id)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
+    watchdog.release()  # everything is done: it has nothing left to do
 
 
 def _forget_account(account_id: str) -> None:
@@ -340,7 +445,11 @@ def _control(
     args = json.loads(environ["wsgi.input"].read(length) or b"{}") if length else {}
     result: Any = {}
     if verb == "info":
-        result = {"region": cloud.region, "account_id": cloud.account_id}
+        result = {
+            "region": cloud.region,
+            "account_id": cloud.account_id,
+            "image": cloud.image.to_dict(),
+        }
     elif verb == "calls":
         result = dict(cloud.calls)
     elif verb == "reset-calls":
@@ -372,7 +481,7 @@ def _control(
 class RemoteCloud:
     """Control a :class:`LocalCloud` running in another process, by its endpoint.
 
-    Offers the test-facing methods of LocalCloud (``inject``, ``calls``,
+    Offers the test-facing methods of LocalCloud (``image``, ``inject``, ``calls``,
     ``reset_calls``, ``requests``, ``set_capacity``, ``mark_unsupported``,
     ``restore_capacity``, ``interrupt``, ``console_output``) over its control API.
 
@@ -385,7 +494,9 @@ class RemoteCloud:
 
     def __init__(self, endpoint_url: str) -> None:
         self.endpoint_url = endpoint_url.rstrip("/")
-        self.region = self._call("info")["region"]
+        info = self._call("info")
+        self.region = info["region"]
+        self.image = Image.from_dict(info["image"])
 
     def _call(self, verb: str, **args: Any) -> Any:
         request = urllib.request.Request(
