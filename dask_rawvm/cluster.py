@@ -136,6 +136,10 @@ class RawVMCluster(SpecCluster):
         How long to wait for the scheduler VM to boot and answer.
     boot_delay
         Local cloud only: seconds a VM stays pending.
+    local_image
+        Local cloud only: ``"warm"`` (default) VMs share this machine's Python, uv and
+        caches; ``"bare"`` VMs have what a fresh Amazon Linux 2023 VM has (a system
+        Python, curl; no uv, no pip, nothing cached, a filesystem view of their own).
     tags
         Extra tags for every resource.
     environment
@@ -215,6 +219,7 @@ class RawVMCluster(SpecCluster):
         idle_timeout: float | str | None = None,
         scheduler_timeout: float | str | None = None,
         boot_delay: float | str | None = None,
+        local_image: str | None = None,
         tags: dict[str, str] | None = None,
         environment: str | list[str] | None = None,
         environment_ignore: list[str] | None = None,

@@ -38,6 +38,8 @@ SCHEDULER_PLACEMENTS = ("vm", "local")
 #: ``environment_check=``: a start whose VMs differ from this environment in a package this
 #: process imported fails ("error"), or only says so ("warn"), or is not checked ("off").
 ENVIRONMENT_CHECKS = ("error", "warn", "off")
+#: ``local_image=``: the local cloud's machine images (see dask_rawvm.localcloud.vmimage).
+LOCAL_IMAGES = ("warm", "bare")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class ClusterOptions:
     region: str | None = None
     endpoint_url: str | None = None
     boot_delay: float = 0.0
+    local_image: str = "warm"
     scheduler: str = "vm"
     scheduler_vm_type: str = "t3.medium"
     worker_vm_type: str = "t3.large"
@@ -190,6 +193,12 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
         raise OptionError(
             f"worker_vm_types={options.worker_vm_types!r} must be a non-empty list of "
             "instance types, best first (worker_vm_type takes a single one)"
+        )
+    if options.local_image not in LOCAL_IMAGES:
+        raise OptionError(
+            f"local_image={options.local_image!r} is not one of {list(LOCAL_IMAGES)}: 'warm' "
+            "boots VMs that share this machine's Python, uv and caches (fast), 'bare' VMs "
+            "like a fresh Amazon Linux 2023 one (no uv, no pip, nothing cached)"
         )
     if options.environment_check not in ENVIRONMENT_CHECKS:
         raise OptionError(

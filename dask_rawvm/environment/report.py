@@ -152,16 +152,15 @@ def redact_text(text: str) -> str:
 def format_report(report: dict[str, Any], verbose: bool = False) -> str:
     """Human-readable text of :func:`environment_report`'s result."""
     inv, target = report["inventory"], report["target"]
-    roots = [p for p in inv["packages"] if p["root"]]
     lines = [
         f"Target: {target['arch']} {target['accelerator']}"
         + (f" (CUDA {target['cuda_major']})" if target["cuda_major"] else "")
         + f", Python {target['python_version']}, {target['python_platform']}",
         "",
         f"Inventory ({inv['origin']}, Python {inv['python_version'] or '?'}): "
-        f"{len(inv['packages'])} packages ({len(roots)} not needed by another), "
-        f"{len(inv['local_code'])} pieces of local code, "
-        f"{len(inv['client_side'])} of dask-rawvm's client side",
+        f"{len(inv['packages'])} packages ship at their versions, "
+        f"{len(inv['local_code'])} local code, "
+        f"{len(inv['client_side'])} of dask-rawvm's client side do not",
     ]
     for code in inv["local_code"]:
         what = ", ".join(code["modules"]) if code["modules"] else code["path"]

@@ -427,7 +427,10 @@ def _bare_view(image: BareImage, hide: list[Path]) -> View:
     for path in sorted({os.path.realpath(p) for p in [*_client_directories(), *map(str, hide)]}):
         # Never the base interpreter's own prefix: hiding its parent (the home of a
         # pyenv Python) is fine, since the prefix is bound back.
-        if os.path.isdir(path) and not _is_protected(path) and not _under(path, base):
+        # Nor a directory the view replaces by an empty private one anyway (a client working
+        # in /tmp): hiding it read-only would take the VM's /tmp away.
+        private = _under(path, list(_PRIVATE_DIRECTORIES))
+        if os.path.isdir(path) and not (_is_protected(path) or _under(path, base) or private):
             hidden.append(path)
     hidden = [p for p in hidden if not _under(os.path.dirname(p), hidden)]
     covered = [*_PRIVATE_DIRECTORIES, *hidden]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import platform
 
 from dask_rawvm.errors import OptionError
 from dask_rawvm.machines.limits import Limits
@@ -10,6 +11,7 @@ from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.machines.settings import Settings
 from dask_rawvm.machines.store import ClusterStore
 from dask_rawvm.needs import Needs
+from dask_rawvm.providers.base import ImagePythons
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,10 @@ async def preflight(
         roles["scheduler"] = options.scheduler_vm_type
     provider = session.provider
     await provider.preflight(roles)
+    for vm_type in set(roles.values()):
+        offered = provider.image_pythons(vm_type)
+        if offered is not None and options.environment is not None:
+            check_vm_python(platform.python_version(), offered)
     limits.check_budget(n_workers, 0)
     if options.environment is not None:
         targets = {role: provider.target_for(vm_type) for role, vm_type in roles.items()}
@@ -45,6 +51,31 @@ async def preflight(
             options.environment_resolver,
             options.local_code,
         )
+
+
+def check_vm_python(client: str, offered: ImagePythons) -> None:
+    """The VMs' venv needs a Python of this client's minor version (pickled code and Dask
+    need it): the image's own or its package repositories', else a download of uv's managed
+    Python. Refuse, before launch, an image that can give neither.
+    """
+    minor = ".".join(client.split(".")[:2])
+    if any(v == minor or v.startswith(minor + ".") for v in offered.versions):
+        return
+    if offered.downloads:
+        logger.info(
+            "%s has no Python %s: its VMs download uv's managed Python %s (set "
+            "UV_PYTHON_INSTALL_MIRROR to serve it from a place of your own)",
+            offered.where,
+            minor,
+            client,
+        )
+        return
+    raise OptionError(
+        f"the VMs need Python {minor} (this client runs {client}), but {offered.where} has "
+        f"Python {', '.join(offered.versions)} and its VMs cannot download one. Fix: "
+        f"{offered.fix or 'use an image with Python ' + minor}, or run the client with "
+        f"Python {offered.versions[0]}"
+    )
 
 
 async def choose_worker_types(session: ProviderSession, settings: Settings) -> None:

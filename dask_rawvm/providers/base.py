@@ -85,6 +85,30 @@ OnLate = Callable[[list[Machine]], None]
 OnGaveUp = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class ImagePythons:
+    """What a machine image offers the boot script for the environment's Python.
+
+    Parameters
+    ----------
+    versions
+        ``X.Y`` or ``X.Y.Z`` of the interpreters it has, or can install from its own
+        package repositories, without a download from the internet.
+    downloads
+        Whether its machines can download uv's managed Python (the internet, or
+        ``UV_PYTHON_INSTALL_MIRROR``).
+    where
+        The image, for messages.
+    fix
+        What to do when neither gives the client's Python.
+    """
+
+    versions: tuple[str, ...]
+    downloads: bool
+    where: str
+    fix: str = ""
+
+
 class Provider(abc.ABC):
     """A source of machines for one cluster.
 
@@ -143,6 +167,11 @@ class Provider(abc.ABC):
     @abc.abstractmethod
     def target_for(self, vm_type: str) -> Target:
         """The platform an environment must be built for to run on ``vm_type``."""
+
+    def image_pythons(self, vm_type: str) -> ImagePythons | None:
+        """The Pythons a machine of ``vm_type`` has without a download, and whether it can
+        download one (uv's managed Python); None when unknown (then nothing is checked)."""
+        return None
 
     def boot_prelude(self) -> str:
         """The metadata prelude of this provider's boot scripts: how a machine learns who it is.

@@ -9,11 +9,13 @@ with ``provider="aws"`` and its ``endpoint_url``.)
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from dask_rawvm.config import ClusterOptions
 from dask_rawvm.errors import OptionError
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+from dask_rawvm.localcloud.vmimage import ImageName
+from dask_rawvm.providers.base import ImagePythons
 from dask_rawvm.providers.ec2.provider import EC2Provider
 
 
@@ -28,6 +30,9 @@ class LocalCloudProvider(EC2Provider):
         The region the local cloud answers for.
     boot_delay
         Seconds a VM of the local cloud stays pending.
+    image
+        The machine image of its VMs: ``"warm"`` or ``"bare"``
+        (:data:`dask_rawvm.localcloud.IMAGES`).
     **kwargs
         For :class:`~dask_rawvm.providers.ec2.provider.EC2Provider`.
     """
@@ -36,10 +41,16 @@ class LocalCloudProvider(EC2Provider):
     in_process_scheduler_host = "127.0.0.1"
 
     def __init__(
-        self, cluster: str, region: str = "us-east-1", boot_delay: float = 0.0, **kwargs: Any
+        self,
+        cluster: str,
+        region: str = "us-east-1",
+        boot_delay: float = 0.0,
+        image: str = "warm",
+        **kwargs: Any,
     ) -> None:
         super().__init__(cluster, region=region, **kwargs)
         self.boot_delay = boot_delay
+        self.image = image
         #: The local cloud, from :meth:`start` on (made there: it makes a work directory).
         self.cloud: LocalCloud | None = None
 
@@ -49,10 +60,23 @@ class LocalCloudProvider(EC2Provider):
             cluster,
             region=options.region or "us-east-1",
             boot_delay=options.boot_delay,
+            image=options.local_image,
             ami=options.ami,
             allow_ingress_from=options.allow_ingress_from,
             zones=[options.zone] if isinstance(options.zone, str) else options.zone,
             capacity_retry_timeout=options.capacity_retry_timeout,
+        )
+
+    def image_pythons(self, vm_type: str) -> ImagePythons | None:
+        """The local cloud's image has one Python (its ``python3``), and its VMs reach
+        package registries only: no download of a Python build."""
+        if self.cloud is None:
+            return None
+        return ImagePythons(
+            (self.cloud.image.python_version,),
+            False,
+            f"the local cloud's {self.image} image",
+            "use local_image='warm' (VMs with this machine's Python)",
         )
 
     def check_outlives_client(self) -> None:
@@ -64,7 +88,11 @@ class LocalCloudProvider(EC2Provider):
 
     async def start(self) -> None:
         """Start a local cloud, then connect to it as to any EC2 endpoint."""
-        self.cloud = LocalCloud(region=self.region or "us-east-1", boot_delay=self.boot_delay)
+        self.cloud = LocalCloud(
+            region=self.region or "us-east-1",
+            boot_delay=self.boot_delay,
+            image=cast(ImageName, self.image),
+        )
         await asyncio.to_thread(self.cloud.start)
         self.endpoint_url, self.credentials = self.cloud.endpoint_url, dict(CREDENTIALS)
         await super().start()

@@ -21,6 +21,7 @@ from dask_rawvm.providers.base import (
     CLUSTER_TAG,
     LIVE_STATES,
     ROLE_TAG,
+    ImagePythons,
     LaunchSpec,
     Machine,
     OnGaveUp,
@@ -56,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 # Amazon Linux 2023, by architecture, as AWS publishes it in SSM.
 AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-{arch}"
+#: The Pythons of Amazon Linux 2023: its python3 (3.9, for the image's whole life) and the
+#: python3.X packages its repositories carry beside it (AWS's AL2023 documentation).
+AL2023_PYTHONS = ("3.9", "3.11", "3.12", "3.13", "3.14")
 # The same, with NVIDIA's driver and CUDA: AWS's Deep Learning Base OSS GPU image.
 GPU_AMI_PARAMETER = (
     "/aws/service/deeplearning/ami/{arch}/base-oss-nvidia-driver-gpu-amazon-linux-2023/"
@@ -231,6 +235,15 @@ class EC2Provider(Provider):
     def hourly_price(self, vm_type: str, market: Market) -> float:
         """List price from the packaged table, scaled to the region (an estimate)."""
         return self._price_table().price(self.catalog[vm_type], market)
+
+    def image_pythons(self, vm_type: str) -> ImagePythons | None:
+        """Amazon Linux 2023 (the default images) has python3 3.9 and packages python3.11
+        to python3.14 beside it (``dnf install python3.X``); its VMs reach the internet for
+        uv's managed Python (or ``UV_PYTHON_INSTALL_MIRROR``). An image of the user's own:
+        unknown."""
+        if self.ami:
+            return None
+        return ImagePythons(AL2023_PYTHONS, True, f"Amazon Linux 2023 ({vm_type})")
 
     async def image_for(self, vm_type: str) -> str:
         """The AMI for a type: the explicit one, else AL2023 for its architecture, with
