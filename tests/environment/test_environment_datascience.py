@@ -17,7 +17,7 @@ import pytest
 from environment_helpers import needs_pypi, network
 from uv import find_uv_bin
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 CLIENT = textwrap.dedent(
     """
@@ -37,7 +37,7 @@ CLIENT = textwrap.dedent(
         indexed = df.set_index("id").x.sum().compute()
         out["groupby"] = len(by_name)
         out["groupby_here"] = len(df.groupby("name").x.mean().compute(scheduler="sync"))
-        out["set_index"] = abs(indexed - df.x.sum().compute(scheduler="sync")) < 1e-6
+        out["set_index"] = bool(abs(indexed - df.x.sum().compute(scheduler="sync")) < 1e-6)
         out["local"] = sorted(
             set(client.run(lambda: (__import__("probe_local").VALUE,
                                     __import__("rawvm_ds_probe").VALUE)).values())
