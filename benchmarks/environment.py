@@ -5,12 +5,16 @@
 Figures: inventory of this environment and of a synthetic 300-package one (target < 0.3 s);
 lock time cold and warm for an aarch64 and a CUDA target (PyPI when reachable, else a local
 index of generated wheels; the line says which); VM install time from a warm cache, uv next to
-pip for the same lock (target: uv >= 5x faster). The machine's pip/uv configuration is ignored
-so that the figures are about PyPI (or the local index), not a mirror.
+pip for the same lock (target: uv >= 5x faster); the fidelity of a worker's environment (its
+distributions against this process's, after translation) for this environment and for a
+fresh data-science venv (target: 0 missing, 0 different). The machine's pip/uv configuration
+is ignored for the lock and install figures, so that they are about PyPI (or the local
+index), not a mirror.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -180,12 +184,71 @@ def bench_install(root: Path, online: bool) -> None:
     print(f"{'VM install: uv speed-up over pip (total)':<58} {ratio:9.1f} x  (target >= 5x)")
 
 
+#: Run in an environment's Python: a cluster on the local cloud, and what its worker has of
+#: this environment's distributions (missing, different), after translation.
+FIDELITY_PROBE = """
+import json
+from dask_rawvm import RawVMCluster
+from dask_rawvm.environment.fidelity import compare, installed_versions
+from dask_rawvm.environment.inventory import client_side_here
+with RawVMCluster(n_workers=1, scheduler="local", progress=False) as cluster:
+    client = cluster.get_client()
+    client.wait_for_workers(1, timeout=900)
+    there = next(iter(client.run(installed_versions).values()))
+    expected = cluster.store.bundles["worker"].expected
+here = installed_versions()
+report = compare(here, there, expected, "worker", exempt=client_side_here())
+missing = [d.package for d in report.differences if d.there == "missing"]
+different = [d.package for d in report.differences if d.there != "missing"]
+print("FIDELITY", json.dumps([len(here), missing, different]))
+"""
+
+
+def fidelity_of(python: str, cwd: Path) -> tuple[int, list[str], list[str]]:
+    done = subprocess.run(
+        [python, "-c", FIDELITY_PROBE], cwd=cwd, capture_output=True, text=True, timeout=1800
+    )
+    found = [line for line in done.stdout.splitlines() if line.startswith("FIDELITY ")]
+    if done.returncode != 0 or not found:
+        raise RuntimeError(f"fidelity probe failed:\n{done.stderr[-3000:]}")
+    count, missing, different = json.loads(found[0].removeprefix("FIDELITY "))
+    return int(count), list(missing), list(different)
+
+
+def datascience_venv(root: Path) -> Path:
+    """A fresh venv with dask-rawvm, dask[dataframe], pyarrow and s3fs (from the index)."""
+    venv = root / "ds-venv"
+    uv = uv_binary()
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    repo = Path(__file__).resolve().parent.parent
+    install = [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python")]
+    subprocess.run([*install, "-e", str(repo), "dask[dataframe]", "pyarrow", "s3fs"], check=True)
+    return venv
+
+
+def bench_fidelity(root: Path, online: bool) -> None:
+    """Distributions here against a worker's, for this environment and a data-science venv
+    (target: 0 missing and 0 different, after translation; dask-rawvm's client side aside)."""
+    envs = [("this environment", sys.executable)]
+    if online:
+        envs.append(("data-science venv", str(datascience_venv(root) / "bin" / "python")))
+    for label, python in envs:
+        count, missing, different = fidelity_of(python, root)
+        note = f"{count} distributions here; missing {missing or 0}, different {different or 0}"
+        print(
+            f"{'fidelity: ' + label + ', missing + different on a worker':<58} "
+            f"{len(missing) + len(different):9d}    {note} (target 0 and 0)",
+            flush=True,
+        )
+
+
 def main() -> None:
     # --local-index: use generated wheels even when PyPI is reachable
     online = "--local-index" not in sys.argv and pypi_reachable()
     with tempfile.TemporaryDirectory(prefix="rawvm-bench-") as tmp:
         root = Path(tmp)
         bench_inventory(root)
+        bench_fidelity(root, online)  # before isolate(): as a user's machine is configured
         isolate(root)
         bench_lock(root, online)
         bench_install(root, online)
