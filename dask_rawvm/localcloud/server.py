@@ -32,7 +32,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from dask_rawvm.localcloud import capacity, faults, imds
+from dask_rawvm.localcloud import capacity, faults, imds, quotas, strict
 from dask_rawvm.localcloud.images import publish_gpu_images
 from dask_rawvm.localcloud.runtime import VMRuntime
 
@@ -49,7 +49,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class LocalCloud:
+class LocalCloud(strict.LocalStrictness):
     """An EC2-compatible cloud on this machine, whose instances are local processes.
 
     Parameters
@@ -92,6 +92,10 @@ class LocalCloud:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dask-rawvm-localcloud-"))
         self.faults = faults.FaultInjector()
         self.capacity = capacity.CapacityModel()
+        # What EC2 does that moto does not, as tests turn it on (see .strict).
+        self.strictness = strict.Strictness()
+        self.imds_tokens = imds.Tokens()
+        self.quotas = quotas.Quotas()
         self.runtime: VMRuntime | None = None
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -127,6 +131,7 @@ class LocalCloud:
             image_path=self.image_path,
         )
         capacity.register(self.account_id, self.capacity)
+        quotas.register(self.account_id, self.quotas)
         publish_gpu_images(self.account_id, self.region)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="localcloud-server", daemon=True
@@ -296,6 +301,7 @@ def _shutdown(
     server.server_close()
     _forget_account(account_id)
     capacity.unregister(account_id)
+    quotas.unregister(account_id)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -319,7 +325,9 @@ class _Middleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path.startswith("/_imds/"):
-            return imds.handle(environ, start_response, self.cloud._runtime().vms)
+            return imds.handle(
+                environ, start_response, self.cloud._runtime().vms, self.cloud.imds_tokens
+            )
         if path.startswith("/_localcloud/"):
             return _control(self.cloud, environ, start_response)
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = self.cloud.account_id
@@ -328,7 +336,7 @@ class _Middleware:
             status, headers, body = faults.error_response(environ, fault)
             start_response(status, headers)
             return [body]
-        return self.app(environ, start_response)
+        return strict.serve(self.cloud.strictness, environ, start_response, self.app)
 
 
 def _control(
@@ -362,14 +370,16 @@ def _control(
     elif verb == "restore-capacity":
         cloud.restore_capacity()
     else:
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"unknown local cloud control verb"]
+        handled, result = strict.control(cloud, verb, args)
+        if not handled:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"unknown local cloud control verb"]
     body = json.dumps(result).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
 
 
-class RemoteCloud:
+class RemoteCloud(strict.RemoteStrictness):
     """Control a :class:`LocalCloud` running in another process, by its endpoint.
 
     Offers the test-facing methods of LocalCloud (``inject``, ``calls``,

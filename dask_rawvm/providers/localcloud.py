@@ -49,10 +49,7 @@ class LocalCloudProvider(EC2Provider):
             cluster,
             region=options.region or "us-east-1",
             boot_delay=options.boot_delay,
-            ami=options.ami,
-            allow_ingress_from=options.allow_ingress_from,
-            zones=[options.zone] if isinstance(options.zone, str) else options.zone,
-            capacity_retry_timeout=options.capacity_retry_timeout,
+            **cls.machine_options(options),
         )
 
     def check_outlives_client(self) -> None:
