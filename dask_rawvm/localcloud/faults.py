@@ -61,6 +61,8 @@ class Fault:
     latency: float = 0.0
     message: str | None = None
     status: int | None = None
+    #: Calls to let through before the fault applies.
+    after: int = 0
 
 
 class FaultInjector:
@@ -82,8 +84,10 @@ class FaultInjector:
         latency: float = 0.0,
         message: str | None = None,
         status: int | None = None,
+        after: int = 0,
     ) -> None:
-        """Make the next ``count`` calls of ``action`` fail with ``error``.
+        """Make the next ``count`` calls of ``action`` fail with ``error``, once ``after``
+        calls went through (``after=1``: the second call of a pass fails, not the first).
 
         With ``error=None`` and ``latency`` set, every later call of ``action``
         is delayed by ``latency`` seconds until :meth:`clear`.
@@ -92,7 +96,7 @@ class FaultInjector:
             if error is None:
                 self._latency[action] = latency
                 return
-            fault = Fault(error, count, latency, message, status)
+            fault = Fault(error, count, latency, message, status, after)
             self._faults.setdefault(action, []).append(fault)
 
     def deny(self, action: str, denied: bool = True) -> None:
@@ -149,6 +153,9 @@ class FaultInjector:
             if not queue:
                 return latency, None
             fault = queue[0]
+            if fault.after > 0:
+                fault.after -= 1
+                return latency, None
             fault.count -= 1
             if fault.count <= 0:
                 queue.pop(0)

@@ -176,12 +176,14 @@ class LocalCloud(strict.LocalStrictness):
         latency: float = 0.0,
         message: str | None = None,
         status: int | None = None,
+        after: int = 0,
     ) -> None:
-        """Fail the next ``count`` calls of ``action`` with ``error``, or add ``latency``.
+        """Fail the next ``count`` calls of ``action`` with ``error`` (after ``after`` calls
+        went through), or add ``latency``.
 
         See :meth:`dask_rawvm.localcloud.faults.FaultInjector.inject`.
         """
-        self.faults.inject(action, error, count, latency, message, status)
+        self.faults.inject(action, error, count, latency, message, status, after)
 
     def clear_faults(self) -> None:
         self.faults.clear()
@@ -415,6 +417,7 @@ class RemoteCloud(strict.RemoteStrictness):
         latency: float = 0.0,
         message: str | None = None,
         status: int | None = None,
+        after: int = 0,
     ) -> None:
         self._call(
             "inject",
@@ -424,6 +427,7 @@ class RemoteCloud(strict.RemoteStrictness):
             latency=latency,
             message=message,
             status=status,
+            after=after,
         )
 
     def clear_faults(self) -> None:
