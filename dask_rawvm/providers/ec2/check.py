@@ -213,9 +213,10 @@ async def _quotas(
     for market in markets_of(options.spot_policy):
         key = (quota_group(worker), market)
         need[key] = need.get(key, 0) + provider.catalog[worker].vcpus * max(workers, 1)
+    with_scheduler = None
     if options.scheduler == "vm":
-        key = (quota_group(scheduler), "on-demand")
-        need[key] = need.get(key, 0) + provider.catalog[scheduler].vcpus
+        with_scheduler = (quota_group(scheduler), "on-demand")
+        need[with_scheduler] = need.get(with_scheduler, 0) + provider.catalog[scheduler].vcpus
     rows = []
     for (group, on), vcpus in sorted(need.items(), key=str):
         name = f"vCPU quota, {on} {group or worker}"
@@ -232,7 +233,10 @@ async def _quotas(
         fallback = on == "spot" and options.spot_policy == "spot_with_fallback"
         short = value < vcpus
         status: Status = "ok" if not short else "warning" if fallback else "blocker"
-        detail = f"{value:g} vCPUs ({source}, {code}); {workers} worker(s) need {vcpus:g}"
+        who = f"{workers} worker(s)" + (
+            " and the scheduler" if (group, on) == with_scheduler else ""
+        )
+        detail = f"{value:g} vCPUs ({source}, {code}); {who} need {vcpus:g}"
         if short:
             detail += (
                 f". Fix: ask for {math.ceil(vcpus):d} or more in Service Quotas (quota {code})"
