@@ -9,6 +9,9 @@ front of moto's WSGI app. A small middleware in between
 - limits capacity by instance type, zone and market, and answers CreateFleet (instant) and
   RunInstances as EC2 does when a pool runs out (:mod:`.capacity`);
 - serves each VM's instance metadata under ``/_imds/<id>/`` (:mod:`.imds`);
+- answers as strictly as EC2 where a test turns it on (:mod:`.strict`): eventual
+  consistency, paged listings, expiring IMDS tokens, EC2's launch refusals, Service
+  Quotas (:mod:`.quotas`) and IAM (:mod:`.iam`);
 - serves a small control API under ``/_localcloud/`` so a process that did not
   start the cloud (a benchmark, a test's subprocess) can inject faults, read
   call counts, limit capacity and interrupt spot instances: see :class:`RemoteCloud`.

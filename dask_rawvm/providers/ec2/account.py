@@ -16,7 +16,14 @@ from typing import Any
 
 from dask_rawvm.errors import ProviderError
 from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
-from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, SETTLE_TIMEOUT, ec2_call, paginate
+from dask_rawvm.providers.ec2.calls import (
+    DENIED,
+    MAX_IDS_PER_CALL,
+    SETTLE_TIMEOUT,
+    denied_message,
+    ec2_call,
+    paginate,
+)
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.fleet import delete_launch_templates
 from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_group
@@ -146,13 +153,24 @@ class EC2Account:
             )
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
-                await self._call(
+                answer = await self._call(
                     s3.delete_objects,
                     "DeleteObjects",
                     service="S3",
                     Bucket=bucket,
                     Delete={"Objects": keys},
                 )
+                # DeleteObjects answers 200 and lists what it could not delete, and why.
+                refused = answer.get("Errors") or []
+                if refused:
+                    first = refused[0]
+                    denied = first.get("Code") in DENIED
+                    cause = f" -- {denied_message('S3', 'DeleteObject')}" if denied else ""
+                    raise ProviderError(
+                        f"S3 DeleteObjects in {bucket}: {len(refused)} object(s) not deleted "
+                        f"({first.get('Code')}: {first.get('Message')}){cause}",
+                        first.get("Code"),
+                    )
             if not page.get("IsTruncated"):
                 break
             paging = {"ContinuationToken": page["NextContinuationToken"]}

@@ -3,7 +3,8 @@ the docs show it, and a test runs a whole cluster as an identity holding exactly
 
 Every action is one dask-rawvm calls (or one EC2 needs for a call it makes: CreateFleet
 launches through ``ec2:RunInstances`` and tags on create through ``ec2:CreateTags``), grouped
-by what it is for. S3 is confined to dask-rawvm's buckets (``dask-rawvm-*``). EC2's
+by what it is for. S3 is confined to dask-rawvm's buckets and what is in them
+(``arn:aws:s3:::dask-rawvm-*``: IAM's ``*`` matches the ``/`` of an object's ARN too). EC2's
 Describe* actions take no resource-level permissions; launching touches instances, volumes,
 network interfaces, images, subnets, groups and templates, so EC2 actions name ``"*"``.
 The service-linked roles EC2 creates on an account's first spot launch and first fleet
@@ -80,7 +81,9 @@ POLICY: dict[str, Any] = {
             "Resource": "*",
         },
         {
-            "Sid": "ClusterBuckets",
+            # The pattern covers the buckets and the objects in them (an IAM wildcard
+            # matches "/" too).
+            "Sid": "ClusterBucketsAndTheirObjects",
             "Effect": "Allow",
             "Action": [
                 "s3:CreateBucket",
@@ -89,14 +92,11 @@ POLICY: dict[str, Any] = {
                 "s3:GetBucketTagging",
                 "s3:GetBucketLocation",
                 "s3:ListBucket",
+                "s3:PutObject",
+                "s3:GetObject",
+                "s3:DeleteObject",
             ],
             "Resource": _BUCKETS,
-        },
-        {
-            "Sid": "ClusterBucketObjects",
-            "Effect": "Allow",
-            "Action": ["s3:PutObject", "s3:GetObject", "s3:DeleteObject"],
-            "Resource": f"{_BUCKETS}/*",
         },
         {
             "Sid": "SpotAndFleetServiceLinkedRoles",
