@@ -11,7 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
-from helpers import live_instances
+from helpers import live_instances, wait_for
 
 from dask_rawvm.errors import OptionError, ProviderError
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
@@ -20,6 +20,7 @@ from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.machines.watch import BootWatch
 from dask_rawvm.providers.base import LaunchSpec, Machine
 from dask_rawvm.providers.ec2 import EC2Provider
+from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
 from dask_rawvm.providers.ec2.catalog import StoragePrices
 
 SCRIPT = "#!/bin/sh\necho hello\n"
@@ -364,3 +365,26 @@ async def test_every_listing_follows_its_pages(
     assert len((await provider.network()).subnets) >= 3
     removed = await provider.cleanup(provider.cluster)
     assert set(removed) == {m.id for m in machines}
+
+
+def test_the_boot_prelude_renews_its_imds_token_for_the_spot_watcher(cloud: LocalCloud) -> None:
+    """Tokens live 1 s here (6 h on EC2): a watcher polling past that still sees the notice."""
+    cloud.imds_token_ttl(1.0)
+    script = (
+        '#!/bin/bash\nlog() { echo "$*"; }\npoweroff_vm() { exit "${1:-0}"; }\n'
+        + IMDS_PRELUDE
+        + 'echo "id=$INSTANCE_ID index=$(launch_index)"\n'
+        + "sleep 2\n"  # the first token is gone
+        + 'echo "again=$(meta instance-id)"\n'
+        + "until interruption_notice; do sleep 0.5; done\necho notice\nsleep 300\n"
+    )
+    ec2 = boto3.client("ec2", **cloud.client_kwargs())
+    (instance,) = ec2.run_instances(
+        ImageId="ami-12c6146b", MinCount=1, MaxCount=1, UserData=script
+    )["Instances"]
+    iid = instance["InstanceId"]
+    wait_for(lambda: "again=" in cloud.console_output(iid), 30, "the prelude to read twice")
+    assert f"id={iid} index=0" in cloud.console_output(iid)
+    assert f"again={iid}" in cloud.console_output(iid)
+    cloud.interrupt(iid, delay=60)
+    wait_for(lambda: "notice" in cloud.console_output(iid), 30, "the watcher to see the notice")
