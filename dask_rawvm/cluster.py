@@ -119,7 +119,24 @@ class RawVMCluster(SpecCluster):
         the same pass (and lost spot workers replaced on-demand). The scheduler VM
         is always on-demand.
     zone
-        An availability zone, or a list of them; every zone of the region when omitted.
+        ``"auto"`` (default): EC2 picks one zone with capacity for the first launch and the
+        whole cluster stays in it (no cross-zone traffic, which AWS bills at $0.01/GB each
+        way). ``"any"`` spreads over every zone of the subnets; a zone (``"us-east-1a"``) or
+        a list of zones keeps to those (a list spreads over them).
+    vpc, subnets
+        Where the VMs go: a VPC (``"vpc-..."``, every subnet of it) and/or subnets
+        (``["subnet-..."]``, of one VPC). The region's default VPC when neither is given.
+    security_groups
+        Extra security groups for every VM (``["sg-..."]``, in the cluster's VPC), besides
+        the cluster's own group.
+    public_ip
+        Whether each VM gets a public IPv4 address (default; $0.005/h each). ``False`` for
+        private subnets that reach out through your own NAT gateway or endpoints: this
+        client must then reach the scheduler's private address (from inside the VPC, or
+        through a VPN or peering), and the scheduler admits the VPC's ranges.
+    worker_disk_size, scheduler_disk_size
+        GiB of the VMs' root volume (gp3): the OS, the environment, its cache and, on
+        workers, what Dask spills to disk. At least the image's own size.
     capacity_retry_timeout
         How long to keep asking, in the background, for workers a launch could not
         get; the cluster runs with what it got meanwhile, and without the rest after.
@@ -211,6 +228,12 @@ class RawVMCluster(SpecCluster):
         worker_vm_types: list[str] | None = None,
         spot_policy: str | None = None,
         zone: str | list[str] | None = None,
+        vpc: str | None = None,
+        subnets: list[str] | None = None,
+        security_groups: list[str] | None = None,
+        public_ip: bool | None = None,
+        worker_disk_size: int | None = None,
+        scheduler_disk_size: int | None = None,
         capacity_retry_timeout: float | str | None = None,
         ami: str | None = None,
         worker_nthreads: int | None = None,

@@ -29,7 +29,7 @@ from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.machines.settings import Settings
 from dask_rawvm.machines.store import ClusterStore
 from dask_rawvm.needs import SpotPolicy
-from dask_rawvm.providers.base import LaunchSpec, Machine, OnGaveUp, OnLate
+from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, OnGaveUp, OnLate
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +346,10 @@ class Launcher:
 
     def _record_launched(self, machines: list[Machine]) -> None:
         provider = self.session.provider
-        self.ledger.launched(machines, lambda m: provider.hourly_price(m.vm_type, m.market))
+        self.ledger.launched(
+            machines,
+            lambda m: provider.hourly_costs(m.vm_type, m.market, m.tags.get(ROLE_TAG, "worker")),
+        )
 
     # -- terminating -----------------------------------------------------------------------
     async def terminate(self, machine_id: str) -> None:

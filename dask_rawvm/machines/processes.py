@@ -101,7 +101,8 @@ class SchedulerVM(ProcessInterface):
                 log = (await self.watch.console_output(machine.id)).strip().splitlines()
                 self.report.update(stage=f"scheduler VM: {log[-1][:100] if log else 'booting'}")
             elif time.monotonic() > deadline:
-                await self._check(self.machine, deadline, "the scheduler did not start")
+                machine = await self.watch.describe(self.machine.id)
+                await self._check(machine, deadline, "the scheduler did not start")
             await asyncio.sleep(0.5)
 
     async def _check(self, machine: Machine, deadline: float, what: str) -> None:
@@ -109,6 +110,14 @@ class SchedulerVM(ProcessInterface):
             raise ProviderError(await self.watch.boot_failure(machine, what))
         if time.monotonic() > deadline:
             timeout = self.settings.options.scheduler_timeout
+            if machine.private_ip and not machine.public_ip and machine.state == "running":
+                # public_ip=False: only a client with a route into the VPC reaches it.
+                what += (
+                    f" (the scheduler VM has no public address: this client must reach its "
+                    f"private address {machine.private_ip} on port {bootstrap.SCHEDULER_PORT}, "
+                    "from inside the VPC or over a VPN or peering whose ranges "
+                    "allow_ingress_from names)"
+                )
             raise TimeoutError(
                 await self.watch.boot_failure(machine, f"{what} within {timeout:.0f} s")
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from dask_rawvm.errors import ProviderError
@@ -9,6 +10,8 @@ from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.machines.names import worker_index
 from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.providers.base import Machine
+
+logger = logging.getLogger(__name__)
 
 #: Lines of a boot log an error message quotes.
 LOG_TAIL_LINES = 15
@@ -28,6 +31,7 @@ class BootWatch:
     def __init__(self, session: ProviderSession, ledger: Ledger) -> None:
         self.session = session
         self.ledger = ledger
+        self._logs_unavailable: str | None = None  # why boot logs cannot be read, once known
 
     async def describe(self, machine_id: str) -> Machine:
         """One machine's current state."""
@@ -36,8 +40,18 @@ class BootWatch:
         return machine
 
     async def console_output(self, machine_id: str) -> str:
-        """What the machine's boot printed so far."""
-        return await self.session.provider.console_output(machine_id)
+        """What the machine's boot printed so far; empty where the cloud will not say.
+
+        Boot logs are optional: a cloud that refuses them (EC2 without
+        ``ec2:GetConsoleOutput``) never stops a cluster; it is said once, in the log.
+        """
+        try:
+            return await self.session.provider.console_output(machine_id)
+        except ProviderError as e:
+            if self._logs_unavailable is None:
+                self._logs_unavailable = str(e)
+                logger.warning("boot logs unavailable, going on without them: %s", e)
+            return ""
 
     async def raise_if_dead(self, machines: list[Machine]) -> list[Machine]:
         """Describe booting VMs; raise, with its boot log, if one has gone."""
@@ -67,11 +81,11 @@ class BootWatch:
 
     async def boot_failure(self, machine: Machine, what: str) -> str:
         """A message saying what a VM was doing, with the tail of its boot log."""
-        try:
-            log = await self.session.provider.console_output(machine.id)
-        except ProviderError:
-            log = ""
-        tail = "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:]) or "(no boot log)"
+        log = await self.console_output(machine.id)
+        unavailable = f"(no boot log: {self._logs_unavailable})" if self._logs_unavailable else ""
+        tail = (
+            "\n".join(log.strip().splitlines()[-LOG_TAIL_LINES:]) or unavailable or "(no boot log)"
+        )
         reason = f" ({machine.state_reason})" if machine.state_reason else ""
         return (
             f"{what}: instance {machine.id} is {machine.state}{reason}. "

@@ -118,7 +118,8 @@ class Provider(abc.ABC):
     :meth:`stop_asking`, :meth:`terminate`, :meth:`describe`, :meth:`live_machines`,
     :meth:`cleanup`, :meth:`cleanup_blocking`); files for the machines (:meth:`store`,
     :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`); limits and prices
-    (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`); diagnostics
+    (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`, :meth:`hourly_costs`);
+    diagnostics
     (:meth:`console_output`).
     """
 
@@ -265,6 +266,11 @@ class Provider(abc.ABC):
     def hourly_price(self, vm_type: str, market: Market) -> float:
         """USD per hour of a machine; 0.0 where nobody bills for it (machines you own)."""
         return 0.0
+
+    def hourly_costs(self, vm_type: str, market: Market, role: str) -> dict[str, float]:
+        """USD per hour of one machine of ``role``, by what the cloud bills for it:
+        ``{"instance": ..., "storage": ..., "public_ipv4": ...}`` (the instance only here)."""
+        return {"instance": self.hourly_price(vm_type, market)}
 
     # -- diagnostics ----------------------------------------------------------------------
     async def console_output(self, machine_id: str) -> str:

@@ -196,7 +196,7 @@ async def test_throttled_launch_backs_off_with_jitter_and_completes(
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
-        ({"zone": "us-east-1z"}, r"zone\(s\) \['us-east-1z'\].*us-east-1a"),
+        ({"zone": "us-east-1z"}, r"\['us-east-1z'\] is not a zone of the subnets.*us-east-1a"),
         ({"worker_vm_types": ["m6i.large", "m7g.large"]}, "mixes platforms.*m7g.large"),
         ({"worker_vm_types": ["m6i.large", "m6i.larg"]}, r"m6i\.larg"),
         ({"spot_policy": "cheap"}, "spot_policy='cheap' is not one of"),

@@ -4,16 +4,26 @@ A cluster's resources (instances, launch templates, its security group, its buck
 carry the tag ``dask-rawvm:cluster=<name>``, so they are found and removed whoever made
 them, also after the client that made them died. A cluster's provider removes its own
 the same way when it closes (:meth:`EC2Account.remove_cluster`).
+
+Everything is confined to the region of the clients: EC2 resources are regional anyway,
+S3 buckets are not (ListBuckets lists every region's), so a bucket counts only where
+GetBucketLocation puts it. Every listing follows its pages to the end.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from botocore.exceptions import ClientError
-
+from dask_rawvm.errors import ProviderError
 from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
-from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, ec2_call
+from dask_rawvm.providers.ec2.calls import (
+    DENIED,
+    MAX_IDS_PER_CALL,
+    SETTLE_TIMEOUT,
+    denied_message,
+    ec2_call,
+    paginate,
+)
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.fleet import delete_launch_templates
 from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_group
@@ -52,37 +62,64 @@ class EC2Account:
 
         tagged = [{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
         live = [*tagged, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
-        async for page in ec2.get_paginator("describe_instances").paginate(Filters=live):
-            for instance in (i for r in page["Reservations"] for i in r["Instances"]):
-                add(instance.get("Tags", []), "instances", instance["InstanceId"])
-        templates = await self._call(
-            ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=tagged
+        reservations = await self._list(
+            ec2.describe_instances, "DescribeInstances", "Reservations", Filters=live
         )
-        for template in templates.get("LaunchTemplates", []):
+        for instance in (i for r in reservations for i in r["Instances"]):
+            add(instance.get("Tags", []), "instances", instance["InstanceId"])
+        templates = await self._list(
+            ec2.describe_launch_templates,
+            "DescribeLaunchTemplates",
+            "LaunchTemplates",
+            Filters=tagged,
+        )
+        for template in templates:
             add(template.get("Tags", []), "launch-templates", template["LaunchTemplateId"])
-        groups = await self._call(
-            ec2.describe_security_groups, "DescribeSecurityGroups", Filters=tagged
+        groups = await self._list(
+            ec2.describe_security_groups, "DescribeSecurityGroups", "SecurityGroups", Filters=tagged
         )
-        for group in groups.get("SecurityGroups", []):
+        for group in groups:
             add(group.get("Tags", []), "security-groups", group["GroupId"])
         for bucket, tags in await self.buckets():
             add(tags, "buckets", bucket)
         return found
 
     async def buckets(self) -> list[tuple[str, list[dict[str, str]]]]:
-        """dask-rawvm's buckets and their tags (an untagged one is not provably ours)."""
+        """dask-rawvm's buckets in this region and their tags (an untagged one is not
+        provably ours; one of another region is another region's business)."""
         s3 = self.clients.s3
-        listing = await self._call(s3.list_buckets, "ListBuckets", service="S3")
+        listing = await self._list(
+            s3.list_buckets,
+            "ListBuckets",
+            "Buckets",
+            service="S3",
+            token=("ContinuationToken", "ContinuationToken"),
+            Prefix=BUCKET_PREFIX,
+        )
         result = []
-        for bucket in (b["Name"] for b in listing.get("Buckets", [])):
+        for bucket in (b["Name"] for b in listing):
             if not bucket.startswith(BUCKET_PREFIX):
-                continue
+                continue  # an endpoint that ignores Prefix
             try:
-                tagging = await s3.get_bucket_tagging(Bucket=bucket)
-            except ClientError:
-                continue  # untagged: not provably ours
+                if await self.bucket_region(bucket) != self.clients.region:
+                    continue
+                tagging = await self._call(
+                    s3.get_bucket_tagging, "GetBucketTagging", service="S3", Bucket=bucket
+                )
+            except ProviderError as e:
+                if e.code in ("NoSuchTagSet", "NoSuchBucket"):
+                    continue  # untagged (not provably ours), or gone meanwhile
+                raise
             result.append((bucket, tagging.get("TagSet", [])))
         return result
+
+    async def bucket_region(self, bucket: str) -> str:
+        """The region a bucket is in (S3 names us-east-1 by no constraint, eu-west-1 by "EU")."""
+        answer = await self._call(
+            self.clients.s3.get_bucket_location, "GetBucketLocation", service="S3", Bucket=bucket
+        )
+        location = answer.get("LocationConstraint") or "us-east-1"
+        return "eu-west-1" if location == "EU" else str(location)
 
     async def remove_cluster(self, cluster: str) -> dict[str, list[str]]:
         """Terminate and delete everything tagged with ``cluster``; return what was found."""
@@ -100,27 +137,55 @@ class EC2Account:
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
             chunk = ids[start : start + MAX_IDS_PER_CALL]
             await self._call(
-                self.clients.ec2.terminate_instances, "TerminateInstances", InstanceIds=chunk
+                self.clients.ec2.terminate_instances,
+                "TerminateInstances",
+                settle=SETTLE_TIMEOUT,  # machines just launched may be unknown for a moment
+                InstanceIds=chunk,
             )
 
     async def delete_bucket(self, bucket: str) -> None:
-        """Delete a bucket and everything in it."""
+        """Delete a bucket and everything in it (1000 keys a page, a page a call)."""
         s3 = self.clients.s3
-        async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        paging: dict[str, Any] = {}
+        while True:
+            page = await self._call(
+                s3.list_objects_v2, "ListObjectsV2", service="S3", Bucket=bucket, **paging
+            )
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
-                await self._call(
+                answer = await self._call(
                     s3.delete_objects,
                     "DeleteObjects",
                     service="S3",
                     Bucket=bucket,
                     Delete={"Objects": keys},
                 )
+                # DeleteObjects answers 200 and lists what it could not delete, and why.
+                refused = answer.get("Errors") or []
+                if refused:
+                    first = refused[0]
+                    denied = first.get("Code") in DENIED
+                    cause = f" -- {denied_message('S3', 'DeleteObject')}" if denied else ""
+                    raise ProviderError(
+                        f"S3 DeleteObjects in {bucket}: {len(refused)} object(s) not deleted "
+                        f"({first.get('Code')}: {first.get('Message')}){cause}",
+                        first.get("Code"),
+                    )
+            if not page.get("IsTruncated"):
+                break
+            paging = {"ContinuationToken": page["NextContinuationToken"]}
         await self._call(s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket)
 
     async def _call(self, method: Any, action: str, service: str = "EC2", **params: Any) -> Any:
         return await ec2_call(
             method, action, throttle_timeout=self.throttle_timeout, service=service, **params
+        )
+
+    async def _list(
+        self, method: Any, action: str, key: str, service: str = "EC2", **params: Any
+    ) -> list[Any]:
+        return await paginate(
+            method, action, key, throttle_timeout=self.throttle_timeout, service=service, **params
         )
 
 
