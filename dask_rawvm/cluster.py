@@ -430,6 +430,8 @@ class RawVMCluster(SpecCluster):
         logger.info("reconnected to %s: adopted workers %s", self.cluster_name, sorted(adopted))
 
     async def _close(self) -> None:
+        if self._worker_check is not None:  # a check still running has nothing left to check
+            self._worker_check.cancel()
         if not self.shutdown_on_close and self.status == Status.running:
             await self._disconnect()
             return
@@ -552,7 +554,8 @@ class RawVMCluster(SpecCluster):
             except EnvironmentMismatch as mismatch:
                 logger.error("%s\nThe cluster is closed.", mismatch)
             except Exception as e:  # a check that could not run is not a verdict
-                logger.warning("could not compare worker %s's environment: %s", name, e)
+                if self.status == Status.running:  # (closing: the worker went with it)
+                    logger.warning("could not compare worker %s's environment: %s", name, e)
 
         self._worker_check = asyncio.ensure_future(check())
 
