@@ -118,8 +118,15 @@ def _cloud_options(command: Callable[..., None]) -> Callable[..., None]:
 @main.command(name="ls")
 @_cloud_options
 def ls(endpoint_url: str | None, region: str | None) -> None:
-    """List dask-rawvm clusters in a region and the resources each one has."""
-    clusters = asyncio.run(list_clusters(endpoint_url, region))
+    """List dask-rawvm clusters in a region and the resources each one has.
+
+    What gone clusters left behind (no live machine, their client detached or gone) is
+    removed first, and said.
+    """
+    reaped, clusters = asyncio.run(list_clusters(endpoint_url, region))
+    for name, resources in sorted(reaped.items()):
+        kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
+        click.echo(f"{name}: gone; removed its leftovers ({kinds})")
     if not clusters:
         click.echo("no dask-rawvm resources")
     for name, resources in sorted(clusters.items()):

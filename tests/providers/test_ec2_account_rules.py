@@ -388,3 +388,30 @@ def test_the_boot_prelude_renews_its_imds_token_for_the_spot_watcher(cloud: Loca
     assert f"again={iid}" in cloud.console_output(iid)
     cloud.interrupt(iid, delay=60)
     wait_for(lambda: "notice" in cloud.console_output(iid), 30, "the watcher to see the notice")
+
+
+async def test_urls_signed_with_temporary_credentials_die_with_them(
+    idle_cloud: LocalCloud, started: list[EC2Provider]
+) -> None:
+    import datetime
+    from urllib.parse import parse_qs, urlsplit
+
+    from botocore.credentials import RefreshableCredentials
+
+    provider = await provider_for(idle_cloud)
+    started.append(provider)
+    await provider.store_bytes("k", b"v")
+    asked = parse_qs(urlsplit(await provider.url_for("k", expires=3600)).query)
+    assert asked["X-Amz-Expires"] == ["3600"]  # long-term keys: as asked
+    # Credentials of an assumed role that expire in 10 minutes: the URL cannot outlive them.
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=10)
+    provider.clients.credentials = RefreshableCredentials.create_from_metadata(
+        {**CREDENTIALS_METADATA, "expiry_time": soon.isoformat()},
+        refresh_using=lambda: {},
+        method="assume-role",
+    )
+    capped = parse_qs(urlsplit(await provider.url_for("k", expires=3600)).query)
+    assert 500 < int(capped["X-Amz-Expires"][0]) <= 600
+
+
+CREDENTIALS_METADATA = {"access_key": "a", "secret_key": "b", "token": "c"}

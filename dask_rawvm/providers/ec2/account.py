@@ -12,6 +12,7 @@ GetBucketLocation puts it. Every listing follows its pages to the end.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from dask_rawvm.errors import ProviderError
@@ -30,6 +31,16 @@ from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_gro
 
 #: Every bucket dask-rawvm creates is named with this prefix (and tagged).
 BUCKET_PREFIX = "dask-rawvm-"
+#: The object in a cluster's bucket that says whether a client is attached to it: written
+#: when the bucket is made, every HEARTBEAT_SECONDS while a client holds the cluster, and
+#: "detached" when the client leaves it running (``shutdown_on_close=False``).
+HEARTBEAT_KEY = "heartbeat"
+HEARTBEAT_SECONDS = 300.0
+#: A heartbeat this old means its client is gone (three missed beats).
+HEARTBEAT_STALE = 3 * HEARTBEAT_SECONDS
+#: Resources of a cluster with no heartbeat at all (no bucket) are left alone until this old:
+#: a cluster still starting has made some of them and no instance yet.
+REAP_AFTER = 3600.0
 #: ``{cluster: {kind: [resource ids]}}``, kinds being "instances", "launch-templates",
 #: "security-groups" and "buckets".
 Resources = dict[str, dict[str, list[str]]]
@@ -49,16 +60,26 @@ class EC2Account:
     def __init__(self, clients: EC2Clients, throttle_timeout: float = 120.0) -> None:
         self.clients = clients
         self.throttle_timeout = throttle_timeout
+        self._bucket_made: dict[str, datetime.datetime] = {}  # as ListBuckets last said
 
     async def clusters(self) -> Resources:
         """Each cluster with resources in this region, and its resources by kind."""
+        return (await self._inventory())[0]
+
+    async def _inventory(self) -> tuple[Resources, dict[str, datetime.datetime]]:
+        """Each cluster's resources, and when its oldest known resource was made."""
         ec2 = self.clients.ec2
         found: Resources = {}
+        born: dict[str, datetime.datetime] = {}
 
-        def add(tags: list[dict[str, str]], kind: str, resource: str) -> None:
+        def add(
+            tags: list[dict[str, str]], kind: str, resource: str, made: Any = None
+        ) -> None:
             cluster = {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG)
             if cluster is not None:
                 found.setdefault(cluster, {}).setdefault(kind, []).append(resource)
+                if isinstance(made, datetime.datetime):
+                    born[cluster] = min(made, born.get(cluster, made))
 
         tagged = [{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
         live = [*tagged, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
@@ -74,15 +95,79 @@ class EC2Account:
             Filters=tagged,
         )
         for template in templates:
-            add(template.get("Tags", []), "launch-templates", template["LaunchTemplateId"])
+            add(
+                template.get("Tags", []),
+                "launch-templates",
+                template["LaunchTemplateId"],
+                template.get("CreateTime"),
+            )
         groups = await self._list(
             ec2.describe_security_groups, "DescribeSecurityGroups", "SecurityGroups", Filters=tagged
         )
         for group in groups:
             add(group.get("Tags", []), "security-groups", group["GroupId"])
         for bucket, tags in await self.buckets():
-            add(tags, "buckets", bucket)
-        return found
+            add(tags, "buckets", bucket, self._bucket_made.get(bucket))
+        return found, born
+
+    async def orphans(self, keep: str | None = None) -> list[str]:
+        """Clusters certainly gone that left resources behind: no live instance, and their
+        client detached or gone (its heartbeat says so, or is stale), or, with no heartbeat
+        to read, nothing of theirs younger than :data:`REAP_AFTER`. ``keep``: never this one.
+
+        A cluster left running (``shutdown_on_close=False``) keeps its scheduler VM, so it
+        is no orphan until that shuts itself down (``idle_timeout``).
+        """
+        resources, born = await self._inventory()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        gone = []
+        for cluster, kinds in sorted(resources.items()):
+            if cluster == keep or kinds.get("instances"):
+                continue
+            beats = [await self.heartbeat(bucket) for bucket in kinds.get("buckets", [])]
+            known = [beat for beat in beats if beat is not None]
+            if known:
+                detached = any(state == "detached" for state, _ in known)
+                last = max(when for _, when in known)
+                if detached or (now - last).total_seconds() > HEARTBEAT_STALE:
+                    gone.append(cluster)
+            elif cluster in born and (now - born[cluster]).total_seconds() > REAP_AFTER:
+                gone.append(cluster)
+        return gone
+
+    async def reap(self, keep: str | None = None) -> Resources:
+        """Remove what :meth:`orphans` finds; return what was removed, by cluster."""
+        return {cluster: await self.remove_cluster(cluster) for cluster in await self.orphans(keep)}
+
+    async def heartbeat(self, bucket: str) -> tuple[str, datetime.datetime] | None:
+        """A bucket's heartbeat: its client's state ("attached", "detached") and when it was
+        written; None when it has none."""
+        try:
+            head = await self._call(
+                self.clients.s3.head_object,
+                "HeadObject",
+                service="S3",
+                Bucket=bucket,
+                Key=HEARTBEAT_KEY,
+            )
+        except ProviderError as e:
+            if e.code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                return None
+            raise
+        state = head.get("Metadata", {}).get("state", "attached")
+        return state, head["LastModified"]
+
+    async def beat(self, bucket: str, state: str = "attached") -> None:
+        """Write a bucket's heartbeat (see :data:`HEARTBEAT_KEY`)."""
+        await self._call(
+            self.clients.s3.put_object,
+            "PutObject",
+            service="S3",
+            Bucket=bucket,
+            Key=HEARTBEAT_KEY,
+            Body=state.encode(),
+            Metadata={"state": state},
+        )
 
     async def buckets(self) -> list[tuple[str, list[dict[str, str]]]]:
         """dask-rawvm's buckets in this region and their tags (an untagged one is not
@@ -97,6 +182,9 @@ class EC2Account:
             Prefix=BUCKET_PREFIX,
         )
         result = []
+        self._bucket_made.update(
+            (b["Name"], b["CreationDate"]) for b in listing if "CreationDate" in b
+        )
         for bucket in (b["Name"] for b in listing):
             if not bucket.startswith(BUCKET_PREFIX):
                 continue  # an endpoint that ignores Prefix
@@ -189,11 +277,16 @@ class EC2Account:
         )
 
 
-async def list_clusters(endpoint_url: str | None = None, region: str | None = None) -> Resources:
-    """Each dask-rawvm cluster with resources in the region, and those resources."""
+async def list_clusters(
+    endpoint_url: str | None = None, region: str | None = None
+) -> tuple[Resources, Resources]:
+    """The leftovers of gone clusters of the region, removed (:meth:`EC2Account.reap`); then
+    each dask-rawvm cluster with resources in the region, and those resources."""
     clients = await EC2Clients.open(region, endpoint_url)
     try:
-        return await EC2Account(clients).clusters()
+        account = EC2Account(clients)
+        reaped = await account.reap()
+        return reaped, await account.clusters()
     finally:
         await clients.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -28,7 +29,7 @@ from dask_rawvm.providers.base import (
     OnLate,
     Provider,
 )
-from dask_rawvm.providers.ec2.account import EC2Account, live_instances_sync
+from dask_rawvm.providers.ec2.account import HEARTBEAT_SECONDS, EC2Account, live_instances_sync
 from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
 from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, SETTLE_TIMEOUT, ec2_call, paginate
 from dask_rawvm.providers.ec2.catalog import (
@@ -153,6 +154,9 @@ class EC2Provider(Provider):
         self._roots: dict[str, tuple[str, int]] = {}  # AMI -> (root device, its size in GiB)
         self._clients: EC2Clients | None = None
         self.bucket: str | None = None
+        self._heartbeat: asyncio.Future[None] | None = None  # beating while attached
+        self._reaping: asyncio.Future[None] | None = None
+        self._said_expiry = False
         self._prices: PriceTable | None = None
         self._storage: StoragePrices | None = None
 
@@ -187,13 +191,57 @@ class EC2Provider(Provider):
     async def start(self) -> None:
         self._clients = await EC2Clients.open(self.region, self.endpoint_url, self.credentials)
         self.region = self._clients.region
+        if self._clients.temporary_without_expiry():
+            logger.warning(
+                "these AWS credentials are a session token that does not refresh: every call, "
+                "and the URLs the VMs fetch, stop working when the session ends; for a cluster "
+                "longer than the session use a profile that refreshes (role_arn, SSO)"
+            )
+        # What clusters of this region left behind once certainly gone (idled out after their
+        # client detached, or whose client died) goes now, beside this start.
+        self._reaping = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        try:
+            reaped = await self.account.reap(keep=self.cluster)
+        except Exception as e:  # reaping is a courtesy: never a reason for a start to fail
+            logger.warning("could not look for leftovers of gone clusters: %s", e)
+            return
+        for cluster, resources in reaped.items():
+            kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
+            logger.info("removed the leftovers of gone cluster %s: %s", cluster, kinds)
 
     async def close(self) -> None:
         for batch in list(self._topups):
             self.stop_asking(batch)
+        await self._stop_heartbeat(detached=self.bucket is not None)
+        if self._reaping is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaping
         clients, self._clients = self._clients, None
         if clients is not None:
             await clients.close()
+
+    async def _stop_heartbeat(self, detached: bool) -> None:
+        """Stop beating; ``detached``: the bucket outlives this client (a cluster left
+        running): say so, so that once the cluster's machines are gone it can be reaped."""
+        beating, self._heartbeat = self._heartbeat, None
+        if beating is None:
+            return
+        beating.cancel()
+        if detached and self.bucket is not None:
+            try:
+                await self.account.beat(self.bucket, "detached")
+            except Exception as e:
+                logger.warning("could not mark %s as detached: %s", self.bucket, e)
+
+    async def _beat(self, bucket: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self.account.beat(bucket)
+            except Exception as e:  # the next beat may get through
+                logger.warning("heartbeat of %s failed: %s", bucket, e)
 
     @property
     def clients(self) -> EC2Clients:
@@ -606,6 +654,8 @@ class EC2Provider(Provider):
     async def cleanup(self, cluster: str) -> list[str]:
         """Remove everything tagged with ``cluster`` (:meth:`EC2Account.remove_cluster`);
         return the instances terminated."""
+        if cluster == self.cluster:
+            await self._stop_heartbeat(detached=False)
         removed = await self.account.remove_cluster(cluster)
         if cluster == self.cluster:  # what it made is gone: a later launch makes it anew
             self.bucket = None
@@ -664,9 +714,23 @@ class EC2Provider(Provider):
         raise ProviderError(f"no bucket of cluster {self.cluster} holds {key}")
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
-        """An expiring GET URL for a stored file; presigning is local, no API call."""
+        """An expiring GET URL for a stored file; presigning is local, no API call.
+
+        Signed with temporary credentials, a URL dies with them whatever ``expires`` says:
+        its expiry is then capped at theirs, and a cap that shortens it is said once.
+        """
         if self.bucket is None:  # a URL of something stored later (a name map)
             self.bucket = await self._create_bucket()
+        left = self.clients.credentials_expire_in()
+        if left is not None and left < expires:
+            if not self._said_expiry:
+                logger.warning(
+                    "the AWS credentials expire in %.0f s: URLs the VMs fetch die with them "
+                    "(VMs launched after that get URLs of the refreshed credentials)",
+                    left,
+                )
+                self._said_expiry = True
+            expires = max(1, int(left))
         params = {"Bucket": self.bucket, "Key": key}
         return str(
             await self.clients.s3.generate_presigned_url(
@@ -675,6 +739,20 @@ class EC2Provider(Provider):
         )
 
     async def _create_bucket(self) -> str:
+        """The cluster's bucket: the one it has (a client reconnecting to a cluster left
+        running), else a new one; beating its heartbeat from now on."""
+        name = await self._existing_bucket() or await self._new_bucket()
+        await self.account.beat(name)
+        self._heartbeat = asyncio.ensure_future(self._beat(name))
+        return name
+
+    async def _existing_bucket(self) -> str | None:
+        for bucket, tags in await self.account.buckets():
+            if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) == self.cluster:
+                return bucket
+        return None
+
+    async def _new_bucket(self) -> str:
         # Bucket names are global: the cluster's name (sanitised) plus a random suffix.
         stem = re.sub(r"[^a-z0-9-]", "-", self.cluster.lower())[:40].strip("-")
         name = f"dask-rawvm-{stem}-{uuid.uuid4().hex[:8]}"
