@@ -532,8 +532,12 @@ class RawVMCluster(SpecCluster):
         if not check.wants(role) or (role == "scheduler" and self.options.scheduler != "vm"):
             return
         try:
+            # not the default client: the user's get_client() must stay the one compute uses
             async with Client(
-                self.scheduler_address, security=self.security, asynchronous=True
+                self.scheduler_address,
+                security=self.security,
+                asynchronous=True,
+                set_as_default=False,
             ) as client:
                 if worker is None:
                     await check.scheduler(client)
