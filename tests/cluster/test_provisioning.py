@@ -17,11 +17,13 @@ from dask_rawvm.tls import ClusterTLS
 
 
 def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:
+    """For clusters that are about what they ask for: start returns once it asked."""
     return {
         "endpoint_url": cloud.endpoint_url,
         "region": cloud.region,
         "scheduler": "local",
         "environment": None,
+        "wait_for_workers": False,
         **kwargs,
     }
 
