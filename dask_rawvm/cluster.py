@@ -641,7 +641,9 @@ class RawVMCluster(SpecCluster):
             minimum = dask.config.get("distributed.adaptive.minimum")
         if maximum is None:
             maximum = dask.config.get("distributed.adaptive.maximum")
-        maximum = self.limits.adapt_maximum(float(maximum), len(self.workers))
+        maximum = self.limits.adapt_maximum(maximum, len(self.workers))
+        if not math.isinf(maximum):
+            maximum = int(maximum)  # distributed's Adaptive takes an int or inf
         return super().adapt(
             Adaptive,
             minimum,
