@@ -42,6 +42,7 @@ from dask_rawvm.machines import (
     SchedulerVM,
     Settings,
     WorkerNames,
+    WorkerShape,
     WorkerVM,
     is_worker_name,
     preflight,
@@ -671,7 +672,10 @@ class RawVMCluster(SpecCluster):
         The ``job_script()`` of this project: what runs on the VM, and nothing secret.
         """
         contact = getattr(self.scheduler, "contact_address", None) or self.scheduler_address
-        return self.sync(self.launcher.worker_user_data, contact, [self.names.next_name])
+        shape = WorkerShape.from_spec((self.new_spec or {}).get("options", {}))
+        return self.sync(
+            self.launcher.worker_user_data, contact, [self.names.next_name], shape=shape
+        )
 
     async def _get_logs(
         self, cluster: bool = True, scheduler: bool = True, workers: Any = True

@@ -149,7 +149,7 @@ class WorkerVM(ProcessInterface):
         self.name = name
         self.launcher = launcher
         self.ledger = ledger
-        self.shape = WorkerShape(nthreads, memory_limit) if nthreads is not None else None
+        self.shape = WorkerShape.from_spec({"nthreads": nthreads, "memory_limit": memory_limit})
 
     @property
     def machine(self) -> Machine | None:

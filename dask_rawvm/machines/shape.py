@@ -7,6 +7,7 @@ started with exactly these, so the scheduler sees what the spec says.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,12 @@ class WorkerShape:
 
     nthreads: int
     memory_limit: int | None
+
+    @classmethod
+    def from_spec(cls, options: Mapping[str, Any]) -> WorkerShape | None:
+        """The shape a worker spec's options say; None if they do not say its threads."""
+        nthreads = options.get("nthreads")
+        return None if nthreads is None else cls(int(nthreads), options.get("memory_limit"))
 
     def spec_options(self) -> dict[str, Any]:
         """The worker spec's options, named as SpecCluster reads them."""

@@ -202,6 +202,30 @@ def test_adapt_reads_distributed_config_and_scales_by_cores_and_memory(
         quiet.stop()
 
 
+# -- the same with the scheduler on its own VM (the default): its log is its VM's
+
+
+def test_scheduler_vm_cluster_logs_repr_and_client_by_address(shared_cloud: LocalCloud) -> None:
+    cloud = shared_cloud
+    with RawVMCluster(n_workers=1, death_timeout=20, **on(cloud)) as cluster:
+        workers = cluster.scheduler_info["workers"]
+        assert len(workers) == 1
+        (address,) = workers
+        logs = cluster.get_logs()
+        assert set(logs) == {"Cluster", "Scheduler", address}
+        assert "Scheduler at" in logs["Scheduler"]  # the scheduler VM's boot log
+        assert set(cluster.get_logs(scheduler=False, cluster=False, workers=["worker-0"])) == {
+            address  # by name too, keyed by address
+        }
+        assert "workers=1, threads=2, memory=8.00 GiB" in repr(cluster)
+        html = cluster._repr_html_()
+        assert is_valid_xml(html) and "t3.medium" in html  # the scheduler VM's type
+        with Client(cluster.scheduler_address) as client:
+            assert client.submit(operator.add, 1, 2).result() == 3
+        name = cluster.cluster_name
+    assert live_instances(cloud, name) == []
+
+
 # -- test_spec_cluster.py: test_adaptive_killed_worker, test_unexpected_closed_worker
 
 

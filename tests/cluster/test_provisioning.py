@@ -118,6 +118,7 @@ def test_close_leaves_no_bucket(quiet_cloud: LocalCloud) -> None:
         endpoint_url=quiet_cloud.endpoint_url,
         region=quiet_cloud.region,
         scheduler="local",
+        wait_for_workers=False,  # its VM never boots
     ):
         s3 = boto3.client("s3", **quiet_cloud.client_kwargs())
         assert len(s3.list_buckets()["Buckets"]) == 1  # the environment bundle's
