@@ -10,6 +10,7 @@ environment variables on top of the packaged ``rawvm.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,8 @@ class ClusterOptions:
     death_timeout: float = 60.0
     idle_timeout: float | None = 1200.0
     scheduler_timeout: float = 300.0
+    wait_for_workers: bool | int | float = True
+    worker_start_timeout: float = 300.0
     launch_window: float = 0.005
     tags: dict[str, str] = field(default_factory=dict)
     environment: Any = "local"
@@ -102,6 +105,7 @@ _DURATIONS = (
     "death_timeout",
     "idle_timeout",
     "scheduler_timeout",
+    "worker_start_timeout",
     "launch_window",
     "capacity_retry_timeout",
 )
@@ -199,6 +203,7 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
             "'vm' runs the scheduler on its own VM, 'local' in this process"
         )
     check_spot_policy(options.spot_policy)
+    check_wait_for_workers(options.wait_for_workers)
     if options.worker_vm_types is not None and (
         isinstance(options.worker_vm_types, str) or not options.worker_vm_types
     ):
@@ -263,3 +268,31 @@ def _check_network(options: ClusterOptions) -> None:
                 f"{key}={size!r} must be a whole number of GiB from 8 (the size of an Amazon "
                 "Linux 2023 image) to 16384 (gp3's largest), e.g. 100"
             )
+
+
+def check_wait_for_workers(value: object) -> None:
+    """``wait_for_workers`` is True, False, a count of workers, or a fraction of them."""
+    ok = (
+        isinstance(value, bool)
+        or (isinstance(value, int) and value >= 0)
+        or (isinstance(value, float) and 0.0 <= value <= 1.0)
+    )
+    if not ok:
+        raise OptionError(
+            f"wait_for_workers={value!r} is not True (every worker launched), False (none), "
+            "a count of workers (3) or a fraction of them (0.9)"
+        )
+
+
+def workers_to_wait_for(value: bool | int | float, n_workers: int) -> int:
+    """How many of ``n_workers`` a start waits for, as ``wait_for_workers`` says."""
+    if isinstance(value, bool):
+        return n_workers if value else 0
+    if isinstance(value, float):
+        return math.ceil(value * n_workers)
+    if value > n_workers:
+        raise OptionError(
+            f"wait_for_workers={value} is more than n_workers={n_workers}: wait for at most "
+            "n_workers, or pass True to wait for all of them"
+        )
+    return value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable
 
 from dask_rawvm.errors import ProviderError
@@ -15,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 #: Lines of a boot log an error message quotes.
 LOG_TAIL_LINES = 15
+#: VMs a "still waiting for" message describes one by one (the rest: counts by state).
+DESCRIBED_VMS = 10
 
 
 class BootWatch:
@@ -67,16 +70,32 @@ class BootWatch:
         self, machines: dict[str, Machine | None], waiting: Iterable[str] = ()
     ) -> str:
         """What each VM we are waiting for is doing (state, last log line), and which
-        workers (``waiting``) have no capacity yet."""
+        workers (``waiting``) have no capacity yet.
+
+        The first :data:`DESCRIBED_VMS` VMs get a line each (one log fetch apiece), the
+        rest a count by state: an error about 500 late VMs stays readable and quick.
+        """
         lines = []
         known = {m.id: name for name, m in machines.items() if m is not None}
-        for machine in await self.session.provider.describe(list(known)):
-            log = (await self.console_output(machine.id)).strip().splitlines()
+        described = await self.session.provider.describe(list(known)) if known else []
+        described.sort(key=lambda m: worker_index(known[m.id]))
+        for machine in described[:DESCRIBED_VMS]:
+            try:
+                log = (await self.console_output(machine.id)).strip().splitlines()
+            except ProviderError:
+                log = []
             last = log[-1] if log else "(nothing logged yet)"
             lines.append(f"{known[machine.id]} ({machine.id}, {machine.state}): {last}")
-        waiting = sorted(waiting, key=worker_index)
-        if waiting:
-            lines.append(f"no capacity yet for {waiting}")
+        rest = Counter(m.state for m in described[DESCRIBED_VMS:])
+        if rest:
+            states = ", ".join(f"{n} {state}" for state, n in sorted(rest.items()))
+            lines.append(f"{sum(rest.values())} more ({states})")
+        no_capacity = sorted(waiting, key=worker_index)
+        unlaunched = [n for n, m in machines.items() if m is None and n not in no_capacity]
+        if no_capacity:
+            lines.append(f"no capacity yet for {no_capacity}")
+        if unlaunched:
+            lines.append(f"not launched yet: {sorted(unlaunched, key=worker_index)}")
         return "still waiting for: " + "; ".join(lines) if lines else "no VM is booting"
 
     async def boot_failure(self, machine: Machine, what: str) -> str:

@@ -76,6 +76,14 @@ class Machine:
         return self.public_ip or self.private_ip
 
 
+@dataclass(frozen=True)
+class WorkerSize:
+    """What one worker of a machine type has to itself: CPUs and memory (bytes)."""
+
+    cpus: int
+    memory: int
+
+
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
@@ -114,7 +122,7 @@ class Provider(abc.ABC):
 
     The methods come in groups: lifecycle (:meth:`from_options`, :meth:`start`,
     :meth:`close`); choosing machines (:meth:`preflight`, :meth:`choose`,
-    :meth:`target_for`, :meth:`boot_prelude`); machines (:meth:`launch`,
+    :meth:`target_for`, :meth:`worker_size`, :meth:`boot_prelude`); machines (:meth:`launch`,
     :meth:`stop_asking`, :meth:`terminate`, :meth:`describe`, :meth:`live_machines`,
     :meth:`cleanup`, :meth:`cleanup_blocking`); files for the machines (:meth:`store`,
     :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`); limits and prices
@@ -172,6 +180,11 @@ class Provider(abc.ABC):
     def image_pythons(self, vm_type: str) -> ImagePythons | None:
         """The Pythons a machine of ``vm_type`` has without a download, and whether it can
         download one (uv's managed Python); None when unknown (then nothing is checked)."""
+        return None
+
+    def worker_size(self, vm_type: str) -> WorkerSize | None:
+        """CPUs and memory one worker on ``vm_type`` has, once :meth:`preflight` checked
+        it; None where the provider cannot tell (the worker then sizes itself)."""
         return None
 
     def boot_prelude(self) -> str:

@@ -223,10 +223,12 @@ def test_user_data_is_the_script_a_worker_boots_with(cloud: LocalCloud) -> None:
         script = cluster.user_data()
         assert script.startswith("#!/bin/bash")
         assert "RAWVM_FIRST_INDEX=1" in script  # the next worker's name
+        # Its threads and memory: the worker spec's (a t3.large's 2 vCPUs and 8 GiB).
+        assert "RAWVM_NTHREADS=2" in script and f"RAWVM_MEMORY_LIMIT={8 * 2**30}" in script
         assert "PRIVATE KEY" not in script and len(script.encode()) < 16 * 1024
-        cluster.get_client().wait_for_workers(1, timeout=120)
+        (address,) = cluster.scheduler_info["workers"]  # connected: start waited for it
         logs = cluster.get_logs()
-        assert "worker worker-0 of cluster" in logs["worker-0"]
+        assert "worker worker-0 of cluster" in logs[address]  # keyed as distributed keys it
 
 
 async def test_idle_means_no_client_and_no_task(monkeypatch: pytest.MonkeyPatch) -> None:

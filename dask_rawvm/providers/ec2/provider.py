@@ -28,6 +28,7 @@ from dask_rawvm.providers.base import (
     OnGaveUp,
     OnLate,
     Provider,
+    WorkerSize,
 )
 from dask_rawvm.providers.ec2.account import HEARTBEAT_SECONDS, EC2Account, live_instances_sync
 from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
@@ -323,6 +324,11 @@ class EC2Provider(Provider):
             python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
             glibc="2.34",
         )
+
+    def worker_size(self, vm_type: str) -> WorkerSize | None:
+        """The type's vCPUs and memory, from the catalog (the whole VM is the worker's)."""
+        vm = self.catalog.get(vm_type)
+        return None if vm is None else WorkerSize(vm.vcpus, vm.memory_mib * 2**20)
 
     def hourly_price(self, vm_type: str, market: Market) -> float:
         """List price from the packaged table, scaled to the region (an estimate)."""
