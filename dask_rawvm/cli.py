@@ -30,7 +30,7 @@ from dask_rawvm.environment.report import env_command
 from dask_rawvm.errors import RawVMError
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.localcloud.vmimage import IMAGES, ImageName
-from dask_rawvm.providers.ec2.account import list_clusters, remove_clusters
+from dask_rawvm.providers.ec2.account import cluster_logs, list_clusters, remove_clusters
 from dask_rawvm.providers.ec2.check import Check, blocked, check_account
 from dask_rawvm.providers.ec2.iam import policy_json
 
@@ -314,6 +314,24 @@ def down(
     for name, resources in sorted(removed.items()):
         kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
         click.echo(f"{name}: removed {kinds or 'nothing'}")
+
+
+@main.command()
+@click.argument("name")
+@click.argument("machine", required=False)
+@_cloud_options
+def logs(name: str, machine: str | None, endpoint_url: str | None, region: str | None) -> None:
+    """Print the logs of cluster NAME's VMs, running or terminated (or of one: MACHINE is
+    `scheduler`, a worker's name or an instance id).
+
+    A running VM's log is its console; a terminated VM's is what it shipped to the
+    cluster's bucket when it powered off (its last 1 MiB). Both go with the cluster
+    (its close, or `dask-rawvm down`).
+    """
+    found = asyncio.run(cluster_logs(*reachable_cloud(endpoint_url, region), name, machine))
+    for log in found:
+        click.echo(f"===== {log.name} ({log.machine_id}, {log.state}; from its {log.source}) =====")
+        click.echo(log.text.rstrip("\n") or "(empty)")
 
 
 @main.command(name="iam-policy")

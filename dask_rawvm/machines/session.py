@@ -68,7 +68,11 @@ class ProviderSession:
         schedulers = [m for m in machines if m.tags.get(ROLE_TAG) == "scheduler"]
         if not schedulers:
             return None
-        self.ledger.adopted(machines)
+        provider = self.provider
+        self.ledger.adopted(
+            machines,
+            lambda m: provider.hourly_costs(m.vm_type, m.market, m.tags.get(ROLE_TAG, "worker")),
+        )
         workers = [m for m in machines if m.tags.get(ROLE_TAG) == "worker"]
         return RunningCluster(schedulers[0], workers)
 
