@@ -55,7 +55,9 @@ log() { echo "[dask-rawvm $(date -u +%H:%M:%S)] $*"; }
 # powers off or is terminated: its console goes with it.
 if [ -n "${RAWVM_LOG_FORM_URL:-}" ]; then
     RAWVM_LOG_FILE=$(mktemp "${TMPDIR:-/tmp}/dask-rawvm-log.XXXXXX")
-    exec 3>&1 4>&2 > >(tee -a "$RAWVM_LOG_FILE") 2>&1
+    # tee ignores SIGTERM (a terminated VM's processes all get one): it keeps copying
+    # until the last writer is gone, the Dask process's goodbye included.
+    exec 3>&1 4>&2 > >(trap '' TERM; exec tee -a "$RAWVM_LOG_FILE") 2>&1
     RAWVM_TEE=$!
 fi
 ship_log() {
