@@ -145,6 +145,12 @@ def test_localcloud_prints_exports_that_ls_and_down_read(tmp_path) -> None:
         assert listing.stdout.strip() == "no dask-rawvm resources"
         removed = run("down", "--all", env=pasted)
         assert removed.returncode == 0, removed.stderr
+        missing = run("logs", "nosuch", env=pasted)
+        assert missing.returncode == 2
+        assert missing.stderr.startswith(
+            "dask-rawvm: error: no cluster 'nosuch' in region us-east-1; "
+        )
+        assert len(missing.stderr.splitlines()) == 1
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         assert server.wait(timeout=30) == 0, "the local cloud did not stop cleanly"

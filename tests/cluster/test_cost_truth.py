@@ -4,7 +4,9 @@ names where the price comes from; ``cost_report()`` says what was spent by marke
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import dask
 import pytest
 
 from dask_rawvm import RawVMCluster
@@ -61,3 +63,32 @@ def test_a_spot_estimate_over_budget_does_not_suggest_spot(quiet_cloud: LocalClo
     message = str(refused.value)
     assert "10 x m6i.large spot @" in message and "default 65% spot discount" in message
     assert "use spot" not in message
+
+
+def test_the_readme_cost_guard_example_starts_as_written() -> None:
+    """The README's example, copied: 50 Graviton workers on spot under $10/h (on-demand they
+    would cost ~$17/h; it failed with BudgetExceeded while spot was priced as on-demand).
+    Run on the local cloud it starts itself (the default section), whose VMs stay pending
+    and whose scheduler runs here: this is about the estimate, not the VMs."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    after = readme.split("The same in Python, with the cost guard", 1)[1]
+    example = after.split("```python\n", 1)[1].split("```", 1)[0]
+    quiet = {
+        "boot-delay": "1 hour",
+        "scheduler": "local",
+        "wait-for-workers": False,
+        "environment": None,
+    }
+    with dask.config.set({f"rawvm.local.{key}": value for key, value in quiet.items()}):
+        namespace: dict[str, object] = {"RawVMCluster": RawVMCluster, "print": lambda *_: None}
+        exec(example, namespace)
+        cluster = namespace["cluster"]
+        assert isinstance(cluster, RawVMCluster)
+        try:
+            cluster.sync(cluster._correct_state)
+            report = cluster.cost_report()
+            assert {line.market for line in report.lines} == {"spot"}
+            assert sum(line.running for line in report.lines) == 50
+            assert report.per_hour <= 10.0
+        finally:
+            cluster.close()

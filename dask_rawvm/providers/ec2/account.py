@@ -264,6 +264,94 @@ class EC2Account:
             paging = {"ContinuationToken": page["NextContinuationToken"]}
         await self._call(s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket)
 
+    async def machine_logs(self, cluster: str, name: str | None = None) -> list[MachineLog]:
+        """The logs of ``cluster``'s machines: see :func:`cluster_logs`."""
+        clients = self.clients
+        buckets = [
+            bucket
+            for bucket, tags in await self.buckets()
+            if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) == cluster
+        ]
+        names: dict[str, str] = {}
+        shipped: dict[str, str] = {}  # machine id -> the key of the log it shipped
+        where: dict[str, str] = {}  # machine id -> the bucket of that key
+        for bucket in buckets:
+            for prefix in (NAMES_PREFIX, LOG_PREFIX):
+                listing = await self._list(
+                    clients.s3.list_objects_v2,
+                    "ListObjectsV2",
+                    "Contents",
+                    service="S3",
+                    token=("ContinuationToken", "NextContinuationToken"),
+                    Bucket=bucket,
+                    Prefix=prefix,
+                )
+                for item in listing:
+                    key = item["Key"]
+                    if prefix == LOG_PREFIX:
+                        machine = key[len(LOG_PREFIX) :].removesuffix(".log")
+                        shipped[machine], where[machine] = key, bucket
+                        continue
+                    for line in (await self._read(bucket, key)).splitlines():
+                        parts = line.split()
+                        if len(parts) == 2:
+                            names[parts[0]] = parts[1]
+        reservations = await self._list(
+            clients.ec2.describe_instances,
+            "DescribeInstances",
+            "Reservations",
+            Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}],
+        )
+        machines: dict[str, tuple[str, str]] = {}  # id -> (name, state)
+        for instance in (i for r in reservations for i in r["Instances"]):
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            machine = instance["InstanceId"]
+            label = (
+                "scheduler" if tags.get(ROLE_TAG) == "scheduler" else names.get(machine, machine)
+            )
+            machines[machine] = (label, instance["State"]["Name"])
+        for machine in shipped.keys() - machines.keys():  # terminated long ago: EC2 forgot it
+            machines[machine] = (names.get(machine, machine), "gone")
+        if not machines and not buckets:
+            raise ProviderError(
+                f"no cluster {cluster!r} in region {clients.region}; `dask-rawvm ls` lists the "
+                "clusters there (its bucket, and the logs its VMs shipped, go with `down` or close)"
+            )
+        wanted = {m: v for m, v in machines.items() if name is None or name in (m, v[0])}
+        if not wanted:
+            known = ", ".join(sorted({label for label, _ in machines.values()})) or "none"
+            raise ProviderError(
+                f"cluster {cluster!r} has no machine {name!r}; name one of: {known}"
+            )
+        logs = []
+        order = sorted(wanted.items(), key=lambda kv: (kv[1][0] != "scheduler", kv[1][0]))
+        for machine, (label, state) in order:
+            if machine in shipped and state not in ("pending", "running"):
+                text = await self._read(where[machine], shipped[machine])
+                logs.append(MachineLog(label, machine, state, "shipped", text))
+                continue
+            text = ""
+            if state != "gone":
+                try:
+                    answer = await self._call(
+                        clients.ec2.get_console_output,
+                        "GetConsoleOutput",
+                        InstanceId=machine,
+                        Latest=True,
+                    )
+                    text = str(answer.get("Output") or "")
+                except ProviderError as e:
+                    text = f"(no console output: {e})"
+            logs.append(MachineLog(label, machine, state, "console", text))
+        return logs
+
+    async def _read(self, bucket: str, key: str) -> str:
+        answer = await self._call(
+            self.clients.s3.get_object, "GetObject", service="S3", Bucket=bucket, Key=key
+        )
+        async with answer["Body"] as body:
+            return bytes(await body.read()).decode(errors="replace")
+
     async def _call(self, method: Any, action: str, service: str = "EC2", **params: Any) -> Any:
         return await ec2_call(
             method, action, throttle_timeout=self.throttle_timeout, service=service, **params
@@ -350,91 +438,6 @@ async def cluster_logs(
     """
     clients = await EC2Clients.open(region, endpoint_url)
     try:
-        return await _cluster_logs(EC2Account(clients), cluster, name)
+        return await EC2Account(clients).machine_logs(cluster, name)
     finally:
         await clients.close()
-
-
-async def _cluster_logs(account: EC2Account, cluster: str, name: str | None) -> list[MachineLog]:
-    clients = account.clients
-    buckets = [
-        bucket
-        for bucket, tags in await account.buckets()
-        if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) == cluster
-    ]
-    names: dict[str, str] = {}
-    shipped: dict[str, str] = {}  # machine id -> the key of the log it shipped
-    where: dict[str, str] = {}  # machine id -> the bucket of that key
-    for bucket in buckets:
-        for prefix in (NAMES_PREFIX, LOG_PREFIX):
-            listing = await account._list(
-                clients.s3.list_objects_v2,
-                "ListObjectsV2",
-                "Contents",
-                service="S3",
-                token=("ContinuationToken", "NextContinuationToken"),
-                Bucket=bucket,
-                Prefix=prefix,
-            )
-            for item in listing:
-                key = item["Key"]
-                if prefix == LOG_PREFIX:
-                    machine = key[len(LOG_PREFIX) :].removesuffix(".log")
-                    shipped[machine], where[machine] = key, bucket
-                    continue
-                for line in (await _read(account, bucket, key)).splitlines():
-                    parts = line.split()
-                    if len(parts) == 2:
-                        names[parts[0]] = parts[1]
-    reservations = await account._list(
-        clients.ec2.describe_instances,
-        "DescribeInstances",
-        "Reservations",
-        Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}],
-    )
-    machines: dict[str, tuple[str, str]] = {}  # id -> (name, state)
-    for instance in (i for r in reservations for i in r["Instances"]):
-        tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-        machine = instance["InstanceId"]
-        label = "scheduler" if tags.get(ROLE_TAG) == "scheduler" else names.get(machine, machine)
-        machines[machine] = (label, instance["State"]["Name"])
-    for machine in shipped.keys() - machines.keys():  # terminated long ago: EC2 forgot it
-        machines[machine] = (names.get(machine, machine), "gone")
-    if not machines and not buckets:
-        raise ProviderError(
-            f"no cluster {cluster!r} in region {clients.region}: `dask-rawvm ls` lists the "
-            "clusters there (its bucket, and the logs its VMs shipped, go with `down` or close)"
-        )
-    wanted = {m: v for m, v in machines.items() if name is None or name in (m, v[0])}
-    if not wanted:
-        known = ", ".join(sorted({label for label, _ in machines.values()})) or "none"
-        raise ProviderError(f"cluster {cluster!r} has no machine {name!r}; name one of: {known}")
-    logs = []
-    order = sorted(wanted.items(), key=lambda kv: (kv[1][0] != "scheduler", kv[1][0]))
-    for machine, (label, state) in order:
-        if machine in shipped and state not in ("pending", "running"):
-            text = await _read(account, where[machine], shipped[machine])
-            logs.append(MachineLog(label, machine, state, "shipped", text))
-            continue
-        text = ""
-        if state != "gone":
-            try:
-                answer = await account._call(
-                    clients.ec2.get_console_output,
-                    "GetConsoleOutput",
-                    InstanceId=machine,
-                    Latest=True,
-                )
-                text = str(answer.get("Output") or "")
-            except ProviderError as e:
-                text = f"(no console output: {e})"
-        logs.append(MachineLog(label, machine, state, "console", text))
-    return logs
-
-
-async def _read(account: EC2Account, bucket: str, key: str) -> str:
-    answer = await account._call(
-        account.clients.s3.get_object, "GetObject", service="S3", Bucket=bucket, Key=key
-    )
-    async with answer["Body"] as body:
-        return bytes(await body.read()).decode(errors="replace")
