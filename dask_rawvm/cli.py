@@ -14,6 +14,7 @@ import sys
 import threading
 import traceback
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -274,6 +275,10 @@ def reachable_cloud(endpoint_url: str | None, region: str | None) -> tuple[str |
             f"--endpoint-url {endpoint_url!r} is not a URL; pass one like http://127.0.0.1:5000"
         )
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    if urllib.request.getproxies().get(parsed.scheme) and not urllib.request.proxy_bypass(
+        parsed.hostname
+    ):
+        return endpoint_url, region  # through a proxy: botocore's first call will tell
     try:
         socket.create_connection((parsed.hostname, port), ENDPOINT_PROBE_SECONDS).close()
     except OSError as e:
