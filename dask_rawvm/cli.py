@@ -335,7 +335,8 @@ def logs(name: str, machine: str | None, endpoint_url: str | None, region: str |
     """
     found = asyncio.run(cluster_logs(*reachable_cloud(endpoint_url, region), name, machine))
     for log in found:
-        click.echo(f"===== {log.name} ({log.machine_id}, {log.state}; from its {log.source}) =====")
+        source = "from its console" if log.source == "console" else "shipped when it stopped"
+        click.echo(f"===== {log.name} ({log.machine_id}, {log.state}; {source}) =====")
         click.echo(log.text.rstrip("\n") or "(empty)")
 
 
