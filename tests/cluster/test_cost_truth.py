@@ -3,7 +3,6 @@ names where the price comes from; ``cost_report()`` says what was spent by marke
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import dask
@@ -32,7 +31,7 @@ def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:
 
 
 def test_spot_workers_are_priced_as_spot_and_the_price_source_is_named(
-    quiet_cloud: LocalCloud, caplog: pytest.LogCaptureFixture
+    quiet_cloud: LocalCloud,
 ) -> None:
     with pytest.raises(BudgetExceeded) as refused:
         RawVMCluster(**options(quiet_cloud))
@@ -42,10 +41,12 @@ def test_spot_workers_are_priced_as_spot_and_the_price_source_is_named(
     assert "use spot (spot_policy='spot_with_fallback')" in message  # a fix that helps
     assert quiet_cloud.calls["CreateFleet"] == 0
 
-    caplog.set_level(logging.INFO, logger="dask_rawvm")
     with RawVMCluster(**options(quiet_cloud, spot_policy="spot_with_fallback")) as cluster:
         cluster.sync(cluster._correct_state)
-        assert "spot priced as the on-demand less the default 65% spot discount" in caplog.text
+        own = cluster.get_logs(scheduler=False, workers=False)["Cluster"]
+        assert "estimated cost: " in own
+        assert "10 x m6i.large spot @" in own
+        assert "spot priced as the on-demand less the default 65% spot discount" in own
         report = cluster.cost_report()
         assert [(line.market, line.vm_type, line.running) for line in report.lines] == [
             ("spot", "m6i.large", 10)
