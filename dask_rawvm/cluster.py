@@ -558,13 +558,13 @@ class RawVMCluster(SpecCluster):
         logger.info("reconnected to %s: adopted workers %s", self.cluster_name, sorted(adopted))
 
     async def _close(self) -> None:
-        about(self.cluster_name)
         if self._worker_check is not None:  # a check still running has nothing left to check
             self._worker_check.cancel()
         withdraw_security(self)
         if not self.shutdown_on_close and self.status == Status.running:
             await self._disconnect()
             return
+        about(self.cluster_name)
         try:
             await super()._close()
         finally:
