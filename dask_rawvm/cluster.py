@@ -16,6 +16,7 @@ import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import dask.config
@@ -29,9 +30,15 @@ from distributed.deploy.spec import SpecCluster
 from distributed.objects import SchedulerInfo
 from distributed.scheduler import Scheduler
 from distributed.utils import Log, Logs
+from tornado.ioloop import PeriodicCallback
 
+from dask_rawvm.cluster_log import ClusterLog, about
 from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options, workers_to_wait_for
+from dask_rawvm.cost import CostReport
 from dask_rawvm.errors import OptionError, WorkerBootTimeoutError
+from dask_rawvm.log_guard import POLL_SECONDS as LOG_POLL_SECONDS
+from dask_rawvm.log_guard import TOPIC as LOG_TOPIC
+from dask_rawvm.log_guard import LogRateAlarm, plugin_bytes
 from dask_rawvm.machines import (
     BootWatch,
     ClusterStore,
@@ -205,7 +212,12 @@ class RawVMCluster(SpecCluster):
         ``(4, "A100")``), Graviton (``arm=True``); the cheapest type that fits wins.
     max_hourly_cost
         USD per hour the cluster may not exceed: a start or scale-up that would
-        is refused before anything launches (estimated from list prices).
+        is refused before anything launches (estimated with each worker's market:
+        spot priced as spot, from live spot prices where the cloud has them).
+    log_rate_warning
+        Records per second one logger of one worker may log before the client warns,
+        naming the logger and the setting behind it (default 100: distributed at INFO
+        logs a few a minute, at DEBUG hundreds a second); None never warns.
     allow_ingress_from
         CIDRs that may reach the scheduler and dashboard ports (the cluster's own
         security group); this machine's public address by default, never 0.0.0.0/0
@@ -277,6 +289,7 @@ class RawVMCluster(SpecCluster):
         worker_gpu: int | str | tuple[int, str] | None = None,
         arm: bool | None = None,
         max_hourly_cost: float | None = None,
+        log_rate_warning: float | None = None,
         allow_ingress_from: list[str] | None = None,
         tls: bool | None = None,
         hosts: list[str] | None = None,
@@ -302,6 +315,10 @@ class RawVMCluster(SpecCluster):
         self._n_workers = n_workers
         self._start_wait = workers_to_wait_for(options.wait_for_workers, n_workers)
         self.cluster_name = options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
+        # What dask-rawvm logs about this cluster: get_logs()["Cluster"].
+        self._own_log = ClusterLog(self.cluster_name)
+        self._own_log.attach()
+        weakref.finalize(self, self._own_log.detach)
         self.ledger = Ledger()
         self.session = ProviderSession(
             provider_for(options, self.cluster_name), self.cluster_name, self.ledger
@@ -387,6 +404,7 @@ class RawVMCluster(SpecCluster):
 
     # -- start and stop -------------------------------------------------------------
     async def _start(self) -> None:
+        about(self.cluster_name)
         if self.session.is_open or self.status != Status.created:
             await super()._start()
             return
@@ -399,11 +417,34 @@ class RawVMCluster(SpecCluster):
                 self.status = Status.failed
                 raise
             await super()._start()
+            await self._guard_log_volume()
             if self._running is not None and self._running.workers:
                 await self._adopt_workers(self._running)
             self._offer_security()
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
             await self._start_workers(progress)
+
+    async def _guard_log_volume(self) -> None:
+        """Workers count their loggers' records; the client warns about a loud one
+        (:mod:`dask_rawvm.log_guard`)."""
+        threshold = self.options.log_rate_warning
+        comm = self.scheduler_comm
+        if threshold is None or comm is None:
+            return
+        await comm.register_worker_plugin(
+            plugin=plugin_bytes(threshold), name=LOG_TOPIC, idempotent=True
+        )
+        alarm = LogRateAlarm(partial(comm.events, topic=LOG_TOPIC), threshold)
+
+        async def poll() -> None:
+            try:
+                await alarm.poll()
+            except OSError as e:  # the scheduler going away says so elsewhere
+                logger.debug("reading %s: %s", LOG_TOPIC, e)
+
+        callback = PeriodicCallback(poll, LOG_POLL_SECONDS * 1000)
+        self.periodic_callbacks[LOG_TOPIC] = callback
+        callback.start()
 
     async def _start_workers(self, progress: Progress) -> None:
         """Check the scheduler VM's environment, launch the first workers and wait for those
@@ -525,6 +566,7 @@ class RawVMCluster(SpecCluster):
         if not self.shutdown_on_close and self.status == Status.running:
             await self._disconnect()
             return
+        about(self.cluster_name)
         try:
             await super()._close()
         finally:
@@ -532,6 +574,7 @@ class RawVMCluster(SpecCluster):
             if leftovers:
                 logger.info("terminated %d leftover VM(s) of %s", len(leftovers), self.cluster_name)
             self._finalizer.detach()
+            self._own_log.detach()
 
     async def _disconnect(self) -> None:
         """Leave the cluster running for a later ``RawVMCluster(name=...)``.
@@ -547,6 +590,7 @@ class RawVMCluster(SpecCluster):
         await self.session.close(terminate=False)
         self._finalizer.detach()
         logger.info("left cluster %s running (shutdown_on_close=False)", self.cluster_name)
+        self._own_log.detach()
         await Cluster._close(self)
 
     # -- scaling ---------------------------------------------------------------------
@@ -609,6 +653,7 @@ class RawVMCluster(SpecCluster):
         self.worker_spec = {name: self.worker_spec[name] for name in order}
 
     async def _correct_state_internal(self) -> None:
+        about(self.cluster_name)
         to_close = set(self.workers) - set(self.worker_spec)
         if to_close and self.status == Status.running and self.scheduler_comm is not None:
             kept = await self._retire(to_close)
@@ -801,7 +846,8 @@ class RawVMCluster(SpecCluster):
         """
         logs = Logs()
         if cluster:
-            logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
+            lines = [*self._cluster_manager_logs, *self._own_log.records]
+            logs["Cluster"] = Log("\n".join(line for _, line in sorted(lines)))
         if scheduler:
             logs["Scheduler"] = Log(await self._scheduler_log())
         if workers:
@@ -911,6 +957,12 @@ class RawVMCluster(SpecCluster):
     def spent(self) -> float:
         """Estimated USD spent on this cluster's VMs so far (per second, 60 s minimum)."""
         return self.ledger.spent()
+
+    def cost_report(self) -> CostReport:
+        """What the cluster has spent so far by market and VM type, and spends now per hour
+        (``print(cluster.cost_report())`` for a table). A client that reconnected to a
+        running cluster counts its VMs from their launch."""
+        return CostReport.of(self.ledger.meter)
 
     def _vm_summary(self) -> str:
         """``3 x t3.large on-demand in us-east-1a``, one phrase per kind of VM."""

@@ -95,6 +95,7 @@ class ClusterOptions:
     worker_gpu: Any = None
     arm: bool | None = None
     max_hourly_cost: float | None = None
+    log_rate_warning: float | None = 100.0
     allow_ingress_from: list[str] | None = None
     tls: bool = True
 
@@ -204,6 +205,14 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
         )
     check_spot_policy(options.spot_policy)
     check_wait_for_workers(options.wait_for_workers)
+    rate = options.log_rate_warning
+    if rate is not None and (
+        isinstance(rate, bool) or not isinstance(rate, int | float) or rate <= 0
+    ):
+        raise OptionError(
+            f"log_rate_warning={rate!r} must be a number of records per second above 0, "
+            "or None never to warn"
+        )
     if options.worker_vm_types is not None and (
         isinstance(options.worker_vm_types, str) or not options.worker_vm_types
     ):

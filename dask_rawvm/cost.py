@@ -316,6 +316,106 @@ class CostMeter:
         return self.clock() if at is None else at
 
 
+# -- the report ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpendLine:
+    """What the machines of one type on one market cost: so far and now."""
+
+    vm_type: str
+    market: str
+    #: Machines of it recorded (launched or found running), and those running now.
+    machines: int
+    running: int
+    #: USD spent so far, and USD per hour of those running now.
+    spent: float
+    per_hour: float
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """What a cluster has spent so far, by market and type, and what it spends now.
+
+    ``str(report)`` is a small table; :meth:`by_market` the totals per market. Estimates
+    from the prices the meter recorded (list prices or live spot prices), billed per second
+    with EC2's 60 s minimum.
+    """
+
+    lines: tuple[SpendLine, ...]
+    #: When the report was made (``time.time()`` seconds).
+    at: float
+
+    @classmethod
+    def of(cls, meter: CostMeter, now: float | None = None) -> CostReport:
+        """The report of everything ``meter`` recorded, up to ``now``."""
+        moment = meter.clock() if now is None else now
+        groups: dict[tuple[str, str], list[Usage]] = {}
+        for usage in meter.usage():
+            groups.setdefault((usage.market, usage.vm_type), []).append(usage)
+        lines = tuple(
+            SpendLine(
+                vm_type=vm_type,
+                market=market,
+                machines=len(usages),
+                running=sum(u.terminated_at is None for u in usages),
+                spent=sum(u.cost(moment, meter.minimum_seconds) for u in usages),
+                per_hour=sum(u.hourly_price for u in usages if u.terminated_at is None),
+            )
+            for (market, vm_type), usages in sorted(groups.items())
+        )
+        return cls(lines, moment)
+
+    @property
+    def spent(self) -> float:
+        """USD spent so far, everything together."""
+        return sum(line.spent for line in self.lines)
+
+    @property
+    def per_hour(self) -> float:
+        """USD per hour of what runs now."""
+        return sum(line.per_hour for line in self.lines)
+
+    def by_market(self) -> dict[str, float]:
+        """USD spent so far on each market."""
+        totals: dict[str, float] = {}
+        for line in self.lines:
+            totals[line.market] = totals.get(line.market, 0.0) + line.spent
+        return totals
+
+    def __str__(self) -> str:
+        rows = [("market", "type", "machines", "running", "spent", "now")]
+        rows += [
+            (
+                line.market,
+                line.vm_type,
+                str(line.machines),
+                str(line.running),
+                format_money(line.spent),
+                f"{format_money(line.per_hour)}/h",
+            )
+            for line in self.lines
+        ]
+        rows.append(
+            (
+                "total",
+                "",
+                str(sum(line.machines for line in self.lines)),
+                str(sum(line.running for line in self.lines)),
+                format_money(self.spent),
+                f"{format_money(self.per_hour)}/h",
+            )
+        )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join(
+            "  ".join(
+                cell.ljust(width) if i < 2 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in rows
+        )
+
+
 # -- the budget guard ----------------------------------------------------------------------
 
 
@@ -323,6 +423,8 @@ def check_budget(
     current_per_hour: float,
     additional_estimate: float | CostEstimate,
     max_hourly_cost: float | None,
+    basis: str = "",
+    on_spot: bool = False,
 ) -> None:
     """Refuse a launch or scale-up that would take the cluster over ``max_hourly_cost``.
 
@@ -334,6 +436,10 @@ def check_budget(
         What the launch adds: USD/hour, or a :class:`CostEstimate` (named in the message).
     max_hourly_cost
         The limit in USD/hour; None for no limit.
+    basis
+        What the estimate priced, on which market, from which source (said in the message).
+    on_spot
+        The workers are priced as spot already (no use suggesting spot).
 
     Raises
     ------
@@ -355,11 +461,13 @@ def check_budget(
         if isinstance(additional_estimate, CostEstimate)
         else f"{format_money(added)}/h more"
     )
+    spot = "" if on_spot else "use spot (spot_policy='spot_with_fallback'), "
+    priced = f" [{basis}]" if basis else ""
     raise BudgetExceeded(
-        f"refusing to launch {what}: the cluster would cost {format_money(total)}/h "
+        f"refusing to launch {what}{priced}: the cluster would cost {format_money(total)}/h "
         f"(running now {format_money(current_per_hour)}/h + requested {format_money(added)}/h), "
         f"over max_hourly_cost={format_money(max_hourly_cost)}/h. Fix: raise max_hourly_cost, "
-        "ask for fewer workers (or a lower adapt maximum), use spot instances, or choose a "
+        f"ask for fewer workers (or a lower adapt maximum), {spot}or choose a "
         "smaller or cheaper worker type",
         current=current_per_hour,
         requested=added,

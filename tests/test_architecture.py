@@ -39,6 +39,8 @@ MODULES = {
     "dask_rawvm.cost": "neutral",
     "dask_rawvm.progress": "neutral",
     "dask_rawvm.idle_shutdown": "neutral",
+    "dask_rawvm.cluster_log": "neutral",
+    "dask_rawvm.log_guard": "neutral",
     "dask_rawvm.cluster": "cluster",
     "dask_rawvm.cli": "commands",
     "dask_rawvm.demo": "commands",

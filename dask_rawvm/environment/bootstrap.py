@@ -40,14 +40,54 @@ SPOT_POLL_SECONDS = 2
 # How long a fleet VM waits for the cluster to write its name (written within
 # milliseconds of the launch call's answer; the VM may boot before that).
 NAME_WAIT_SECONDS = 300
+#: Where the ``instance-id name`` maps of fleet VMs are kept in the cluster's store.
+NAMES_PREFIX = "names/"
+#: Where VMs ship their logs in the cluster's store: ``logs/<machine id>.log``.
+LOG_PREFIX = "logs/"
+#: The end of a VM's log it ships: 1 MiB holds ~10,000 log lines, the boot and the last of
+#: the Dask process (a worker on debug logging writes that in seconds; the start stays on
+#: the console while the VM runs).
+LOG_CAP_BYTES = 1024 * 1024
 
 _PRELUDE = r"""
 log() { echo "[dask-rawvm $(date -u +%H:%M:%S)] $*"; }
+# A copy of this boot's output, whose end the machine ships to the cluster's store when it
+# powers off or is terminated: its console goes with it.
+if [ -n "${RAWVM_LOG_FORM_URL:-}" ]; then
+    RAWVM_LOG_FILE=$(mktemp "${TMPDIR:-/tmp}/dask-rawvm-log.XXXXXX")
+    # tee ignores SIGTERM (a terminated VM's processes all get one): it keeps copying
+    # until the last writer is gone, the Dask process's goodbye included.
+    exec 3>&1 4>&2 > >(trap '' TERM; exec tee -a "$RAWVM_LOG_FILE") 2>&1
+    RAWVM_TEE=$!
+fi
+ship_log() {
+    [ -n "${RAWVM_LOG_FORM:-}" ] && [ -n "${INSTANCE_ID:-}" ] || return 0
+    local url=${RAWVM_LOG_FORM%%$'\n'*} fields=() field
+    while IFS= read -r field; do [ -n "$field" ] && fields+=(--form-string "$field"); done \
+        <<< "${RAWVM_LOG_FORM#*$'\n'}"
+    RAWVM_LOG_FORM=""  # once
+    log "shipping the log"
+    exec 1>&3 2>&4  # the copy ends: tee writes what it has and exits (2 s at most)
+    kill $(jobs -p) 2>/dev/null
+    timeout 2 tail --pid="$RAWVM_TEE" -f /dev/null 2>/dev/null
+    tail -c "$RAWVM_LOG_CAP" "$RAWVM_LOG_FILE" | curl -sf --max-time 20 -o /dev/null \
+        "${fields[@]}" --form-string "key=${RAWVM_LOG_PREFIX}$INSTANCE_ID.log" \
+        -F "file=@-;filename=log" "$url" || log "could not ship the log"
+}
 # Power off only a machine that is ours to power off (RAWVM_POWEROFF=no on shared hosts).
 poweroff_vm() {
+    ship_log
     if [ "${RAWVM_POWEROFF:-yes}" = yes ]; then log "powering off"; shutdown -h now; fi
     exit "${1:-0}"
 }
+"""
+# Once the machine knows who it is: the form it ships its log with, kept in memory.
+_LOG_FORM = r"""
+if [ -n "${RAWVM_LOG_FORM_URL:-}" ]; then
+    RAWVM_LOG_FORM=$(curl -sf --retry 10 --retry-connrefused "$RAWVM_LOG_FORM_URL") \
+        || log "could not fetch the log upload form: the log stays on the console"
+    trap 'log "terminated"; ship_log; exit 143' TERM
+fi
 """
 
 #: The default metadata prelude: a machine told who it is in variables (the SSH provider's
@@ -259,17 +299,23 @@ def _render(
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
+    log_url: str | None = None,
 ) -> str:
     env_variables, env_script = _environment(environment)
     tls_variables, tls_script = _tls(secrets_url)
-    config = {"RAWVM_CONFIG_URL": config_url}
+    config = {
+        "RAWVM_CONFIG_URL": config_url,
+        "RAWVM_LOG_FORM_URL": log_url,
+        "RAWVM_LOG_PREFIX": LOG_PREFIX,
+        "RAWVM_LOG_CAP": LOG_CAP_BYTES,
+    }
     header = "\n".join(
         f"{key}={shlex.quote('' if value is None else str(value))}"
         for key, value in {**variables, **env_variables, **tls_variables, **config}.items()
     )
     script = (
         f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n"
-        f"{_PRELUDE}{metadata}{tls_script}{env_script}{_CLIENT_CONFIG}{body}"
+        f"{_PRELUDE}{metadata}{_LOG_FORM}{tls_script}{env_script}{_CLIENT_CONFIG}{body}"
     )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
@@ -285,6 +331,7 @@ def scheduler_script(
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
+    log_url: str | None = None,
 ) -> str:
     """User-data for the scheduler VM.
 
@@ -305,6 +352,10 @@ def scheduler_script(
     config_url
         An expiring URL of the client's dask config (``dask.config.serialize``); the
         image's defaults when None.
+    log_url
+        An expiring URL of the form the VM ships the end of its log with when it powers
+        off or is terminated (:data:`LOG_CAP_BYTES`, under :data:`LOG_PREFIX`); not
+        shipped when None.
     """
     return _render(
         {
@@ -319,6 +370,7 @@ def scheduler_script(
         secrets_url,
         metadata,
         config_url,
+        log_url,
     )
 
 
@@ -335,6 +387,7 @@ def worker_script(
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
+    log_url: str | None = None,
 ) -> str:
     """User-data for the worker VMs of one launch request.
 
@@ -363,6 +416,8 @@ def worker_script(
         The provider's metadata prelude (see :data:`IDENTITY_FROM_VARIABLES`).
     config_url
         An expiring URL of the client's dask config; the image's defaults when None.
+    log_url
+        As for :func:`scheduler_script`.
     """
     return _render(
         {
@@ -383,4 +438,5 @@ def worker_script(
         secrets_url,
         metadata,
         config_url,
+        log_url,
     )

@@ -36,9 +36,21 @@ class Ledger:
             self._machines[machine.id] = machine
             self.meter.launched(machine.id, machine.vm_type, machine.market, parts=costs(machine))
 
-    def adopted(self, machines: Iterable[Machine]) -> None:
-        """Machines of the running cluster a client reconnected to (launched by another)."""
-        self._machines.update((m.id, m) for m in machines)
+    def adopted(
+        self, machines: Iterable[Machine], costs: Callable[[Machine], Mapping[str, float]]
+    ) -> None:
+        """Machines of the running cluster a client reconnected to (launched by another):
+        metered as launched ones, from their launch where the provider says when that was
+        (what they cost before this client came is in :meth:`spent` too)."""
+        for machine in machines:
+            self._machines[machine.id] = machine
+            self.meter.launched(
+                machine.id,
+                machine.vm_type,
+                machine.market,
+                parts=costs(machine),
+                at=machine.launched_at,
+            )
 
     def described(self, machine: Machine) -> None:
         """The latest state of a machine."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 
-from dask_rawvm.cost import affordable_count, check_budget
+from dask_rawvm.cost import affordable_count, check_budget, format_money
 from dask_rawvm.errors import OptionError
 from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.machines.settings import Settings
+from dask_rawvm.needs import Market, markets_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,35 +58,52 @@ class Limits:
             self.check_budget(n, spec_size)
 
     def check_budget(self, n: int, spec_size: int) -> None:
-        """Refuse a size whose estimated cost would pass ``max_hourly_cost``; say the estimate."""
+        """Refuse a size whose estimated cost would pass ``max_hourly_cost``; say the
+        estimate, the market each worker is priced on and where its price comes from."""
         options = self.settings.options
         provider = self.session.provider
-        worker_price = self.worker_price()
+        worker_type, worker_price = self._dearest_worker()
+        market = self.worker_market()
         running = self.ledger.cost_per_hour()
-        if self.ledger.meter.running():
-            added = worker_price * max(0, n - spec_size)
-        else:  # nothing launched yet: the scheduler VM is part of what is about to be
-            scheduler = options.scheduler == "vm"
-            added = worker_price * n + (
-                sum(
-                    provider.hourly_costs(
-                        options.scheduler_vm_type, "on-demand", "scheduler"
-                    ).values()
-                )
-                if scheduler
-                else 0
+        count = max(0, n - spec_size) if self.ledger.meter.running() else n
+        added = worker_price * count
+        basis = (
+            f"{count} x {worker_type} {market} @ {format_money(worker_price)}/h, "
+            f"{market} priced as the {provider.price_source(worker_type, market)}"
+        )
+        if not self.ledger.meter.running() and options.scheduler == "vm":
+            # Nothing launched yet: the scheduler VM (on-demand) is part of what is about to be.
+            scheduler = sum(
+                provider.hourly_costs(options.scheduler_vm_type, "on-demand", "scheduler").values()
+            )
+            added += scheduler
+            basis += (
+                f"; 1 x {options.scheduler_vm_type} on-demand @ {format_money(scheduler)}/h "
+                "(the scheduler)"
             )
         if added:
-            logger.info("estimated cost: +$%.3f/h (now $%.3f/h)", added, running)
-        check_budget(running, added, options.max_hourly_cost)
+            logger.info("estimated cost: +$%.3f/h (now $%.3f/h): %s", added, running, basis)
+        check_budget(running, added, options.max_hourly_cost, basis=basis, on_spot=market == "spot")
+
+    def worker_market(self) -> Market:
+        """The market a worker is priced on: the first its ``spot_policy`` buys on (spot for
+        ``spot_with_fallback``: spot is what it asks for; a fallback to on-demand is
+        checked against the budget when it launches)."""
+        return markets_of(self.settings.options.spot_policy)[0]
 
     def worker_price(self) -> float:
-        """USD per hour of a worker VM at worst: the dearest candidate type, on-demand, with
-        what else the cloud bills for it (its disk, its public address)."""
+        """USD per hour of a worker VM at worst: the dearest candidate type on the market
+        it will get, with what else the cloud bills for it (its disk, its public address)."""
+        return self._dearest_worker()[1]
+
+    def _dearest_worker(self) -> tuple[str, float]:
         options = self.settings.options
         types = options.worker_vm_types or [options.worker_vm_type]
         provider = self.session.provider
-        return max(sum(provider.hourly_costs(t, "on-demand", "worker").values()) for t in types)
+        market = self.worker_market()
+        priced = [(sum(provider.hourly_costs(t, market, "worker").values()), t) for t in types]
+        price, vm_type = max(priced)
+        return vm_type, price
 
     def adapt_maximum(self, maximum: float, workers: int) -> float:
         """``maximum`` clamped to ``max_workers``, capacity and what the budget allows on top

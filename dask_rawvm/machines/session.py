@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dask_rawvm.errors import ProviderError
+from dask_rawvm.errors import CatalogError, ProviderError
 from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.providers.base import CLUSTER_TAG, ROLE_TAG, Machine, Provider
 
@@ -68,9 +69,33 @@ class ProviderSession:
         schedulers = [m for m in machines if m.tags.get(ROLE_TAG) == "scheduler"]
         if not schedulers:
             return None
-        self.ledger.adopted(machines)
+        self.ledger.adopted(machines, await self._pricing(machines))
         workers = [m for m in machines if m.tags.get(ROLE_TAG) == "worker"]
         return RunningCluster(schedulers[0], workers)
+
+    async def _pricing(self, machines: list[Machine]) -> Callable[[Machine], dict[str, float]]:
+        """What each of ``machines`` costs per hour, by part, for the meter: their types
+        looked up first (the cluster that launched them knew them; this client may not)."""
+        provider = self.provider
+        try:
+            await provider.choose(sorted({m.vm_type for m in machines}))
+        except (CatalogError, ProviderError) as e:  # a provider without a catalog prices anyway
+            logger.debug("types of the running cluster's machines: %s", e)
+
+        def costs(machine: Machine) -> dict[str, float]:
+            role = machine.tags.get(ROLE_TAG, "worker")
+            try:
+                return provider.hourly_costs(machine.vm_type, machine.market, role)
+            except (KeyError, CatalogError, ProviderError) as e:
+                logger.warning(
+                    "%s (%s) of the running cluster is not metered: no price for it (%s)",
+                    machine.id,
+                    machine.vm_type,
+                    e,
+                )
+                return {"instance": 0.0}
+
+        return costs
 
     async def close(self, *, terminate: bool) -> list[str]:
         """Close the provider; first, with ``terminate``, remove everything of the cluster.

@@ -15,16 +15,23 @@ import logging
 import os
 import shlex
 import tempfile
+import time
 from functools import partial
 from typing import cast
 
 from distributed.security import Security
 
 from dask_rawvm.environment import Bundle, Target, prepare_environment
-from dask_rawvm.environment.bootstrap import EnvironmentRef
+from dask_rawvm.environment.bootstrap import (
+    LOG_CAP_BYTES,
+    LOG_PREFIX,
+    NAMES_PREFIX,
+    EnvironmentRef,
+)
 from dask_rawvm.environment.dask_config import serialize
 from dask_rawvm.environment.lock import Resolver
 from dask_rawvm.environment.tools import uv_for, uv_version
+from dask_rawvm.errors import ProviderError
 from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.tls import (
     CA_FILE,
@@ -59,6 +66,7 @@ class ClusterStore:
         self._indexes: set[str] = set()  # roles whose install step has index settings
         self._configs: set[str] = set()  # dask configs stored, by key
         self._secrets: dict[str, str] = {}  # stored key of each role's TLS material
+        self._log_form_made: float | None = None  # when the log upload form was stored
         #: What this process presents: the client's certificate (mutual TLS), once made.
         self.client_security: Security | None = None
         #: What an in-process scheduler presents (the scheduler VM role's certificate).
@@ -176,6 +184,31 @@ class ClusterStore:
             self._secrets[role] = _secret_key(role)
             await self.session.provider.store_bytes(self._secrets[role], pack_vm_material(material))
 
+    # -- the machines' logs ------------------------------------------------------------------
+    async def log_upload_url(self) -> str | None:
+        """An expiring URL of the form each VM ships its log with when it powers off
+        (:meth:`~dask_rawvm.providers.base.Provider.upload_form`); None where VMs cannot
+        upload. The form lasts :data:`LOG_UPLOAD_SECONDS`; a new one is made when the
+        stored one has less than a day left."""
+        now = time.time()
+        if self._log_form_made is None or now - self._log_form_made > LOG_UPLOAD_SECONDS - 86400:
+            form = await self.session.provider.upload_form(
+                LOG_PREFIX, LOG_CAP_BYTES, LOG_UPLOAD_SECONDS
+            )
+            if form is None:
+                return None
+            await self.session.provider.store_bytes(_LOG_FORM_KEY, form.encode())
+            self._log_form_made = now
+        return await self.session.provider.url_for(_LOG_FORM_KEY)
+
+    async def shipped_log(self, machine_id: str) -> str | None:
+        """The log machine ``machine_id`` shipped when it powered off; None if none did."""
+        try:
+            data = await self.session.provider.fetch(log_key(machine_id))
+        except ProviderError:  # not shipped (yet), or a provider without a store of files
+            return None
+        return data.decode(errors="replace")
+
     # -- worker names ----------------------------------------------------------------------
     async def names_url(self, batch: str, expires: int) -> str:
         """The expiring URL the VMs of launch request ``batch`` find their names at."""
@@ -185,6 +218,16 @@ class ClusterStore:
         """Store the ``instance-id name`` map of launch request ``batch``."""
         lines = "".join(f"{machine_id} {name}\n" for machine_id, name in names.items())
         await self.session.provider.store_bytes(_names_key(batch), lines.encode())
+
+
+#: How long a VM can ship its log after launch: 7 days, SigV4's longest presigned expiry.
+LOG_UPLOAD_SECONDS = 7 * 24 * 3600
+_LOG_FORM_KEY = "secrets/log-upload.form"
+
+
+def log_key(machine_id: str) -> str:
+    """Where the machine ``machine_id`` ships its log."""
+    return f"{LOG_PREFIX}{machine_id}.log"
 
 
 def _bundle_key(bundle: Bundle) -> str:
@@ -216,4 +259,4 @@ def _secret_key(role: str) -> str:
 
 
 def _names_key(batch: str) -> str:
-    return f"names/{batch}.txt"
+    return f"{NAMES_PREFIX}{batch}.txt"

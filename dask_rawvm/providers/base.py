@@ -69,6 +69,8 @@ class Machine:
     market: Market = "on-demand"
     state_reason: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    #: When it was launched (``time.time()`` seconds), where the provider says.
+    launched_at: float | None = None
 
     @property
     def address(self) -> str | None:
@@ -262,6 +264,15 @@ class Provider(abc.ABC):
     async def url_for(self, key: str, expires: int = 3600) -> str:
         """An expiring URL a machine fetches a stored file from."""
 
+    async def upload_form(self, prefix: str, max_bytes: int, expires: int) -> str | None:
+        """What a machine needs to upload one file of at most ``max_bytes`` under ``prefix``
+        of this cluster's storage, without credentials: the URL on the first line, then
+        ``name=value`` form fields (a multipart POST, the file last, its key a form field
+        ``key=<prefix>...``), valid ``expires`` seconds. None where machines cannot upload
+        (their logs stay where they are: an SSH host's cache).
+        """
+        return None
+
     # -- limits and prices ----------------------------------------------------------------
     @property
     def capacity(self) -> float:
@@ -279,6 +290,10 @@ class Provider(abc.ABC):
     def hourly_price(self, vm_type: str, market: Market) -> float:
         """USD per hour of a machine; 0.0 where nobody bills for it (machines you own)."""
         return 0.0
+
+    def price_source(self, vm_type: str, market: Market) -> str:
+        """Where :meth:`hourly_price` comes from, in words (for estimates that say it)."""
+        return "machines you own: nobody bills for them"
 
     def hourly_costs(self, vm_type: str, market: Market, role: str) -> dict[str, float]:
         """USD per hour of one machine of ``role``, by what the cloud bills for it:

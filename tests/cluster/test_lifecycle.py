@@ -74,6 +74,9 @@ def test_named_cluster_reconnects_instead_of_starting_another(cloud: LocalCloud)
         assert second.scheduler_address == address
         assert sorted(second.workers) == ["worker-0", "worker-1"]
         assert cloud.calls["CreateFleet"] == launched  # nothing new launched
+        # The VMs it found are metered from their launch, by market and type.
+        assert second.cost_per_hour > 0 and second.spent > 0
+        assert sum(line.running for line in second.cost_report().lines) == 3
         client = second.get_client()
         assert int(client.get_dataset("numbers").sum().compute()) == 499500
         second.scale(3)

@@ -13,10 +13,12 @@ GetBucketLocation puts it. Every listing follows its pages to the end.
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
 from typing import Any
 
+from dask_rawvm.environment.bootstrap import LOG_PREFIX, NAMES_PREFIX
 from dask_rawvm.errors import ProviderError
-from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
+from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES, ROLE_TAG
 from dask_rawvm.providers.ec2.calls import (
     DENIED,
     MAX_IDS_PER_CALL,
@@ -72,9 +74,7 @@ class EC2Account:
         found: Resources = {}
         born: dict[str, datetime.datetime] = {}
 
-        def add(
-            tags: list[dict[str, str]], kind: str, resource: str, made: Any = None
-        ) -> None:
+        def add(tags: list[dict[str, str]], kind: str, resource: str, made: Any = None) -> None:
             cluster = {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG)
             if cluster is not None:
                 found.setdefault(cluster, {}).setdefault(kind, []).append(resource)
@@ -264,6 +264,94 @@ class EC2Account:
             paging = {"ContinuationToken": page["NextContinuationToken"]}
         await self._call(s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket)
 
+    async def machine_logs(self, cluster: str, name: str | None = None) -> list[MachineLog]:
+        """The logs of ``cluster``'s machines: see :func:`cluster_logs`."""
+        clients = self.clients
+        buckets = [
+            bucket
+            for bucket, tags in await self.buckets()
+            if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) == cluster
+        ]
+        names: dict[str, str] = {}
+        shipped: dict[str, str] = {}  # machine id -> the key of the log it shipped
+        where: dict[str, str] = {}  # machine id -> the bucket of that key
+        for bucket in buckets:
+            for prefix in (NAMES_PREFIX, LOG_PREFIX):
+                listing = await self._list(
+                    clients.s3.list_objects_v2,
+                    "ListObjectsV2",
+                    "Contents",
+                    service="S3",
+                    token=("ContinuationToken", "NextContinuationToken"),
+                    Bucket=bucket,
+                    Prefix=prefix,
+                )
+                for item in listing:
+                    key = item["Key"]
+                    if prefix == LOG_PREFIX:
+                        machine = key[len(LOG_PREFIX) :].removesuffix(".log")
+                        shipped[machine], where[machine] = key, bucket
+                        continue
+                    for line in (await self._read(bucket, key)).splitlines():
+                        parts = line.split()
+                        if len(parts) == 2:
+                            names[parts[0]] = parts[1]
+        reservations = await self._list(
+            clients.ec2.describe_instances,
+            "DescribeInstances",
+            "Reservations",
+            Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}],
+        )
+        machines: dict[str, tuple[str, str]] = {}  # id -> (name, state)
+        for instance in (i for r in reservations for i in r["Instances"]):
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            machine = instance["InstanceId"]
+            label = (
+                "scheduler" if tags.get(ROLE_TAG) == "scheduler" else names.get(machine, machine)
+            )
+            machines[machine] = (label, instance["State"]["Name"])
+        for machine in shipped.keys() - machines.keys():  # terminated long ago: EC2 forgot it
+            machines[machine] = (names.get(machine, machine), "gone")
+        if not machines and not buckets:
+            raise ProviderError(
+                f"no cluster {cluster!r} in region {clients.region}; `dask-rawvm ls` lists the "
+                "clusters there (its bucket, and the logs its VMs shipped, go with `down` or close)"
+            )
+        wanted = {m: v for m, v in machines.items() if name is None or name in (m, v[0])}
+        if not wanted:
+            known = ", ".join(sorted({label for label, _ in machines.values()})) or "none"
+            raise ProviderError(
+                f"cluster {cluster!r} has no machine {name!r}; name one of: {known}"
+            )
+        logs = []
+        order = sorted(wanted.items(), key=lambda kv: (kv[1][0] != "scheduler", kv[1][0]))
+        for machine, (label, state) in order:
+            if machine in shipped and state not in ("pending", "running"):
+                text = await self._read(where[machine], shipped[machine])
+                logs.append(MachineLog(label, machine, state, "shipped", text))
+                continue
+            text = ""
+            if state != "gone":
+                try:
+                    answer = await self._call(
+                        clients.ec2.get_console_output,
+                        "GetConsoleOutput",
+                        InstanceId=machine,
+                        Latest=True,
+                    )
+                    text = str(answer.get("Output") or "")
+                except ProviderError as e:
+                    text = f"(no console output: {e})"
+            logs.append(MachineLog(label, machine, state, "console", text))
+        return logs
+
+    async def _read(self, bucket: str, key: str) -> str:
+        answer = await self._call(
+            self.clients.s3.get_object, "GetObject", service="S3", Bucket=bucket, Key=key
+        )
+        async with answer["Body"] as body:
+            return bytes(await body.read()).decode(errors="replace")
+
     async def _call(self, method: Any, action: str, service: str = "EC2", **params: Any) -> Any:
         return await ec2_call(
             method, action, throttle_timeout=self.throttle_timeout, service=service, **params
@@ -315,3 +403,41 @@ def live_instances_sync(ec2: Any, cluster: str | None = None) -> list[dict[str, 
         filters.append({"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]})
     pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
     return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
+
+
+@dataclass(frozen=True)
+class MachineLog:
+    """One machine's log, as ``dask-rawvm logs`` shows it."""
+
+    #: ``scheduler``, the worker's name, or the machine id when its name is not known.
+    name: str
+    machine_id: str
+    #: The machine's state (``running``, ``terminated``...); ``gone`` once EC2 forgot it.
+    state: str
+    #: ``console`` (GetConsoleOutput: the last 64 KiB) or ``shipped`` (what the machine
+    #: shipped to the cluster's bucket when it powered off or was terminated).
+    source: str
+    text: str
+
+
+async def cluster_logs(
+    endpoint_url: str | None, region: str | None, cluster: str, name: str | None = None
+) -> list[MachineLog]:
+    """The logs of a cluster's machines (of the one named ``name``: ``scheduler``, a
+    worker's name or a machine id), running or terminated.
+
+    A running machine's log is its console; a terminated one's is what it shipped to the
+    cluster's bucket when it powered off (see :data:`~dask_rawvm.environment.bootstrap.
+    LOG_PREFIX`), else what is left of its console. Workers are named by the cluster's
+    ``instance-id name`` maps in its bucket.
+
+    Raises
+    ------
+    ProviderError
+        When the region has no such cluster, or it has no machine ``name``.
+    """
+    clients = await EC2Clients.open(region, endpoint_url)
+    try:
+        return await EC2Account(clients).machine_logs(cluster, name)
+    finally:
+        await clients.close()

@@ -418,6 +418,20 @@ class PriceTable:
             return min(min(live), on_demand), True
         return on_demand * (1 - self.spot_discount), False
 
+    def source(self, vm: VMType, market: str) -> str:
+        """Where the price of ``vm`` on ``market`` comes from, in words."""
+        check_market(market)
+        if market == "spot":
+            if self.spot(vm)[1]:
+                return "live spot price (DescribeSpotPriceHistory)"
+            return (
+                f"on-demand less the default {self.spot_discount:.0%} spot discount (no "
+                "believable live price from DescribeSpotPriceHistory)"
+            )
+        if self.on_demand(vm)[1]:
+            return f"estimated from its vCPUs, memory and GPUs ({self.region})"
+        return f"list price of {self.as_of} ({self.region})"
+
     def price(self, vm: VMType, market: str) -> float:
         """USD/hour of ``vm`` on ``market``."""
         check_market(market)

@@ -39,6 +39,7 @@ POLICY: dict[str, Any] = {
                 "ec2:DescribeSecurityGroupRules",
                 "ec2:DescribeLaunchTemplates",
                 "ec2:DescribeInstances",
+                "ec2:DescribeSpotPriceHistory",
                 "ec2:GetConsoleOutput",
             ],
             "Resource": "*",

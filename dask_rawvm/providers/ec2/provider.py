@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import re
 import sys
@@ -39,6 +40,7 @@ from dask_rawvm.providers.ec2.catalog import (
     VMType,
     choose_vm_types,
     fetch_instance_types,
+    live_spot_prices,
 )
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.fleet import (
@@ -300,7 +302,26 @@ class EC2Provider(Provider):
         types = await fetch_instance_types(self.clients.ec2)
         chosen = choose_vm_types(types, self._price_table(), names=names, needs=needs)
         self.catalog.update((vm.name, vm) for vm in chosen)
+        await self._learn_spot_prices([vm.name for vm in chosen])
         return [vm.name for vm in chosen]
+
+    async def _learn_spot_prices(self, types: list[str]) -> None:
+        """Price spot from DescribeSpotPriceHistory where it answers believably; the
+        default discount otherwise (said once: an estimate is only as good as its source)."""
+        if isinstance(self.zone, str):
+            zones = None if self.zone in ("auto", "any") else [self.zone]
+        else:
+            zones = list(self.zone)
+        try:
+            live = await live_spot_prices(self.clients.ec2, types, zones)
+        except ProviderError as e:
+            logger.info("spot priced at the default discount: %s", e)
+            return
+        self._prices = self._price_table().with_live_spot(live)
+
+    def price_source(self, vm_type: str, market: Market) -> str:
+        """Where :meth:`hourly_price` of ``vm_type`` on ``market`` comes from."""
+        return self._price_table().source(self.catalog[vm_type], market)
 
     def _price_table(self) -> PriceTable:
         if self._prices is None:
@@ -744,6 +765,24 @@ class EC2Provider(Provider):
             )
         )
 
+    async def upload_form(self, prefix: str, max_bytes: int, expires: int) -> str | None:
+        """An S3 presigned POST (local, no API call) for keys under ``prefix``, its size
+        capped by a ``content-length-range`` condition S3 enforces; its expiry capped at
+        temporary credentials' as :meth:`url_for`'s."""
+        if self.bucket is None:
+            self.bucket = await self._create_bucket()
+        left = self.clients.credentials_expire_in()
+        if left is not None:
+            expires = max(1, min(expires, int(left)))
+        post = await self.clients.s3.generate_presigned_post(
+            self.bucket,
+            prefix + "${filename}",
+            Conditions=[["starts-with", "$key", prefix], ["content-length-range", 0, max_bytes]],
+            ExpiresIn=expires,
+        )
+        fields = "".join(f"{k}={v}\n" for k, v in post["fields"].items() if k != "key")
+        return f"{post['url']}\n{fields}"
+
     async def _create_bucket(self) -> str:
         """The cluster's bucket: the one it has (a client reconnecting to a cluster left
         running), else a new one; beating its heartbeat from now on."""
@@ -844,4 +883,10 @@ def _machine(instance: dict[str, Any]) -> Machine:
         market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
         state_reason=instance.get("StateReason", {}).get("Message"),
         tags={t["Key"]: t["Value"] for t in instance.get("Tags", [])},
+        launched_at=_timestamp(instance.get("LaunchTime")),
     )
+
+
+def _timestamp(when: Any) -> float | None:
+    """``time.time()`` seconds of a datetime botocore parsed; None for anything else."""
+    return when.timestamp() if isinstance(when, datetime.datetime) else None
