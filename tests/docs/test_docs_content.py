@@ -18,7 +18,7 @@ from dask_rawvm.errors import RawVMError
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 sys.path.insert(0, str(DOCS / "_ext"))
 
-import rawvm_config  # noqa: E402  (the docs' own extension, from docs/_ext)
+import rawvm_yaml  # noqa: E402  (the docs' own generator, from docs/_ext)
 
 
 def error_classes() -> set[type[RawVMError]]:
@@ -47,7 +47,7 @@ def test_every_error_has_a_troubleshooting_entry() -> None:
 
 
 def test_every_option_is_described_in_rawvm_yaml() -> None:
-    _, sections = rawvm_config.read_sections()
+    _, sections = rawvm_yaml.read_sections()
     assert [s.name for s in sections] == ["local", "aws", "ssh"]
     for section in sections:
         undocumented = [o.key for o in section.options if not o.doc]
@@ -57,8 +57,8 @@ def test_every_option_is_described_in_rawvm_yaml() -> None:
 
 
 def test_the_reference_renders_every_option() -> None:
-    text = "\n".join(rawvm_config.render())
-    _, sections = rawvm_config.read_sections()
+    text = "\n".join(rawvm_yaml.render())
+    _, sections = rawvm_yaml.read_sections()
     for section in sections:
         assert f"Section ``{section.name}``" in text
         for option in section.options:
