@@ -995,7 +995,8 @@ class RawVMCluster(SpecCluster):
             else:
                 what += "; checked: same versions"
             notes.append(what)
-        return notes or ["no environment installed by dask-rawvm (environment=None)"]
+        # environment=None (in a config section): no bundle, the image's own Python.
+        return notes or ["the image's own Python and packages (environment: null)"]
 
     def _repr_html_(self, cluster_status: Any = None) -> str:
         """distributed's cluster card (dashboard link, workers, threads, memory, scheduler

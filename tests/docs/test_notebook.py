@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from dask_rawvm import LocalCloud, RawVMCluster
+
 CELLS = [
     # distributed refreshes its cluster widget every cluster-repr-interval (500 ms by
     # default); faster here so the test's wait below is short.
@@ -105,3 +107,29 @@ def test_a_notebook_shows_the_cluster_live(tmp_path: Path, monkeypatch) -> None:
     cards = [v for v in values if "Worker states" in v]
     assert cards and "Worker states:</strong> 1 connected" in cards[0]  # as first shown
     assert "Limits: max_hourly_cost=$5/h" in "".join(values)  # the Scaling tab
+
+
+def test_the_card_says_where_each_worker_is(quiet_cloud: LocalCloud) -> None:
+    """Booting (launched, not connected) and waiting for capacity, on a cloud whose VMs
+    never boot and that has capacity for two workers only."""
+    quiet_cloud.set_capacity(count=2)
+    with RawVMCluster(
+        n_workers=2,
+        endpoint_url=quiet_cloud.endpoint_url,
+        region=quiet_cloud.region,
+        scheduler="local",
+        wait_for_workers=False,
+        capacity_retry_timeout="1 minute",
+    ) as cluster:
+        cluster.sync(cluster._correct_state)
+        cluster.scale(3)
+        cluster.sync(cluster._correct_state)
+        states = cluster.workers_by_state()
+        assert states["booting"] == ["worker-0", "worker-1"]
+        assert states["waiting for capacity"] == ["worker-2"]
+        assert states["connected"] == []
+        card = cluster._repr_html_()
+        assert ElementTree.fromstring(card) is not None
+        assert "Worker states:</strong> 2 booting, 1 waiting for capacity" in card
+        assert "<td>worker-2</td><td>waiting for capacity</td><td></td>" in card
+        assert "Environment:</strong> worker VMs: x86_64 cpu, Python" in card
