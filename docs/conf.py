@@ -45,6 +45,8 @@ html_theme = "pydata_sphinx_theme"
 html_title = "dask_rawvm"
 html_static_path = ["_static"]
 html_css_files = ["rawvm.css"]
+# The pages are one level deep: the top bar lists them all, the left sidebar would be empty.
+html_sidebars: dict[str, list[str]] = {"**": []}
 html_theme_options = {
     "logo": {"text": "dask_rawvm"},
     "navigation_with_keys": False,
