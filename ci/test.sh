@@ -12,4 +12,6 @@ bash ci/install-system-deps.sh  # openssh-server for the SSH provider's tests
 "$VENV/bin/python" -m pip install --quiet -e ".[test]"
 "$VENV/bin/ruff" check dask_rawvm tests benchmarks
 "$VENV/bin/mypy"
+# The documentation, warnings as errors (~10 s); its examples run in tests/docs.
+VENV="$VENV" bash ci/build-docs.sh
 "$VENV/bin/pytest" -q "$@"
