@@ -415,11 +415,16 @@ def _forget_account(account_id: str) -> None:
 
 
 class _Middleware:
-    """Routes IMDS and control requests; injects faults; pins the moto account."""
+    """Routes IMDS and control requests; injects faults; pins the moto account; makes
+    conditional writes atomic."""
 
     def __init__(self, cloud: LocalCloud, app: Any) -> None:
         self.cloud = weakref.proxy(cloud)
         self.app = app
+        # moto checks S3's If-None-Match / If-Match and then writes, in two steps, and the
+        # server runs a thread per request: two racing writes could both pass the check.
+        # S3 lets one win (the other gets 412), and elections rely on it.
+        self._conditional_writes = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -433,6 +438,10 @@ class _Middleware:
             status, headers, body = faults.error_response(environ, fault)
             start_response(status, headers)
             return [body]
+        conditional = "HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ
+        if environ.get("REQUEST_METHOD") == "PUT" and conditional:
+            with self._conditional_writes:
+                return list(self.app(environ, start_response))
         return self.app(environ, start_response)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import botocore.session
 
 from dask_rawvm.config import ClusterOptions
+from dask_rawvm.environment.artifact import ArtifactURLs
 from dask_rawvm.environment.target import Target
 from dask_rawvm.errors import ProviderError
 from dask_rawvm.needs import Market, Needs
@@ -29,6 +30,7 @@ from dask_rawvm.providers.base import (
     Provider,
 )
 from dask_rawvm.providers.ec2.account import EC2Account, live_instances_sync
+from dask_rawvm.providers.ec2.artifacts import ArtifactStore
 from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
 from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, ec2_call
 from dask_rawvm.providers.ec2.catalog import (
@@ -127,6 +129,7 @@ class EC2Provider(Provider):
         self._clients: EC2Clients | None = None
         self.bucket: str | None = None
         self._prices: PriceTable | None = None
+        self._artifacts: ArtifactStore | None = None  # the account's, made on first use
 
     @classmethod
     def from_options(cls, options: ClusterOptions, cluster: str) -> EC2Provider:
@@ -522,6 +525,13 @@ class EC2Provider(Provider):
                 "get_object", Params=params, ExpiresIn=expires
             )
         )
+
+    async def artifact_urls(self, key: str, expires: int = 3600) -> ArtifactURLs | None:
+        """URLs of an environment artifact in the account's artifact store of this region
+        (:mod:`dask_rawvm.providers.ec2.artifacts`), which outlives the cluster."""
+        if self._artifacts is None:
+            self._artifacts = ArtifactStore(self.clients, self.credentials, self.throttle_timeout)
+        return await self._artifacts.urls(key, expires)
 
     async def _create_bucket(self) -> str:
         # Bucket names are global: the cluster's name (sanitised) plus a random suffix.
