@@ -184,10 +184,11 @@ case "$rawvm_artifact_code" in
 esac
 case "$rawvm_artifact_code" in
 200|206)
+    rawvm_artifact_found=$(date +%s)
     if rawvm_artifact_unpack; then
         RAWVM_ARTIFACT_STATE=unpacked
-        log "environment unpacked from its artifact" \
-            "in $(($(date +%s) - rawvm_artifact_started)) s"
+        log "environment unpacked from its artifact in $(($(date +%s) - rawvm_artifact_found)) s" \
+            "(after $((rawvm_artifact_found - rawvm_artifact_started)) s waiting for it)"
     else
         log "warning: installing the environment from the package index instead"
     fi ;;
@@ -213,24 +214,29 @@ rawvm_artifact_publish() {
     started=$(date +%s)
     staging="$rawvm_artifact_dir/pack"
     archive="$rawvm_artifact_dir/artifact.tar.gz"
-    rm -rf "$staging" && mkdir -p "$staging" || return 1
+    rm -rf "$staging" && mkdir -p "$staging/python" || return 1
     printf 'format=%s\ndigest=%s\npython=%s\nvenv=%s\nbuilt-by=%s\n' "$RAWVM_ARTIFACT_FORMAT" \
         "$RAWVM_BUNDLE_DIGEST" "$rawvm_python_version" "$RAWVM_VENV" "$INSTANCE_ID" \
         >"$staging/dask-rawvm-artifact"
-    set -- -C "$staging" dask-rawvm-artifact \
-        -C "${RAWVM_VENV%/*}" --transform "s,^${RAWVM_VENV##*/},venv,S" "${RAWVM_VENV##*/}"
+    # A snapshot of hard links (no data copied): the Dask process now running from the venv
+    # writes bytecode into it, which would change directories under tar's feet.
+    cp -al "$RAWVM_VENV" "$staging/venv" || { rawvm_artifact_failed "no snapshot"; return 1; }
     # The venv's Python, when it is uv's managed one: the other VMs need not download it.
     home=$(sed -n 's/^home = //p' "$RAWVM_VENV/pyvenv.cfg")
     pythons=$(rawvm_uv python dir 2>/dev/null || true)
     case "$home" in
     "$pythons"/*)
         name=${home#"$pythons"/}; name=${name%%/*}
-        set -- "$@" -C "$pythons" --transform "s,^$name,python/$name,S" "$name" ;;
+        cp -al "$pythons/$name" "$staging/python/$name" || return 1 ;;
     esac
-    tar -cf - --exclude=__pycache__ --exclude=.dask-rawvm-installed "$@" | gzip -1 >"$archive"
+    tar -C "$staging" -cf - --exclude=__pycache__ --exclude=.dask-rawvm-installed \
+        dask-rawvm-artifact venv python 2>"$rawvm_artifact_dir/tar.err" | gzip -1 >"$archive"
     if [ "${PIPESTATUS[0]}${PIPESTATUS[1]}" != 00 ]; then
         rawvm_artifact_failed "packing the venv failed"
-        log "warning: could not pack the environment's artifact"; rm -f "$archive"; return 1
+        log "warning: could not pack the environment's artifact" \
+            "($(tail -c 300 "$rawvm_artifact_dir/tar.err" | tr -c '[:print:]' ' '))"
+        rm -rf "$archive" "$staging"
+        return 1
     fi
     size=$(($(stat -c %s "$archive") / 1048576))
     code=$(curl -s --retry 5 --retry-connrefused -o /dev/null -w '%{http_code}' \

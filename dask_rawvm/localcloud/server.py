@@ -108,6 +108,12 @@ class LocalCloud:
     sized
         Size VMs like their instance type where the machine allows it; False gives every
         VM the whole machine (benchmarks that pack many VMs).
+    dense
+        Boot worker VMs as Dask workers in a few host processes (:mod:`.dense`), so that a
+        thousand fit on one machine: for measuring the cluster manager at scale. Other VMs
+        (the scheduler's) boot as usual.
+    dense_hosts
+        Host processes of a dense cloud; this machine's CPU count by default.
 
     Examples
     --------
@@ -128,6 +134,8 @@ class LocalCloud:
         image_path: list[str] | None = None,
         image: ImageName = "warm",
         sized: bool = True,
+        dense: bool = False,
+        dense_hosts: int | None = None,
     ) -> None:
         if image not in IMAGES:
             raise ValueError(
@@ -138,6 +146,8 @@ class LocalCloud:
         self.image_path = image_path
         self.image_name: ImageName = image
         self.sized = sized
+        self.dense = dense
+        self.dense_hosts = dense_hosts
         self.port = port
         self.boot_delay = boot_delay
         # A fresh 12-digit moto account: this cloud's state is its own.
@@ -211,6 +221,8 @@ class LocalCloud:
                 image_path=self.image_path,
                 image=self.image_name,
                 sized=self.sized,
+                dense=self.dense,
+                dense_hosts=self.dense_hosts,
             )
         except BaseException:
             if self._server is not None:
