@@ -42,6 +42,7 @@ from dask_rawvm.errors import (
     ProviderError,
     RawVMError,
     UnknownOptionError,
+    WorkerBootTimeoutError,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ __all__ = [
     "RawVMCluster",
     "RawVMError",
     "UnknownOptionError",
+    "WorkerBootTimeoutError",
     "__version__",
 ]
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 import click
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from dask_rawvm.config import resolve_options
 from dask_rawvm.demo import run_demo
@@ -20,6 +22,8 @@ from dask_rawvm.environment.report import env_command
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.localcloud.vmimage import IMAGES, ImageName
 from dask_rawvm.providers.ec2.account import list_clusters, remove_clusters
+from dask_rawvm.providers.ec2.check import Check, blocked, check_account
+from dask_rawvm.providers.ec2.iam import policy_json
 
 
 @click.group(name="rawvm")
@@ -139,8 +143,15 @@ def _cloud_options(command: Callable[..., None]) -> Callable[..., None]:
 @main.command(name="ls")
 @_cloud_options
 def ls(endpoint_url: str | None, region: str | None) -> None:
-    """List dask-rawvm clusters in a region and the resources each one has."""
-    clusters = asyncio.run(list_clusters(endpoint_url, region))
+    """List dask-rawvm clusters in a region and the resources each one has.
+
+    What gone clusters left behind (no live machine, their client detached or gone) is
+    removed first, and said.
+    """
+    reaped, clusters = asyncio.run(list_clusters(endpoint_url, region))
+    for name, resources in sorted(reaped.items()):
+        kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
+        click.echo(f"{name}: gone; removed its leftovers ({kinds})")
     if not clusters:
         click.echo("no dask-rawvm resources")
     for name, resources in sorted(clusters.items()):
@@ -162,6 +173,41 @@ def down(
     for name, resources in sorted(removed.items()):
         kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
         click.echo(f"{name}: removed {kinds or 'nothing'}")
+
+
+@main.command(name="iam-policy")
+def iam_policy() -> None:
+    """Print the IAM policy dask-rawvm needs on EC2 (JSON, for aws iam create-policy)."""
+    click.echo(policy_json())
+
+
+@main.command()
+@click.option("--config-name", default="aws", show_default=True, help="Section of rawvm to check.")
+@click.option("--workers", default=1, show_default=True, help="Workers the quotas must allow.")
+@_cloud_options
+def check(config_name: str, workers: int, endpoint_url: str | None, region: str | None) -> None:
+    """Check an AWS account before starting a cluster: credentials, region, VPC and subnets,
+    vCPU quotas, the spot service-linked role, and a dry-run launch. Exits 1 on a blocker."""
+    options = resolve_options(config_name, endpoint_url=endpoint_url, region=region)
+    if options.provider != "aws":
+        raise click.UsageError(
+            f"section rawvm.{config_name} is provider={options.provider!r}: check is for EC2 "
+            "(--config-name aws, or a profile of provider aws)"
+        )
+    rows = asyncio.run(check_account(options, workers))
+    _print_checks(rows)
+    raise SystemExit(1 if blocked(rows) else 0)
+
+
+def _print_checks(rows: list[Check]) -> None:
+    marks = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "blocker": "[red]blocker[/]"}
+    table = Table(title="dask-rawvm check", show_lines=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("what was found, and the fix")
+    for row in rows:
+        table.add_row(row.name, marks[row.status], row.detail)
+    Console(width=max(Console().width, 100)).print(table)
 
 
 main.add_command(env_command, "env")

@@ -15,10 +15,11 @@ import time
 import uuid
 import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import dask.config
-from dask.utils import parse_timedelta
+from dask.utils import format_bytes, parse_bytes, parse_timedelta
 from distributed import Client
 from distributed.comm import get_address_host
 from distributed.core import Status
@@ -29,8 +30,8 @@ from distributed.objects import SchedulerInfo
 from distributed.scheduler import Scheduler
 from distributed.utils import Log, Logs
 
-from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options
-from dask_rawvm.errors import OptionError
+from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options, workers_to_wait_for
+from dask_rawvm.errors import OptionError, WorkerBootTimeoutError
 from dask_rawvm.machines import (
     BootWatch,
     ClusterStore,
@@ -44,13 +45,16 @@ from dask_rawvm.machines import (
     SchedulerVM,
     Settings,
     WorkerNames,
+    WorkerShape,
     WorkerVM,
     is_worker_name,
     preflight,
     worker_index,
+    worker_shape,
 )
 from dask_rawvm.progress import Progress, Reporter
 from dask_rawvm.providers import Provider, provider_for
+from dask_rawvm.tls import offer_security, withdraw_security
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +66,12 @@ class RawVMAdaptive(Adaptive):
     chosen workers (their data moves to the others) and terminates, in one
     call, only the VMs of workers that actually retired. Distributed's own
     Adaptive terminates every chosen worker whatever ``retire_workers`` said.
-    """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # Give idle VMs back within seconds; three quiet intervals in a row so
-        # a burst of short tasks does not make the cluster thrash.
-        kwargs.setdefault("interval", "1s")
-        kwargs.setdefault("wait_count", 3)
-        super().__init__(*args, **kwargs)
+    Its timing is distributed's, from ``distributed.adaptive.*`` (``interval``,
+    ``wait-count``, ``target-duration``, ``minimum``, ``maximum``) unless given: the
+    defaults there (checked every second, three quiet checks before a worker goes)
+    already give idle VMs back within seconds without thrashing on bursts.
+    """
 
     async def scale_down(self, workers: list[str]) -> None:  # type: ignore[override]
         cluster = self.cluster
@@ -82,11 +84,15 @@ class RawVMCluster(SpecCluster):
     """A Dask cluster on raw VMs: EC2, any EC2-compatible endpoint, the local cloud, SSH hosts.
 
     Used where ``LocalCluster`` is: as a context manager, sync or with
-    ``asynchronous=True``, with ``scale``, ``adapt``, ``get_client`` and ``close``.
+    ``asynchronous=True``, with ``scale`` (also by ``cores=`` and ``memory=``),
+    ``adapt``, ``get_client``, ``get_logs``, ``wait_for_workers`` and ``close``; like
+    ``LocalCluster`` it returns with its workers connected (``wait_for_workers``).
     Each worker is one VM, named before it boots (``worker-0``, ``worker-1``, ...
-    never reused). Every VM powers itself off when its Dask process ends, and
-    ``close()`` (also run at garbage collection and interpreter exit) terminates
-    every VM the cluster made.
+    never reused), with the threads and memory of its type. Every VM powers itself
+    off when its Dask process ends, and ``close()`` terminates every VM the cluster
+    made; a cluster never closed is cleaned up at interpreter exit, or when garbage
+    collected if it is not running (a running cluster is held by its event loop, as
+    ``LocalCluster`` is).
 
     Parameters
     ----------
@@ -119,7 +125,24 @@ class RawVMCluster(SpecCluster):
         the same pass (and lost spot workers replaced on-demand). The scheduler VM
         is always on-demand.
     zone
-        An availability zone, or a list of them; every zone of the region when omitted.
+        ``"auto"`` (default): EC2 picks one zone with capacity for the first launch and the
+        whole cluster stays in it (no cross-zone traffic, which AWS bills at $0.01/GB each
+        way). ``"any"`` spreads over every zone of the subnets; a zone (``"us-east-1a"``) or
+        a list of zones keeps to those (a list spreads over them).
+    vpc, subnets
+        Where the VMs go: a VPC (``"vpc-..."``, every subnet of it) and/or subnets
+        (``["subnet-..."]``, of one VPC). The region's default VPC when neither is given.
+    security_groups
+        Extra security groups for every VM (``["sg-..."]``, in the cluster's VPC), besides
+        the cluster's own group.
+    public_ip
+        Whether each VM gets a public IPv4 address (default; $0.005/h each). ``False`` for
+        private subnets that reach out through your own NAT gateway or endpoints: this
+        client must then reach the scheduler's private address (from inside the VPC, or
+        through a VPN or peering), and the scheduler admits the VPC's ranges.
+    worker_disk_size, scheduler_disk_size
+        GiB of the VMs' root volume (gp3): the OS, the environment, its cache and, on
+        workers, what Dask spills to disk. At least the image's own size.
     capacity_retry_timeout
         How long to keep asking, in the background, for workers a launch could not
         get; the cluster runs with what it got meanwhile, and without the rest after.
@@ -127,13 +150,26 @@ class RawVMCluster(SpecCluster):
         Machine image; Amazon Linux 2023 of the type's architecture when omitted
         (AWS's Deep Learning Base GPU image, with NVIDIA's driver, for GPU types).
     worker_nthreads, worker_memory_limit
-        Per-worker threads (the VM's vCPUs when omitted) and memory limit.
+        Per-worker threads (the type's vCPUs when omitted; an SSH host's CPUs over
+        ``workers_per_host``) and memory limit (``"auto"``: the type's memory, shared
+        as distributed shares it; a fraction of it, ``"6 GiB"``, or 0 for none). The
+        worker spec says them, so ``scale(cores=, memory=)`` and ``adapt(maximum_memory=
+        ...)`` work, and each VM's worker starts with exactly them.
     death_timeout
         Seconds a worker outlives an unreachable scheduler before its VM powers off.
     idle_timeout
         Seconds with no client and no task after which the scheduler VM shuts down.
     scheduler_timeout
         How long to wait for the scheduler VM to boot and answer.
+    wait_for_workers
+        What start waits for, as ``LocalCluster`` does: ``True`` (default) every
+        worker launched (those the cloud has no capacity for yet are not waited for),
+        ``False`` none, a count (``8``) or a fraction of ``n_workers`` (``0.9``).
+    worker_start_timeout
+        How long start waits for them; then it fails with a
+        :class:`~dask_rawvm.errors.WorkerBootTimeoutError` (distributed's
+        ``WorkerStartTimeoutError``) saying what each missing VM was doing, and
+        terminates what it launched.
     boot_delay
         Local cloud only: seconds a VM stays pending.
     local_image
@@ -187,7 +223,8 @@ class RawVMCluster(SpecCluster):
         Launches (and terminations) asked for within this long go out as one call.
     **kwargs
         Passed to :class:`distributed.deploy.spec.SpecCluster` (``asynchronous``,
-        ``loop``, ``security``, ``shutdown_on_close``, ``silence_logs``).
+        ``loop``, ``security``, ``shutdown_on_close``, ``silence_logs``: ``logging.WARN``
+        by default, as ``LocalCluster``'s).
 
     Examples
     --------
@@ -211,6 +248,12 @@ class RawVMCluster(SpecCluster):
         worker_vm_types: list[str] | None = None,
         spot_policy: str | None = None,
         zone: str | list[str] | None = None,
+        vpc: str | None = None,
+        subnets: list[str] | None = None,
+        security_groups: list[str] | None = None,
+        public_ip: bool | None = None,
+        worker_disk_size: int | None = None,
+        scheduler_disk_size: int | None = None,
         capacity_retry_timeout: float | str | None = None,
         ami: str | None = None,
         worker_nthreads: int | None = None,
@@ -218,6 +261,8 @@ class RawVMCluster(SpecCluster):
         death_timeout: float | str | None = None,
         idle_timeout: float | str | None = None,
         scheduler_timeout: float | str | None = None,
+        wait_for_workers: bool | int | float | None = None,
+        worker_start_timeout: float | str | None = None,
         boot_delay: float | str | None = None,
         local_image: str | None = None,
         tags: dict[str, str] | None = None,
@@ -255,6 +300,7 @@ class RawVMCluster(SpecCluster):
                 "Drop security=, or pass tls=False to run plain TCP"
             )
         self._n_workers = n_workers
+        self._start_wait = workers_to_wait_for(options.wait_for_workers, n_workers)
         self.cluster_name = options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
         self.ledger = Ledger()
         self.session = ProviderSession(
@@ -271,20 +317,25 @@ class RawVMCluster(SpecCluster):
             self.session,
             self.store,
             self.ledger,
-            on_gave_up=self._forget_unlaunched,
+            # Weakly: the launcher's callbacks reach the provider, which the finalizer
+            # below holds; a strong one would keep a dropped cluster alive.
+            on_gave_up=_weakly(self._forget_unlaunched),
         )
         self.watch = BootWatch(self.session, self.ledger)
         self._report = Reporter()
         self.names = WorkerNames()
         self._running: RunningCluster | None = None  # the cluster reconnected to, if any
         self._environment_check: EnvironmentCheck | None = None
-        self._worker_check: asyncio.Future[None] | None = None
+        self._worker_check: asyncio.Future[EnvironmentMismatch | None] | None = None
+        self._started_workers = False  # start has waited for its workers (or does not)
         self._launched: set[str] = set()
         worker = {"cls": WorkerVM, "options": {"launcher": self.launcher, "ledger": self.ledger}}
         workers = {self.names.take(): worker for _ in range(n_workers)}
         # An unclosed cluster's VMs are terminated at garbage collection or exit, by the
         # provider's own synchronous means (the event loop may be gone by then).
         self._finalizer = weakref.finalize(self, self.session.sweep_blocking)
+        # Quiet like LocalCluster: an in-process scheduler's INFO lines stay in its logs.
+        kwargs.setdefault("silence_logs", logging.WARN)
         try:
             super().__init__(
                 workers=workers,
@@ -350,8 +401,54 @@ class RawVMCluster(SpecCluster):
             await super()._start()
             if self._running is not None and self._running.workers:
                 await self._adopt_workers(self._running)
+            self._offer_security()
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
             await self._check_environment("scheduler")
+            await self._start_workers(progress)
+
+    async def _start_workers(self, progress: Progress) -> None:
+        """Launch the first workers and wait for those ``wait_for_workers`` asks for.
+
+        Workers the cloud has no capacity for yet are not waited for: the cluster runs
+        with what it got and keeps asking in the background. On a timeout (or a VM dead
+        at boot) the cluster closes, terminating what it launched, and raises.
+        """
+        try:
+            await self._correct_state()
+            if not self._start_wait:
+                return
+            progress.update(stage=f"waiting for {self._start_wait} workers to connect")
+            await self._await_workers(
+                lambda: min(self._start_wait, len(self.workers) - len(self.launcher.waiting)),
+                self.options.worker_start_timeout,
+                progress,
+                fix="pass wait_for_workers=False (or a count, or a fraction) to return "
+                "sooner, or a longer worker_start_timeout",
+            )
+            if self._worker_check is not None:
+                # The first worker's environment is compared before start returns: a
+                # mismatch fails the constructor, as the scheduler VM's does.
+                mismatch = await self._worker_check
+                if mismatch is not None:
+                    raise mismatch
+        except BaseException:
+            # The constructor fails, so nobody holds this cluster to reconnect to or close
+            # it: terminate what it launched, even with shutdown_on_close=False.
+            self.shutdown_on_close = True
+            await self._close()
+            raise
+        finally:
+            self._started_workers = True
+
+    def _offer_security(self) -> None:
+        """Let a ``Client(address)`` of this process connect without ``security=``."""
+        if self.options.tls:
+            addresses = {
+                self.scheduler_address,
+                getattr(self.scheduler, "contact_address", None),
+                getattr(self.scheduler, "address", None),
+            }
+            offer_security(self, addresses)
 
     async def _open_provider(self) -> None:
         """Open the provider and check everything before anything launches; on any error,
@@ -364,10 +461,23 @@ class RawVMCluster(SpecCluster):
                 if self._running is not None and self.options.scheduler == "vm":
                     self.scheduler_spec["options"]["machine"] = self._running.scheduler
             await preflight(self.session, self.settings, self.store, self.limits, self._n_workers)
+            self._describe_workers()
             await self._prepare_tls()
         except BaseException:
             await self.session.close(terminate=True)
             raise
+
+    def _describe_workers(self) -> None:
+        """Put the workers' threads and memory (their type's, now known) in their spec."""
+        shape = worker_shape(self.options, self.session.provider)
+        if shape is None:
+            return
+        assert self.new_spec is not None
+        spec = {**self.new_spec, "options": {**self.new_spec["options"], **shape.spec_options()}}
+        self.new_spec = spec
+        for name in self.worker_spec:
+            if name not in self.workers:
+                self.worker_spec[name] = spec
 
     async def _prepare_tls(self) -> None:
         """The cluster's certificates: new ones, or those of the cluster we reconnect to."""
@@ -407,6 +517,9 @@ class RawVMCluster(SpecCluster):
         logger.info("reconnected to %s: adopted workers %s", self.cluster_name, sorted(adopted))
 
     async def _close(self) -> None:
+        if self._worker_check is not None:  # a check still running has nothing left to check
+            self._worker_check.cancel()
+        withdraw_security(self)
         if not self.shutdown_on_close and self.status == Status.running:
             await self._disconnect()
             return
@@ -436,14 +549,46 @@ class RawVMCluster(SpecCluster):
 
     # -- scaling ---------------------------------------------------------------------
     def scale(self, n: int = 0, memory: str | None = None, cores: int | None = None) -> Any:
-        """Scale to ``n`` workers; scaling down moves data off the removed workers first.
+        """Scale to ``n`` workers, or enough for ``memory`` and ``cores`` (as SpecCluster
+        does, by the workers' threads and memory limit); scaling down moves data off the
+        removed workers first.
 
         The workers removed are those not yet connected, then those holding the
         least data.
         """
+        if memory is not None:
+            n = max(n, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
+        if cores is not None:
+            n = max(n, math.ceil(cores / self._threads_per_worker()))
         self.limits.check(n, len(self.worker_spec))
         self._order_by_value()
-        return super().scale(n, memory=memory, cores=cores)
+        return super().scale(n)
+
+    def _threads_per_worker(self) -> int:
+        """Threads of a new worker, as its spec says (its type's vCPUs, or worker_nthreads)."""
+        nthreads = self._new_worker_option("nthreads", "cores=")
+        return int(nthreads)
+
+    def _memory_per_worker(self) -> int:
+        """Memory limit of a new worker, as its spec says."""
+        limit = int(self._new_worker_option("memory_limit", "memory="))
+        if not limit:
+            raise OptionError(
+                "scaling by memory needs the workers' memory limit, and worker_memory_limit=0 "
+                "gives them none: scale by n or cores=, or set worker_memory_limit"
+            )
+        return limit
+
+    def _new_worker_option(self, key: str, scaling: str) -> Any:
+        options = (self.new_spec or {}).get("options", {})
+        if key not in options:
+            raise OptionError(
+                f"scaling by {scaling} needs the workers' {key}, which comes from their "
+                "instance type once the cluster started: start it first (await it, or "
+                "create it without asynchronous=True), or pass worker_nthreads= and "
+                "worker_memory_limit= (bytes)"
+            )
+        return options[key]
 
     def _order_by_value(self) -> None:
         """Re-order the worker spec so the cheapest workers to lose come last.
@@ -507,8 +652,12 @@ class RawVMCluster(SpecCluster):
         if not check.wants(role) or (role == "scheduler" and self.options.scheduler != "vm"):
             return
         try:
+            # not the default client: the user's get_client() must stay the one compute uses
             async with Client(
-                self.scheduler_address, security=self.security, asynchronous=True
+                self.scheduler_address,
+                security=self.security,
+                asynchronous=True,
+                set_as_default=False,
             ) as client:
                 if worker is None:
                     await check.scheduler(client)
@@ -519,17 +668,25 @@ class RawVMCluster(SpecCluster):
             raise
 
     def _worker_joined(self, address: str, name: str) -> None:
-        """The first worker to connect is checked (in the background: start has returned)."""
+        """The first worker to connect is checked: awaited by start when it waits for
+        workers, else in the background."""
         if not self.environment_check.wants("worker") or self._worker_check is not None:
             return
 
-        async def check() -> None:
+        # While start waits for workers it raises what the check finds; after, it is logged.
+        raise_at_start = not self._started_workers
+
+        async def check() -> EnvironmentMismatch | None:
             try:
                 await self._check_environment("worker", (address, name))
             except EnvironmentMismatch as mismatch:
+                if raise_at_start:
+                    return mismatch
                 logger.error("%s\nThe cluster is closed.", mismatch)
             except Exception as e:  # a check that could not run is not a verdict
-                logger.warning("could not compare worker %s's environment: %s", name, e)
+                if self.status == Status.running:  # (closing: the worker went with it)
+                    logger.warning("could not compare worker %s's environment: %s", name, e)
+            return None
 
         self._worker_check = asyncio.ensure_future(check())
 
@@ -576,8 +733,8 @@ class RawVMCluster(SpecCluster):
     def adapt(
         self,
         Adaptive: type[Adaptive] = RawVMAdaptive,
-        minimum: float = 0,
-        maximum: float = math.inf,
+        minimum: float | None = None,
+        maximum: float | None = None,
         minimum_cores: int | None = None,
         maximum_cores: int | None = None,
         minimum_memory: str | None = None,
@@ -588,10 +745,19 @@ class RawVMCluster(SpecCluster):
 
         Same parameters as :meth:`distributed.deploy.spec.SpecCluster.adapt`; the
         default :class:`RawVMAdaptive` gives idle VMs back within seconds and
-        terminates only workers that retired. ``maximum`` is clamped to
-        ``max_workers``, the provider's capacity and what ``max_hourly_cost`` allows.
+        terminates only workers that retired. What is not given comes from
+        ``distributed.adaptive.*`` (``minimum``, ``maximum``, ``interval``,
+        ``wait-count``, ``target-duration``), as for any Adaptive. ``maximum`` is
+        clamped to ``max_workers``, the provider's capacity and what
+        ``max_hourly_cost`` allows.
         """
+        if minimum is None:
+            minimum = dask.config.get("distributed.adaptive.minimum")
+        if maximum is None:
+            maximum = dask.config.get("distributed.adaptive.maximum")
         maximum = self.limits.adapt_maximum(maximum, len(self.workers))
+        if not math.isinf(maximum):
+            maximum = int(maximum)  # distributed's Adaptive takes an int or inf
         return super().adapt(
             Adaptive,
             minimum,
@@ -619,63 +785,123 @@ class RawVMCluster(SpecCluster):
         The ``job_script()`` of this project: what runs on the VM, and nothing secret.
         """
         contact = getattr(self.scheduler, "contact_address", None) or self.scheduler_address
-        return self.sync(self.launcher.worker_user_data, contact, [self.names.next_name])
+        shape = WorkerShape.from_spec((self.new_spec or {}).get("options", {}))
+        return self.sync(
+            self.launcher.worker_user_data, contact, [self.names.next_name], shape=shape
+        )
 
     async def _get_logs(
         self, cluster: bool = True, scheduler: bool = True, workers: Any = True
     ) -> Logs:
-        """Each VM's boot log (the bootstrap and its Dask process), by worker name."""
+        """Logs keyed as distributed keys them: ``"Cluster"``, ``"Scheduler"`` and each
+        worker's address (a worker whose VM has not connected yet: its name).
+
+        A VM's log is its boot log (the bootstrap, then its Dask process's output); an
+        in-process scheduler's is its own log. ``workers`` is True, or a list of worker
+        addresses or names.
+        """
         logs = Logs()
         if cluster:
             logs["Cluster"] = Log("\n".join(line[1] for line in self._cluster_manager_logs))
+        if scheduler:
+            logs["Scheduler"] = Log(await self._scheduler_log())
+        if workers:
+            logs.update(await self._worker_logs(None if workers is True else list(workers)))
+        return logs
+
+    async def _scheduler_log(self) -> str:
         machine = getattr(self.scheduler, "machine", None)
-        if scheduler and machine is not None:
-            logs["Scheduler"] = Log(await self.watch.console_output(machine.id))
-        names = list(self.workers) if workers is True else list(workers or [])
-        for name in names:
-            worker = self.workers.get(name)
-            if worker is not None and worker.machine is not None:
-                logs[name] = Log(await self.watch.console_output(worker.machine.id))
+        if machine is not None:
+            return await self.watch.console_output(machine.id)
+        assert self.scheduler_comm is not None
+        lines = await self.scheduler_comm.get_logs()
+        return "\n".join(line for _, line in lines)
+
+    async def _worker_logs(self, wanted: list[str] | None) -> dict[str, Log]:
+        assert self.scheduler_comm is not None
+        self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity())
+        address_of = {str(w["name"]): a for a, w in self.scheduler_info["workers"].items()}
+        name_of = {a: n for n, a in address_of.items()}
+        logs: dict[str, Log] = {}
+        elsewhere = []  # connected workers that are not this cluster's VMs
+        for key in list(self.workers) if wanted is None else wanted:
+            name = name_of.get(key, key)  # an address, or a name
+            machine = getattr(self.workers.get(name), "machine", None)
+            if machine is not None:
+                text = await self.watch.console_output(machine.id)
+                logs[address_of.get(name, name)] = Log(text)
+            elif name in address_of:
+                elsewhere.append(address_of[name])
+        if elsewhere:
+            found = await self.scheduler_comm.worker_logs(workers=elsewhere)
+            for address, lines in found.items():
+                logs[address] = Log("\n".join(line for _, line in lines))
         return logs
 
     async def _wait_for_workers(self, n_workers: int = 0, timeout: Any = None) -> None:
-        """Wait for workers; a worker VM that died at boot is an error with its log, not a hang."""
-        deadline = time.monotonic() + parse_timedelta(timeout) if timeout else None
+        """Wait for ``n_workers`` running workers, showing the VMs' progress.
+
+        A worker VM dead at boot is an error with its log, not a hang; a timeout is
+        distributed's ``WorkerStartTimeoutError`` (a
+        :class:`~dask_rawvm.errors.WorkerBootTimeoutError`) saying what each missing VM
+        was doing.
+        """
         progress = Progress(
             f"{self.cluster_name}: waiting for {n_workers} workers", self.options.progress
         )
-        checked, running = time.monotonic(), 0
         try:
-            while True:
-                assert self.scheduler_comm is not None
-                self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity())
-                connected = {w["name"] for w in self.scheduler_info["workers"].values()}
-                progress.update(
-                    vms=self._vm_summary(),
-                    requested=len(self.workers),
-                    running=max(running, len(connected)),
-                    connected=len(connected),
-                )
-                if len(connected) >= n_workers:
-                    return
-                waiting = [w for n, w in self.workers.items() if n not in connected and w.machine]
-                if time.monotonic() - checked > 3:
-                    checked = time.monotonic()
-                    booting = await self.watch.raise_if_dead(
-                        [w.machine for w in waiting if w.machine]
-                    )
-                    running = len(connected) + sum(m.state == "running" for m in booting)
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"only {len(connected)} of {n_workers} workers connected within "
-                        f"{timeout}; "
-                        + await self.watch.describe_waiting(
-                            {w.name: w.machine for w in waiting}, self.launcher.waiting
-                        )
-                    )
-                await asyncio.sleep(0.2)
+            await self._await_workers(
+                lambda: n_workers,
+                parse_timedelta(timeout) if timeout else None,
+                progress,
+                fix="scale up, or wait longer",
+            )
         finally:
             progress.close()
+
+    async def _await_workers(
+        self,
+        wanted: Callable[[], int],
+        timeout: float | None,
+        progress: Progress,
+        fix: str,
+    ) -> None:
+        """Poll the scheduler until ``wanted()`` workers are running, or raise."""
+        deadline = time.monotonic() + timeout if timeout else None
+        checked, booted = time.monotonic(), 0
+        while True:
+            assert self.scheduler_comm is not None
+            self.scheduler_info = SchedulerInfo(await self.scheduler_comm.identity())
+            connected = {
+                str(w["name"])
+                for w in self.scheduler_info["workers"].values()
+                if w.get("status", Status.running.name) == Status.running.name
+            }
+            target = wanted()
+            progress.update(
+                vms=self._vm_summary(),
+                requested=len(self.workers),
+                running=max(booted, len(connected)),
+                connected=len(connected),
+            )
+            if len(connected) >= target:
+                return
+            waiting = {n: w.machine for n, w in self.workers.items() if n not in connected}
+            booting = [m for m in waiting.values() if m is not None]
+            if time.monotonic() - checked > 3:
+                checked = time.monotonic()
+                described = await self.watch.raise_if_dead(booting)
+                booted = len(connected) + sum(m.state == "running" for m in described)
+            if deadline is not None and time.monotonic() > deadline:
+                assert timeout is not None
+                raise WorkerBootTimeoutError(
+                    len(connected),
+                    target,
+                    timeout,
+                    await self.watch.describe_waiting(waiting, self.launcher.waiting),
+                    fix,
+                )
+            await asyncio.sleep(0.25)
 
     @property
     def cost_per_hour(self) -> float:
@@ -692,10 +918,24 @@ class RawVMCluster(SpecCluster):
         kinds = Counter((m.vm_type, m.market, m.zone or "?") for m in self.ledger.live())
         return ", ".join(f"{n} x {t} {mk} in {z}" for (t, mk, z), n in sorted(kinds.items()))
 
+    def _connected(self) -> dict[str, Any]:
+        info = self.scheduler_info or {}
+        return dict(info.get("workers", {}))
+
     def __repr__(self) -> str:
+        # distributed's Cluster.__repr__ first (name, address, workers, threads, memory),
+        # then the VMs.
+        workers = self._connected()
+        text = (
+            f"RawVMCluster({self.cluster_name!r}, {self.scheduler_address!r}, "
+            f"workers={len(workers)}, threads={sum(w['nthreads'] for w in workers.values())}"
+        )
+        memory = [w.get("memory_limit") for w in workers.values()]
+        if memory and all(memory):
+            text += f", memory={format_bytes(sum(memory))}"
         return (
-            f"RawVMCluster({self.cluster_name!r}, provider={self.options.provider!r}, "
-            f"workers={len(self.workers)}{self._waiting_note()}, status={self.status.name}, "
+            f"{text}, provider={self.options.provider!r}, requested={len(self.workers)}"
+            f"{self._waiting_note()}, status={self.status.name}, "
             f"vms=[{self._vm_summary()}], cost=${self.cost_per_hour:.3f}/h)"
         )
 
@@ -704,22 +944,31 @@ class RawVMCluster(SpecCluster):
         return f" ({waiting} waiting for capacity)" if waiting else ""
 
     def _repr_html_(self, cluster_status: Any = None) -> str:
-        connected = len(self.scheduler_info.get("workers", {})) if self.scheduler_info else 0
-        rows = {
-            "Provider": f"{self.options.provider} ({self.options.region or 'default region'})",
-            "Dashboard": f'<a href="{self.dashboard_link}" target="_blank">'
-            f"{self.dashboard_link}</a>"
-            if self.scheduler_address
-            else "",
-            "Workers": f"{connected} connected of {len(self.workers)} requested"
-            + self._waiting_note(),
-            "VMs": self._vm_summary() or "none",
-            "Cost": f"${self.cost_per_hour:.3f}/h now, ${self.spent:.2f} spent",
-            "Status": self.status.name,
-        }
-        body = "".join(
-            f'<tr><th style="text-align:left">{k}</th><td style="text-align:left">{v}</td></tr>'
-            for k, v in rows.items()
-        )
-        title = f"<h3>RawVMCluster {html.escape(self.cluster_name)}</h3>"
-        return f"<div>{title}<table>{body}</table></div>"
+        """distributed's cluster card (dashboard, workers, threads, memory, scheduler info)
+        with rows for the provider, the VMs, their cost and the cluster's status."""
+        region = self.options.region or "default region"
+        zones = sorted({m.zone for m in self.ledger.live() if m.zone})
+        rows = [
+            ("Scheduler", html.escape(str(self.scheduler_address))),
+            ("Provider", html.escape(f"{self.options.provider} ({region})")),
+            ("Workers requested", f"{len(self.workers)}{html.escape(self._waiting_note())}"),
+            ("VMs", html.escape(self._vm_summary() or "none")),
+            ("Zones", html.escape(", ".join(zones) or "none")),
+            ("Cost", f"${self.cost_per_hour:.3f}/h now, ${self.spent:.2f} spent"),
+            ("Status", self.status.name),
+        ]
+        cells = [f'<td style="text-align: left;"><strong>{k}:</strong> {v}</td>' for k, v in rows]
+        ours = "".join(f"<tr>{''.join(cells[i : i + 2])}</tr>" for i in range(0, len(cells), 2))
+        return super()._repr_html_(cluster_status=ours + (cluster_status or ""))
+
+
+def _weakly(method: Callable[..., Any]) -> Callable[..., None]:
+    """``method``, called only while its object lives (and holding it weakly)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        live = ref()
+        if live is not None:
+            live(*args)
+
+    return call

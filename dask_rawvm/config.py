@@ -10,6 +10,7 @@ environment variables on top of the packaged ``rawvm.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,10 @@ SCHEDULER_PLACEMENTS = ("vm", "local")
 ENVIRONMENT_CHECKS = ("error", "warn", "off")
 #: ``local_image=``: the local cloud's machine images (see dask_rawvm.localcloud.vmimage).
 LOCAL_IMAGES = ("warm", "bare")
+#: ``zone="auto"``: EC2 picks one zone with capacity and the whole cluster stays in it.
+ZONE_AUTO = "auto"
+#: ``zone="any"``: every zone of the subnets, the cluster spread over them.
+ZONE_ANY = "any"
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,13 @@ class ClusterOptions:
     worker_vm_type: str = "t3.large"
     worker_vm_types: list[str] | None = None
     spot_policy: SpotPolicy = "on-demand"
-    zone: str | list[str] | None = None
+    zone: str | list[str] = ZONE_AUTO
+    vpc: str | None = None
+    subnets: list[str] | None = None
+    security_groups: list[str] | None = None
+    public_ip: bool = True
+    worker_disk_size: int = 40
+    scheduler_disk_size: int = 20
     capacity_retry_timeout: float = 600.0
     ami: str | None = None
     worker_nthreads: int | None = None
@@ -65,6 +76,8 @@ class ClusterOptions:
     death_timeout: float = 60.0
     idle_timeout: float | None = 1200.0
     scheduler_timeout: float = 300.0
+    wait_for_workers: bool | int | float = True
+    worker_start_timeout: float = 300.0
     launch_window: float = 0.005
     tags: dict[str, str] = field(default_factory=dict)
     environment: Any = "local"
@@ -92,6 +105,7 @@ _DURATIONS = (
     "death_timeout",
     "idle_timeout",
     "scheduler_timeout",
+    "worker_start_timeout",
     "launch_window",
     "capacity_retry_timeout",
 )
@@ -127,6 +141,8 @@ def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOpt
         config_name = _default_section(given)
     merged = _section(config_name)
     merged.update(given)
+    if merged.get("zone") is None:  # a section's "zone: null" (the old default) means the default
+        merged.pop("zone", None)
     for key in set(_DURATIONS) & set(merged):
         merged[key] = _seconds(key, merged[key])
     options = ClusterOptions(**merged)
@@ -187,6 +203,7 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
             "'vm' runs the scheduler on its own VM, 'local' in this process"
         )
     check_spot_policy(options.spot_policy)
+    check_wait_for_workers(options.wait_for_workers)
     if options.worker_vm_types is not None and (
         isinstance(options.worker_vm_types, str) or not options.worker_vm_types
     ):
@@ -206,6 +223,7 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
             f"{list(ENVIRONMENT_CHECKS)}: 'error' stops a start whose VMs differ from this "
             "environment in a package this process imported, 'warn' only says so, 'off' skips it"
         )
+    _check_network(options)
     if options.environment_resolver not in ("uv", "pip-tools"):
         raise OptionError(
             f"environment_resolver={options.environment_resolver!r} is not 'uv' or 'pip-tools' "
@@ -216,3 +234,65 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
             "provider='local' starts its own cloud and takes no endpoint_url; "
             "to use a local cloud running elsewhere pass provider='aws', endpoint_url=..."
         )
+
+
+def _check_network(options: ClusterOptions) -> None:
+    """Shapes only (a zone, a list of them; ids that look like EC2's); what exists is the
+    provider's to check, before it launches anything."""
+    zone = options.zone
+    if not isinstance(zone, (str, list)) or not zone:
+        raise OptionError(
+            f"zone={zone!r}: pass 'auto' (one zone EC2 picks, the default), 'any' (every zone), "
+            "a zone ('us-east-1a') or a list of zones"
+        )
+    for key, prefix in (("subnets", "subnet-"), ("security_groups", "sg-")):
+        value = getattr(options, key)
+        if value is None:
+            continue
+        if (
+            isinstance(value, str)
+            or not value
+            or not all(isinstance(v, str) and v.startswith(prefix) for v in value)
+        ):
+            raise OptionError(
+                f"{key}={value!r} must be a non-empty list of ids ({prefix}...), e.g. "
+                f'{key}=["{prefix}0123456789abcdef0"]'
+            )
+    if options.vpc is not None and not str(options.vpc).startswith("vpc-"):
+        raise OptionError(f"vpc={options.vpc!r} is not a VPC id (vpc-...)")
+    for key in ("worker_disk_size", "scheduler_disk_size"):
+        size = getattr(options, key)
+        # gp3 volumes take 1 to 16384 GiB; below 8 no Amazon Linux 2023 image fits.
+        if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 16384:
+            raise OptionError(
+                f"{key}={size!r} must be a whole number of GiB from 8 (the size of an Amazon "
+                "Linux 2023 image) to 16384 (gp3's largest), e.g. 100"
+            )
+
+
+def check_wait_for_workers(value: object) -> None:
+    """``wait_for_workers`` is True, False, a count of workers, or a fraction of them."""
+    ok = (
+        isinstance(value, bool)
+        or (isinstance(value, int) and value >= 0)
+        or (isinstance(value, float) and 0.0 <= value <= 1.0)
+    )
+    if not ok:
+        raise OptionError(
+            f"wait_for_workers={value!r} is not True (every worker launched), False (none), "
+            "a count of workers (3) or a fraction of them (0.9)"
+        )
+
+
+def workers_to_wait_for(value: bool | int | float, n_workers: int) -> int:
+    """How many of ``n_workers`` a start waits for, as ``wait_for_workers`` says."""
+    if isinstance(value, bool):
+        return n_workers if value else 0
+    if isinstance(value, float):
+        return math.ceil(value * n_workers)
+    if value > n_workers:
+        raise OptionError(
+            f"wait_for_workers={value} is more than n_workers={n_workers}: wait for at most "
+            "n_workers, or pass True to wait for all of them"
+        )
+    return value

@@ -4,7 +4,10 @@ Prices come from a provider's catalog (any :class:`PricedType`, such as EC2's
 :class:`~dask_rawvm.providers.ec2.catalog.VMType` annotated by its
 :class:`~dask_rawvm.providers.ec2.catalog.PriceTable`). EC2 bills Linux instances per second with a
 60-second minimum, on-demand and spot alike; the meter counts the same way, from launch
-(not from ``running``: a slight over-estimate, which is the safe side for a budget).
+(not from ``running``: a slight over-estimate, which is the safe side for a budget). A
+machine's price is what AWS bills for it per hour: the instance, and its root volume and
+public IPv4 address (recorded by part, :meth:`CostMeter.cost_per_hour_by_part`), which the
+meter bills the same way (EBS too is billed per second with a 60 s minimum).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -181,6 +184,8 @@ class Usage:
     hourly_price: float
     launched_at: float
     terminated_at: float | None = None
+    #: ``hourly_price`` by what is billed (``instance``, ``storage``, ``public_ipv4``).
+    parts: tuple[tuple[str, float], ...] = ()
 
     def cost(self, now: float, minimum_seconds: float = BILLING_MINIMUM_SECONDS) -> float:
         """USD billed for this instance up to ``now`` (or its termination)."""
@@ -228,12 +233,17 @@ class CostMeter:
         market: str,
         hourly_price: float | None = None,
         at: float | None = None,
+        parts: Mapping[str, float] | None = None,
     ) -> None:
         """Record a launch; the price defaults to an annotated ``vm_type``'s price on ``market``.
 
+        ``parts`` is what the machine costs per hour by what is billed (the instance, its
+        storage, its public address); their sum is the price when ``hourly_price`` is None.
         A second report of the same instance is ignored: launches may be reported twice.
         """
         check_market(market)
+        if hourly_price is None and parts:
+            hourly_price = sum(parts.values())
         if hourly_price is None:
             hourly_price = None if isinstance(vm_type, str) else vm_type.price(market)
         if hourly_price is None:
@@ -242,7 +252,12 @@ class CostMeter:
         with self._lock:
             if instance_id not in self._usage:
                 self._usage[instance_id] = Usage(
-                    instance_id, name, market, float(hourly_price), self._now(at)
+                    instance_id,
+                    name,
+                    market,
+                    float(hourly_price),
+                    self._now(at),
+                    parts=tuple((k, float(v)) for k, v in (parts or {}).items()),
                 )
 
     def terminated(self, instance_id: str, at: float | None = None) -> None:
@@ -266,6 +281,18 @@ class CostMeter:
         """USD per hour of the instances running now."""
         with self._lock:
             return sum(u.hourly_price for u in self._usage.values() if u.terminated_at is None)
+
+    def cost_per_hour_by_part(self) -> dict[str, float]:
+        """USD per hour of what runs now, by what is billed (``instance``, ``storage``,
+        ``public_ipv4``); launches recorded without parts count as ``instance``."""
+        totals: dict[str, float] = {}
+        with self._lock:
+            for usage in self._usage.values():
+                if usage.terminated_at is not None:
+                    continue
+                for part, price in usage.parts or (("instance", usage.hourly_price),):
+                    totals[part] = totals.get(part, 0.0) + price
+        return totals
 
     def running(self) -> list[str]:
         """Ids of the instances not yet terminated."""

@@ -7,6 +7,10 @@ Two things, each closed by default (the third, a firewall per cluster, is the cl
   cluster and issues the scheduler's, the workers' and the client's certificates
   from it. Every Dask connection is mutual TLS: both ends present a certificate
   signed by *this cluster's* CA and refuse anything else, including plain TCP.
+- **Clients of this process need nothing more.** ``Client(cluster)`` takes the
+  cluster's ``security``; ``Client(cluster.scheduler_address)`` gets it from
+  :func:`security_for_address`, the ``distributed.client.security-loader`` a cluster
+  installs when it starts (unless the user configured a loader of their own).
 - **No secret in user-data.** User-data is readable by anyone allowed
   ``DescribeInstanceAttribute`` and is capped at 16 KiB. A VM's key and
   certificates travel in a small tar (:func:`pack_vm_material`) that the cluster
@@ -27,14 +31,66 @@ import datetime
 import io
 import ipaddress
 import tarfile
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import dask.config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from distributed.security import Security
+
+# -- clients of this process ------------------------------------------------------------------
+
+
+class HasSecurity(Protocol):
+    """What a cluster offers its clients: the :class:`Security` to connect with."""
+
+    security: Security
+
+
+#: The running clusters of this process, by every scheduler address a client may dial;
+#: held weakly, so a cluster dropped or closed falls out by itself.
+_CLUSTERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+
+
+#: The loader, as distributed's ``distributed.client.security-loader`` names it.
+SECURITY_LOADER = f"{__name__}.security_for_address"
+
+
+def offer_security(owner: HasSecurity, addresses: Iterable[str | None]) -> None:
+    """Let this process's clients of ``addresses`` connect with ``owner.security``.
+
+    Installs :func:`security_for_address` as distributed's security loader, unless
+    one is configured already (the user's own wins; then ``Client(address)`` needs
+    ``security=cluster.security``).
+    """
+    if dask.config.get("distributed.client.security-loader", None) is None:
+        # Set for the process, not in a context: it must outlive this call, and it only
+        # ever answers for addresses of this process's clusters.
+        dask.config.set({"distributed.client.security-loader": SECURITY_LOADER})
+    for address in addresses:
+        if address:
+            _CLUSTERS[address] = owner
+
+
+def withdraw_security(owner: HasSecurity) -> None:
+    """Forget every address :func:`offer_security` gave ``owner`` (the cluster closed)."""
+    for address, held in list(_CLUSTERS.items()):
+        if held is owner:
+            _CLUSTERS.pop(address, None)
+
+
+def security_for_address(info: Mapping[str, Any]) -> Security | None:
+    """distributed's ``security-loader`` hook: the Security of this process's cluster at
+    ``info["address"]``, for a ``Client(address)`` given none; None for any other address
+    (distributed's default Security then)."""
+    owner = _CLUSTERS.get(str(info.get("address")))
+    return None if owner is None else owner.security
+
 
 # -- TLS material ---------------------------------------------------------------------------
 

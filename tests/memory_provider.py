@@ -32,6 +32,7 @@ from dask_rawvm.providers.base import (
     OnGaveUp,
     OnLate,
     Provider,
+    WorkerSize,
 )
 
 
@@ -62,6 +63,8 @@ class MemoryProvider(Provider):
         self.asking: dict[str, Asking] = {}
         self.stopped: list[str] = []
         self.fail_cleanup = False
+        #: What a worker of each type has: types not here cannot be sized.
+        self.sizes: dict[str, WorkerSize] = {}
         self._ids = itertools.count()
 
     @classmethod
@@ -79,6 +82,9 @@ class MemoryProvider(Provider):
 
     def target_for(self, vm_type: str) -> Target:
         return Target.local()
+
+    def worker_size(self, vm_type: str) -> WorkerSize | None:
+        return self.sizes.get(vm_type)
 
     async def launch(
         self, spec: LaunchSpec, on_late: OnLate | None = None, on_gave_up: OnGaveUp | None = None

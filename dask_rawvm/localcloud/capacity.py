@@ -17,15 +17,20 @@ Choices, where AWS cannot be copied exactly:
 - Capacity taken by a launch does not come back when the instance terminates: a test that
   exhausts a pool keeps it exhausted until it restores capacity, whatever its cluster does.
 - Each instance counts 1 towards a fleet's target (``WeightedCapacity`` is ignored), and
-  ``MinTargetCapacity``/``SingleInstanceType``/``SingleAvailabilityZone`` are not honoured.
+  ``MinTargetCapacity``/``SingleInstanceType`` are not honoured. ``SingleAvailabilityZone``
+  is: the fleet launches from the pools of one zone, the one that can give the most (ties:
+  the zone of the best-ranked pool), as EC2 picks a zone with capacity.
 - RunInstances launches ``MinCount`` instances (moto's semantics) and answers
   InsufficientInstanceCapacity when its pool has fewer than that left.
 - Launches are validated as EC2 validates them: an unknown instance type, an unknown AMI,
   or an AMI whose architecture the type cannot run is refused. moto checks the first two
   only with ``MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION``/``MOTO_ENABLE_AMI_VALIDATION`` set,
   read once at import for the whole process; here it is the local cloud's accounts only.
-- Template block-device mappings are not applied to fleet instances (as in moto's fleets):
-  each gets moto's default root volume.
+- A template's block-device mappings are applied to fleet instances after moto made them
+  (moto's fleets ignore them): the root volume gets the mapping's size and type.
+- What EC2 refuses and moto accepts can be turned on per cloud (:class:`LaunchRules`): spot
+  launches refused for want of the spot service-linked role, and tag keys EC2 refuses when
+  ``InstanceMetadataTags`` is enabled.
 """
 
 from __future__ import annotations
@@ -46,6 +51,41 @@ MARKETS = ("on-demand", "spot")
 # Per-account models: each LocalCloud has a moto account of its own.
 _MODELS: dict[str, CapacityModel] = {}
 _MODELS_LOCK = threading.Lock()
+
+
+#: EC2's answer to a spot launch in an account without the spot service-linked role, by
+#: credentials that may not create it (AWS's EC2 Spot documentation).
+SPOT_ROLE_REFUSAL = (
+    "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+    "The provided credentials do not have permission to create the service-linked role for "
+    "EC2 Spot Instances.",
+)
+
+
+@dataclass
+class LaunchRules:
+    """What EC2 refuses that moto accepts: off until a test turns it on."""
+
+    #: ``(code, message)`` every spot launch is refused with, per pool in an instant fleet's
+    #: ``Errors`` (as EC2 reports the spot service-linked role missing), or None.
+    spot_refusal: tuple[str, str] | None = None
+    #: Refuse launches whose instance tag keys EC2 refuses with ``InstanceMetadataTags``
+    #: enabled (spaces, ``/``, ``.``, ``..``, ``_index``).
+    metadata_tag_keys: bool = False
+
+
+def metadata_tag_key_error(tags: Iterable[str]) -> str | None:
+    """Why EC2 would refuse these instance tag keys with ``InstanceMetadataTags`` enabled
+    (None when it would not). AWS documents: letters, digits and ``+ - = . , _ : @`` only;
+    no spaces or ``/``; not ``.``, ``..`` or ``_index``."""
+    bad = sorted(k for k in tags if " " in k or "/" in k or k in (".", "..", "_index"))
+    if not bad:
+        return None
+    return (
+        f"The tag key(s) {', '.join(repr(k) for k in bad)} are not allowed when instance "
+        "metadata tags are enabled (InstanceMetadataTags): tag keys may not contain spaces "
+        "or '/', nor be '.', '..' or '_index'."
+    )
 
 
 @dataclass(frozen=True)
@@ -93,6 +133,8 @@ class CapacityModel:
         self._unsupported: set[PoolKey] = set()
         # ClientToken -> the answer of the instant fleet it made (CreateFleet is idempotent).
         self._fleets: dict[str, dict[str, Any]] = {}
+        #: What EC2 refuses that moto accepts, as a test turned it on.
+        self.rules = LaunchRules()
 
     def set_limit(
         self,
@@ -315,6 +357,13 @@ def admit_run_instances(response: Any, model: CapacityModel) -> Callable[[], Non
     zone = _zone_of_run(backend, response)
     spot = response._get_param("InstanceMarketOptions.MarketType") == "spot"
     market = "spot" if spot else "on-demand"
+    _check_rules(
+        model.rules,
+        response._get_param("MetadataOptions", {}) or {},
+        response._get_param("TagSpecifications", []) or [],
+    )
+    if spot and model.rules.spot_refusal is not None:
+        raise LaunchError(*model.rules.spot_refusal, status=403)
     count = int(response._get_param("MinCount", if_none="1"))
     if not model.supported(instance_type, zone):
         others = _other_zones(backend, model, instance_type, zone, market)
@@ -325,6 +374,23 @@ def admit_run_instances(response: Any, model: CapacityModel) -> Callable[[], Non
             "InsufficientInstanceCapacity", ice_message(instance_type, zone, others), 500
         )
     return lambda: model.give_back(instance_type, zone, market, count)
+
+
+def _check_rules(
+    rules: LaunchRules, metadata: dict[str, Any], tag_specifications: list[dict[str, Any]]
+) -> None:
+    """Refuse a launch the rules turned on forbid (a whole-call error, as EC2's)."""
+    if not rules.metadata_tag_keys or metadata.get("InstanceMetadataTags") != "enabled":
+        return
+    keys = [
+        tag["Key"]
+        for spec in tag_specifications
+        if spec.get("ResourceType") == "instance"
+        for tag in spec.get("Tags", [])
+    ]
+    problem = metadata_tag_key_error(keys)
+    if problem is not None:
+        raise LaunchError("InvalidParameterValue", problem)
 
 
 # -- CreateFleet (instant) ----------------------------------------------------------------------
@@ -429,9 +495,18 @@ def create_instant_fleet(response: Any, model: CapacityModel) -> Any:
     fleet.target_capacity_specification = target_spec
     fleet.target_capacity = int(target_spec.get("TotalTargetCapacity") or 0)
     pools = [_pool(backend, spec, i) for i, spec in enumerate(fleet.launch_specs)]
+    for pool in pools[:1]:  # one template per fleet here: its rules are the fleet's
+        data = _template_data(backend, pool.spec)
+        _check_rules(
+            model.rules, data.get("MetadataOptions") or {}, data.get("TagSpecifications") or []
+        )
     for market, wanted in market_targets(target_spec).items():
         if wanted:
-            _fill(backend, model, fleet, pools, market, wanted, _strategy(params, market))
+            options = params["spot_options"] if market == "spot" else params["on_demand_options"]
+            eligible = pools
+            if _true((options or {}).get("SingleAvailabilityZone")):
+                eligible = _single_zone(model, pools, market, wanted)
+            _fill(backend, model, fleet, eligible, market, wanted, _strategy(params, market))
     answer = {
         "FleetId": fleet.id,
         "Errors": [
@@ -457,6 +532,30 @@ def create_instant_fleet(response: Any, model: CapacityModel) -> Any:
     }
     model.remember_fleet(client_token, answer)
     return ActionResult(answer)
+
+
+def _true(value: Any) -> bool:
+    return value is True or str(value).lower() == "true"
+
+
+def _single_zone(model: CapacityModel, pools: list[_Pool], market: str, wanted: int) -> list[_Pool]:
+    """The pools of the one zone a ``SingleAvailabilityZone`` fleet launches in: the zone
+    that can give the most of ``wanted``, ties going to the zone of the best-ranked pool."""
+    zones: dict[str, list[_Pool]] = {}
+    for pool in sorted(pools, key=lambda p: (p.priority, p.position)):
+        zones.setdefault(pool.zone, []).append(pool)
+
+    def room(pool: _Pool) -> float:
+        if not model.supported(pool.spec.instance_type, pool.zone):
+            return 0
+        left = model.available(pool.spec.instance_type, pool.zone, market)
+        return math.inf if left is None else left
+
+    def gives(zone_pools: list[_Pool]) -> float:
+        return min(sum(room(p) for p in zone_pools), wanted)
+
+    best = max(zones.values(), key=gives, default=[])  # max keeps the first of equals
+    return best
 
 
 def _strategy(params: dict[str, Any], market: str) -> str:
@@ -523,6 +622,8 @@ def _launch_from(
     invalid = validation_error(backend, spec.instance_type, spec.image_id)
     if invalid is not None:
         return _fail(pool, market, invalid.code, invalid.message)
+    if market == "spot" and model.rules.spot_refusal is not None:
+        return _fail(pool, market, *model.rules.spot_refusal)
     if not model.supported(spec.instance_type, pool.zone):
         others = _other_zones(backend, model, spec.instance_type, pool.zone, market)
         return _fail(
@@ -631,4 +732,35 @@ def _launch(backend: Any, fleet: Any, pool: _Pool, market: str, count: int) -> l
         ]
         fleet.fulfilled_on_demand_capacity += count
     fleet.fulfilled_capacity += count
+    _apply_block_devices(backend, instances, data.get("BlockDeviceMappings") or [])
     return [i.id for i in instances]
+
+
+def _apply_block_devices(
+    backend: Any, instances: list[Any], mappings: list[dict[str, Any]]
+) -> None:
+    """Give fleet instances the template's EBS mappings (moto's fleets give every instance
+    its default 8 GiB volume): the image's root device gets the mapping's size and type."""
+    for mapping in mappings:
+        ebs = mapping.get("Ebs") or {}
+        device = mapping.get("DeviceName")
+        if not ebs or not device:
+            continue
+        for instance in instances:
+            attached = dict(instance.get_block_device_mapping)
+            # moto attaches its default root volume at /dev/sda1 whatever the image says.
+            root = attached.get(device) or (
+                attached.get("/dev/sda1") if device == instance.root_device_name else None
+            )
+            if root is None:
+                continue
+            volume = backend.get_volume(root.volume_id)
+            if ebs.get("VolumeSize") is not None:
+                volume.size = int(ebs["VolumeSize"])
+            if ebs.get("VolumeType"):
+                volume.volume_type = ebs["VolumeType"]
+            if device not in attached:  # the mapping's name, as EC2 reports the root device
+                instance.block_device_mapping[device] = instance.block_device_mapping.pop(
+                    "/dev/sda1"
+                )
+            root.delete_on_termination = _true(ebs.get("DeleteOnTermination", True))

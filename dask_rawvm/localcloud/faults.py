@@ -37,6 +37,10 @@ ERROR_STATUS = {
     "AuthFailure": 401,
 }
 
+#: EC2's message for an action the caller's policies do not allow (EC2 appends an encoded
+#: authorization message, which ``sts decode-authorization-message`` reads).
+UNAUTHORIZED_MESSAGE = "You are not authorized to perform this operation."
+
 READ_ONLY_PREFIXES = ("Describe", "Get", "List", "Head")
 #: Requests whose parameters are kept (the oldest are forgotten first).
 REQUEST_LOG_SIZE = 500
@@ -57,6 +61,8 @@ class Fault:
     latency: float = 0.0
     message: str | None = None
     status: int | None = None
+    #: Calls to let through before the fault applies.
+    after: int = 0
 
 
 class FaultInjector:
@@ -68,6 +74,7 @@ class FaultInjector:
         self._latency: dict[str, float] = {}
         self._calls: Counter[str] = Counter()
         self._requests: deque[tuple[str, dict[str, str]]] = deque(maxlen=REQUEST_LOG_SIZE)
+        self._denied: set[str] = set()
 
     def inject(
         self,
@@ -77,8 +84,10 @@ class FaultInjector:
         latency: float = 0.0,
         message: str | None = None,
         status: int | None = None,
+        after: int = 0,
     ) -> None:
-        """Make the next ``count`` calls of ``action`` fail with ``error``.
+        """Make the next ``count`` calls of ``action`` fail with ``error``, once ``after``
+        calls went through (``after=1``: the second call of a pass fails, not the first).
 
         With ``error=None`` and ``latency`` set, every later call of ``action``
         is delayed by ``latency`` seconds until :meth:`clear`.
@@ -87,14 +96,25 @@ class FaultInjector:
             if error is None:
                 self._latency[action] = latency
                 return
-            fault = Fault(error, count, latency, message, status)
+            fault = Fault(error, count, latency, message, status, after)
             self._faults.setdefault(action, []).append(fault)
 
+    def deny(self, action: str, denied: bool = True) -> None:
+        """Answer every later call of ``action`` as EC2 answers a caller without the
+        permission (``UnauthorizedOperation``, HTTP 403), until ``deny(action, False)``
+        or :meth:`clear`."""
+        with self._lock:
+            if denied:
+                self._denied.add(action)
+            else:
+                self._denied.discard(action)
+
     def clear(self) -> None:
-        """Forget every injected fault and latency."""
+        """Forget every injected fault, latency and denial."""
         with self._lock:
             self._faults.clear()
             self._latency.clear()
+            self._denied.clear()
 
     @property
     def calls(self) -> Counter[str]:
@@ -127,10 +147,15 @@ class FaultInjector:
             if params is not None:
                 self._requests.append((action, params))
             latency = self._latency.get(action, 0.0)
+            if action in self._denied:
+                return latency, Fault("UnauthorizedOperation", message=UNAUTHORIZED_MESSAGE)
             queue = self._faults.get(action)
             if not queue:
                 return latency, None
             fault = queue[0]
+            if fault.after > 0:
+                fault.after -= 1
+                return latency, None
             fault.count -= 1
             if fault.count <= 0:
                 queue.pop(0)
@@ -143,6 +168,11 @@ def action_of(environ: dict[str, Any]) -> str:
     Reads a form body if there is one and puts it back so moto can read it again.
     """
     return _action_and_params(environ)[0]
+
+
+def request_of(environ: dict[str, Any]) -> tuple[str, dict[str, str] | None]:
+    """The action and the flat parameters of a query-protocol request (None otherwise)."""
+    return _action_and_params(environ)
 
 
 def _action_and_params(environ: dict[str, Any]) -> tuple[str, dict[str, str] | None]:

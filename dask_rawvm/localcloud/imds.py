@@ -3,17 +3,59 @@
 Served under ``/_imds/<instance-id>/`` on the local cloud's endpoint; the VM
 gets that prefix in ``RAWVM_IMDS``. On EC2 the same paths live at
 ``http://169.254.169.254/``, so one bootstrap script serves both.
+
+As on EC2: a session token comes from ``PUT latest/api/token`` with a TTL of 1 to
+21600 s (``X-aws-ec2-metadata-token-ttl-seconds``; anything else is a 400), every other
+request needs a token of that instance that has not expired (401 otherwise), and
+``tags/instance`` answers only for instances launched with ``InstanceMetadataTags``
+enabled. A test can cap token lifetimes (:attr:`Tokens.max_ttl`) to see a watcher
+outlive its token in seconds rather than hours.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from dask_rawvm.localcloud.runtime import VM, decode_user_data, instance_document
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+#: The longest token EC2's metadata service issues, in seconds (6 hours).
+MAX_TOKEN_TTL = 21600
+
+
+class Tokens:
+    """IMDSv2 session tokens of one local cloud's instances, and when each expires."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[str, float]] = {}  # token -> (instance id, expiry)
+        #: Tokens live at most this many seconds whatever TTL was asked for (a strict
+        #: cloud's compressed clock); None: the TTL asked for, as on EC2.
+        self.max_ttl: float | None = None
+
+    def issue(self, instance_id: str, ttl: float) -> str:
+        """A new token for ``instance_id`` that expires after ``ttl`` s (capped by max_ttl)."""
+        if self.max_ttl is not None:
+            ttl = min(ttl, self.max_ttl)
+        token = os.urandom(24).hex()
+        now = time.monotonic()
+        with self._lock:
+            # Forget expired tokens as new ones come: a VM refreshing for hours stays small.
+            self._tokens = {t: v for t, v in self._tokens.items() if v[1] > now}
+            self._tokens[token] = (instance_id, now + ttl)
+        return token
+
+    def valid(self, instance_id: str, token: str | None) -> bool:
+        """Whether ``token`` is a live token of ``instance_id``."""
+        with self._lock:
+            found = self._tokens.get(token or "")
+        return found is not None and found[0] == instance_id and found[1] > time.monotonic()
 
 
 def _metadata(vm: VM, key: str) -> str | None:
@@ -32,19 +74,23 @@ def _metadata(vm: VM, key: str) -> str | None:
         "placement/availability-zone": instance.availability_zone or "",
         "placement/region": instance.region_name,
         "instance-life-cycle": "spot" if instance.lifecycle == "spot" else "on-demand",
-        "tags/instance": "\n".join(sorted(tags)),
     }
     if key in simple:
         return simple[key]
-    if key.startswith("tags/instance/"):
-        return tags.get(key.removeprefix("tags/instance/"))
+    options = getattr(instance, "metadata_options", None)
+    if getattr(options, "instance_metadata_tags", "disabled") == "enabled":
+        # EC2 serves tags only to instances launched with InstanceMetadataTags enabled.
+        if key == "tags/instance":
+            return "\n".join(sorted(tags))
+        if key.startswith("tags/instance/"):
+            return tags.get(key.removeprefix("tags/instance/"))
     if key == "spot/instance-action" and vm.instance_action is not None:
         return json.dumps(vm.instance_action)
     return None
 
 
 def handle(
-    environ: dict[str, Any], start_response: StartResponse, vms: dict[str, VM]
+    environ: dict[str, Any], start_response: StartResponse, vms: dict[str, VM], tokens: Tokens
 ) -> Iterable[bytes]:
     """Answer one IMDS request for the VM named in the path."""
     parts = environ.get("PATH_INFO", "").split("/", 3)  # "", "_imds", id, rest
@@ -53,9 +99,13 @@ def handle(
     method = environ.get("REQUEST_METHOD", "GET")
     if vm is None:
         return _reply(start_response, "404 Not Found", "unknown instance")
+    instance_id = vm.instance.id
     if rest == "latest/api/token" and method == "PUT":
-        return _reply(start_response, "200 OK", vm.token)
-    if environ.get("HTTP_X_AWS_EC2_METADATA_TOKEN") != vm.token:
+        ttl = environ.get("HTTP_X_AWS_EC2_METADATA_TOKEN_TTL_SECONDS", "")
+        if not ttl.isdigit() or not 1 <= int(ttl) <= MAX_TOKEN_TTL:
+            return _reply(start_response, "400 Bad Request", "Missing or invalid TTL")
+        return _reply(start_response, "200 OK", tokens.issue(instance_id, int(ttl)))
+    if not tokens.valid(instance_id, environ.get("HTTP_X_AWS_EC2_METADATA_TOKEN")):
         return _reply(start_response, "401 Unauthorized", "IMDSv2 token required")
     if rest == "latest/user-data":
         return _reply(start_response, "200 OK", decode_user_data(vm.instance.user_data))

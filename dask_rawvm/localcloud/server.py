@@ -9,6 +9,9 @@ front of moto's WSGI app. A small middleware in between
 - limits capacity by instance type, zone and market, and answers CreateFleet (instant) and
   RunInstances as EC2 does when a pool runs out (:mod:`.capacity`);
 - serves each VM's instance metadata under ``/_imds/<id>/`` (:mod:`.imds`);
+- answers as strictly as EC2 where a test turns it on (:mod:`.strict`): eventual
+  consistency, paged listings, expiring IMDS tokens, EC2's launch refusals, Service
+  Quotas (:mod:`.quotas`) and IAM (:mod:`.iam`);
 - serves a small control API under ``/_localcloud/`` so a process that did not
   start the cloud (a benchmark, a test's subprocess) can inject faults, read
   call counts, limit capacity and interrupt spot instances: see :class:`RemoteCloud`.
@@ -32,7 +35,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from dask_rawvm.localcloud import capacity, faults, imds
+from dask_rawvm.localcloud import capacity, faults, imds, quotas, strict
 from dask_rawvm.localcloud.images import publish_gpu_images
 from dask_rawvm.localcloud.lifetime import Watchdog, reap_stale_directories, write_owner_record
 from dask_rawvm.localcloud.runtime import VMRuntime, describe_image
@@ -55,7 +58,7 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-class LocalCloud:
+class LocalCloud(strict.LocalStrictness):
     """An EC2-compatible cloud on this machine, whose instances are local processes.
 
     Each instance that enters ``running`` boots by running its user-data as a process
@@ -156,6 +159,10 @@ class LocalCloud:
         self._workdir: Path | None = self._given_workdir
         self.faults = faults.FaultInjector()
         self.capacity = capacity.CapacityModel()
+        # What EC2 does that moto does not, as tests turn it on (see .strict).
+        self.strictness = strict.Strictness()
+        self.imds_tokens = imds.Tokens()
+        self.quotas = quotas.Quotas()
         self.runtime: VMRuntime | None = None
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -233,6 +240,7 @@ class LocalCloud:
             watchdog.release()
             raise
         capacity.register(self.account_id, self.capacity)
+        quotas.register(self.account_id, self.quotas)
         publish_gpu_images(self.account_id, self.region)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="localcloud-server", daemon=True
@@ -283,12 +291,14 @@ class LocalCloud:
         latency: float = 0.0,
         message: str | None = None,
         status: int | None = None,
+        after: int = 0,
     ) -> None:
-        """Fail the next ``count`` calls of ``action`` with ``error``, or add ``latency``.
+        """Fail the next ``count`` calls of ``action`` with ``error`` (after ``after`` calls
+        went through), or add ``latency``.
 
         See :meth:`dask_rawvm.localcloud.faults.FaultInjector.inject`.
         """
-        self.faults.inject(action, error, count, latency, message, status)
+        self.faults.inject(action, error, count, latency, message, status, after)
 
     def clear_faults(self) -> None:
         self.faults.clear()
@@ -412,6 +422,7 @@ def _shutdown(
     server.server_close()
     _forget_account(account_id)
     capacity.unregister(account_id)
+    quotas.unregister(account_id)
     if workdir is not None:
         shutil.rmtree(workdir, ignore_errors=True)
     watchdog.release()  # everything is done: it has nothing left to do
@@ -441,7 +452,9 @@ class _Middleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path.startswith("/_imds/"):
-            return imds.handle(environ, start_response, self.cloud._runtime().vms)
+            return imds.handle(
+                environ, start_response, self.cloud._runtime().vms, self.cloud.imds_tokens
+            )
         if path.startswith("/_localcloud/"):
             return _control(self.cloud, environ, start_response)
         environ["HTTP_X_MOTO_ACCOUNT_ID"] = self.cloud.account_id
@@ -453,8 +466,8 @@ class _Middleware:
         conditional = "HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ
         if environ.get("REQUEST_METHOD") == "PUT" and conditional:
             with self._conditional_writes:
-                return list(self.app(environ, start_response))
-        return self.app(environ, start_response)
+                return list(strict.serve(self.cloud.strictness, environ, start_response, self.app))
+        return strict.serve(self.cloud.strictness, environ, start_response, self.app)
 
 
 def _control(
@@ -492,14 +505,16 @@ def _control(
     elif verb == "restore-capacity":
         cloud.restore_capacity()
     else:
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"unknown local cloud control verb"]
+        handled, result = strict.control(cloud, verb, args)
+        if not handled:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"unknown local cloud control verb"]
     body = json.dumps(result).encode()
     start_response("200 OK", [("Content-Type", "application/json")])
     return [body]
 
 
-class RemoteCloud:
+class RemoteCloud(strict.RemoteStrictness):
     """Control a :class:`LocalCloud` running in another process, by its endpoint.
 
     Offers the test-facing methods of LocalCloud (``image``, ``inject``, ``calls``,
@@ -537,6 +552,7 @@ class RemoteCloud:
         latency: float = 0.0,
         message: str | None = None,
         status: int | None = None,
+        after: int = 0,
     ) -> None:
         self._call(
             "inject",
@@ -546,6 +562,7 @@ class RemoteCloud:
             latency=latency,
             message=message,
             status=status,
+            after=after,
         )
 
     def clear_faults(self) -> None:

@@ -2,8 +2,8 @@
 its machines fetch (:class:`ClusterStore`), the record of machines and cost
 (:class:`Ledger`), the provider's lifecycle (:class:`ProviderSession`), the options
 (:class:`Settings`), limits (:class:`Limits`), boot diagnostics (:class:`BootWatch`),
-the environment's fidelity check (:class:`EnvironmentCheck`), and the scheduler and
-worker VMs as thin ProcessInterfaces."""
+the environment's fidelity check (:class:`EnvironmentCheck`), what a worker is
+(:class:`WorkerShape`), and the scheduler and worker VMs as thin ProcessInterfaces."""
 
 from dask_rawvm.machines.environment_check import EnvironmentCheck, EnvironmentMismatch
 from dask_rawvm.machines.launcher import Coalescer, Launcher
@@ -14,6 +14,7 @@ from dask_rawvm.machines.preflight import preflight
 from dask_rawvm.machines.processes import SchedulerVM, WorkerVM
 from dask_rawvm.machines.session import ProviderSession, RunningCluster
 from dask_rawvm.machines.settings import Settings
+from dask_rawvm.machines.shape import WorkerShape, worker_shape
 from dask_rawvm.machines.store import ClusterStore
 from dask_rawvm.machines.watch import BootWatch
 
@@ -32,8 +33,10 @@ __all__ = [
     "SchedulerVM",
     "Settings",
     "WorkerNames",
+    "WorkerShape",
     "WorkerVM",
     "is_worker_name",
     "preflight",
     "worker_index",
+    "worker_shape",
 ]

@@ -27,9 +27,10 @@ from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.machines.names import WORKER_PREFIX, contiguous_runs, worker_index
 from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.machines.settings import Settings
+from dask_rawvm.machines.shape import WorkerShape
 from dask_rawvm.machines.store import ClusterStore
 from dask_rawvm.needs import SpotPolicy
-from dask_rawvm.providers.base import LaunchSpec, Machine, OnGaveUp, OnLate
+from dask_rawvm.providers.base import ROLE_TAG, LaunchSpec, Machine, OnGaveUp, OnLate
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ V = TypeVar("V")
 
 #: What a worker's launch gives: its machine, or None while the cloud is short of capacity.
 Assignment = Machine | None
+#: One worker to launch: its name, its scheduler's address, and its threads and memory.
+WorkerRequest = tuple[str, str, WorkerShape | None]
 
 
 class Coalescer(Generic[K, V]):
@@ -121,7 +124,7 @@ class Launcher:
         self._on_demand_replacements = 0  # lost spot workers, replaced on-demand
         self._tasks: set[asyncio.Future[Any]] = set()
         window = settings.options.launch_window
-        self._launches: Coalescer[tuple[str, str], Assignment] = Coalescer(
+        self._launches: Coalescer[WorkerRequest, Assignment] = Coalescer(
             self._launch_workers, window
         )
         self._terminations: Coalescer[str, None] = Coalescer(self._terminate, window)
@@ -139,22 +142,34 @@ class Launcher:
         )
 
     async def worker_user_data(
-        self, scheduler_address: str, names: list[str], names_url: str | None = None
+        self,
+        scheduler_address: str,
+        names: list[str],
+        names_url: str | None = None,
+        shape: WorkerShape | None = None,
     ) -> str:
         """User-data for the workers of one launch request.
 
         With ``names_url`` each VM finds its name in the map stored there once the
         cloud answered; without, the names must be consecutive (by launch index).
+        The workers start with ``shape``'s threads and memory limit (the spec's), or
+        the options' when None.
         """
         options = self.settings.options
+        nthreads = options.worker_nthreads
+        memory_limit = options.worker_memory_limit
+        if shape is not None:
+            nthreads = shape.nthreads
+            if shape.memory_limit is not None:
+                memory_limit = str(shape.memory_limit)
         return bootstrap.worker_script(
             self.cluster,
             scheduler_address,
             name_prefix=WORKER_PREFIX,
             first_index=worker_index(names[0]),
             death_timeout=options.death_timeout,
-            nthreads=options.worker_nthreads,
-            memory_limit=options.worker_memory_limit,
+            nthreads=nthreads,
+            memory_limit=memory_limit,
             environment=await self.store.environment("worker"),
             names_url=names_url,
             secrets_url=await self.store.secrets_url("worker"),
@@ -184,12 +199,15 @@ class Launcher:
         return machines[0]
 
     # -- workers ---------------------------------------------------------------------------
-    async def launch_worker(self, name: str, scheduler_address: str) -> Assignment:
-        """Launch the VM of one worker (batched with the others of this pass).
+    async def launch_worker(
+        self, name: str, scheduler_address: str, shape: WorkerShape | None = None
+    ) -> Assignment:
+        """Launch the VM of one worker (batched with the others of this pass) whose worker
+        has ``shape``'s threads and memory.
 
         None when the cloud had no capacity for it yet: it is asked for in the background.
         """
-        return await self._launches.submit((name, scheduler_address))
+        return await self._launches.submit((name, scheduler_address, shape))
 
     def replace_lost(self, name: str) -> None:
         """The worker ``name`` lost its VM: if the cloud took back a spot VM, the next
@@ -205,25 +223,29 @@ class Launcher:
             self.session.provider.stop_asking(batch)
 
     async def _launch_workers(
-        self, requests: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], Assignment | BaseException]:
-        by_scheduler: dict[str, list[str]] = {}
-        for name, address in requests:
-            by_scheduler.setdefault(address, []).append(name)
+        self, requests: list[WorkerRequest]
+    ) -> dict[WorkerRequest, Assignment | BaseException]:
+        # One user-data per scheduler and shape: workers of one request boot alike.
+        alike: dict[tuple[str, WorkerShape | None], list[str]] = {}
+        for name, address, shape in requests:
+            alike.setdefault((address, shape), []).append(name)
         groups = [
-            (address, group, policy)
-            for address, names in by_scheduler.items()
+            (address, shape, group, policy)
+            for (address, shape), names in alike.items()
             for group in self._groups(names)
             for group, policy in self._by_market(group)
         ]
         outcomes = await asyncio.gather(
-            *(self._launch_named(address, group, policy) for address, group, policy in groups),
+            *(
+                self._launch_named(address, group, policy, shape)
+                for address, shape, group, policy in groups
+            ),
             return_exceptions=True,
         )
-        results: dict[tuple[str, str], Assignment | BaseException] = {}
-        for (address, group, _), outcome in zip(groups, outcomes, strict=True):
+        results: dict[WorkerRequest, Assignment | BaseException] = {}
+        for (address, shape, group, _), outcome in zip(groups, outcomes, strict=True):
             for name in group:
-                results[name, address] = (
+                results[name, address, shape] = (
                     outcome if isinstance(outcome, BaseException) else outcome[name]
                 )
         return results
@@ -249,7 +271,11 @@ class Launcher:
         return [(group, market) for group, market in split if group]
 
     async def _launch_named(
-        self, scheduler_address: str, names: list[str], spot_policy: SpotPolicy
+        self,
+        scheduler_address: str,
+        names: list[str],
+        spot_policy: SpotPolicy,
+        shape: WorkerShape | None = None,
     ) -> dict[str, Assignment]:
         options = self.settings.options
         provider = self.session.provider
@@ -262,7 +288,7 @@ class Launcher:
         spec = LaunchSpec(
             role="worker",
             vm_type=options.worker_vm_type,
-            user_data=await self.worker_user_data(scheduler_address, names, names_url),
+            user_data=await self.worker_user_data(scheduler_address, names, names_url, shape),
             count=len(names),
             tags=options.tags,
             alternatives=tuple(options.worker_vm_types or ()),
@@ -346,7 +372,10 @@ class Launcher:
 
     def _record_launched(self, machines: list[Machine]) -> None:
         provider = self.session.provider
-        self.ledger.launched(machines, lambda m: provider.hourly_price(m.vm_type, m.market))
+        self.ledger.launched(
+            machines,
+            lambda m: provider.hourly_costs(m.vm_type, m.market, m.tags.get(ROLE_TAG, "worker")),
+        )
 
     # -- terminating -----------------------------------------------------------------------
     async def terminate(self, machine_id: str) -> None:

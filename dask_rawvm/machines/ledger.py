@@ -27,11 +27,14 @@ class Ledger:
         self._assigned: dict[str, Machine] = {}  # each worker's machine, by worker name
 
     # -- writing ------------------------------------------------------------------------
-    def launched(self, machines: Iterable[Machine], price: Callable[[Machine], float]) -> None:
-        """Machines launched for the cluster; the meter counts each at ``price(machine)``/h."""
+    def launched(
+        self, machines: Iterable[Machine], costs: Callable[[Machine], Mapping[str, float]]
+    ) -> None:
+        """Machines launched for the cluster; the meter counts each at what ``costs(machine)``
+        says it costs per hour, by part (instance, storage, public address)."""
         for machine in machines:
             self._machines[machine.id] = machine
-            self.meter.launched(machine.id, machine.vm_type, machine.market, price(machine))
+            self.meter.launched(machine.id, machine.vm_type, machine.market, parts=costs(machine))
 
     def adopted(self, machines: Iterable[Machine]) -> None:
         """Machines of the running cluster a client reconnected to (launched by another)."""

@@ -67,17 +67,25 @@ class Limits:
         else:  # nothing launched yet: the scheduler VM is part of what is about to be
             scheduler = options.scheduler == "vm"
             added = worker_price * n + (
-                provider.hourly_price(options.scheduler_vm_type, "on-demand") if scheduler else 0
+                sum(
+                    provider.hourly_costs(
+                        options.scheduler_vm_type, "on-demand", "scheduler"
+                    ).values()
+                )
+                if scheduler
+                else 0
             )
         if added:
             logger.info("estimated cost: +$%.3f/h (now $%.3f/h)", added, running)
         check_budget(running, added, options.max_hourly_cost)
 
     def worker_price(self) -> float:
-        """USD per hour of a worker VM at worst: the dearest candidate type, on-demand."""
+        """USD per hour of a worker VM at worst: the dearest candidate type, on-demand, with
+        what else the cloud bills for it (its disk, its public address)."""
         options = self.settings.options
         types = options.worker_vm_types or [options.worker_vm_type]
-        return max(self.session.provider.hourly_price(t, "on-demand") for t in types)
+        provider = self.session.provider
+        return max(sum(provider.hourly_costs(t, "on-demand", "worker").values()) for t in types)
 
     def adapt_maximum(self, maximum: float, workers: int) -> float:
         """``maximum`` clamped to ``max_workers``, capacity and what the budget allows on top

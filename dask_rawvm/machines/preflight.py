@@ -87,10 +87,13 @@ async def choose_worker_types(session: ProviderSession, settings: Settings) -> N
     options = settings.options
     provider = session.provider
     needs = (options.worker_cpu, options.worker_memory, options.worker_gpu, options.arm)
+    given = Needs.from_options(*needs) if any(need is not None for need in needs) else None
     if options.worker_vm_types:
-        candidates = await provider.choose(names=list(options.worker_vm_types))
-    elif any(need is not None for need in needs):
-        candidates = await provider.choose(needs=Needs.from_options(*needs))
+        # Named types must meet the needs given with them: worker_gpu=1 with types that
+        # have no GPU, or arm=True with x86 types, is a contradiction, not a preference.
+        candidates = await provider.choose(names=list(options.worker_vm_types), needs=given)
+    elif given is not None:
+        candidates = await provider.choose(needs=given)
     else:
         return
     target = provider.target_for(candidates[0])

@@ -19,6 +19,7 @@ from dask_rawvm.errors import ProviderError
 from dask_rawvm.machines.launcher import Launcher
 from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.machines.settings import Settings
+from dask_rawvm.machines.shape import WorkerShape
 from dask_rawvm.machines.store import ClusterStore
 from dask_rawvm.machines.watch import BootWatch
 from dask_rawvm.progress import Reporter
@@ -101,7 +102,8 @@ class SchedulerVM(ProcessInterface):
                 log = (await self.watch.console_output(machine.id)).strip().splitlines()
                 self.report.update(stage=f"scheduler VM: {log[-1][:100] if log else 'booting'}")
             elif time.monotonic() > deadline:
-                await self._check(self.machine, deadline, "the scheduler did not start")
+                machine = await self.watch.describe(self.machine.id)
+                await self._check(machine, deadline, "the scheduler did not start")
             await asyncio.sleep(0.5)
 
     async def _check(self, machine: Machine, deadline: float, what: str) -> None:
@@ -109,6 +111,14 @@ class SchedulerVM(ProcessInterface):
             raise ProviderError(await self.watch.boot_failure(machine, what))
         if time.monotonic() > deadline:
             timeout = self.settings.options.scheduler_timeout
+            if machine.private_ip and not machine.public_ip and machine.state == "running":
+                # public_ip=False: only a client with a route into the VPC reaches it.
+                what += (
+                    f" (the scheduler VM has no public address: this client must reach its "
+                    f"private address {machine.private_ip} on port {bootstrap.SCHEDULER_PORT}, "
+                    "from inside the VPC or over a VPN or peering whose ranges "
+                    "allow_ingress_from names)"
+                )
             raise TimeoutError(
                 await self.watch.boot_failure(machine, f"{what} within {timeout:.0f} s")
             )
@@ -120,15 +130,35 @@ class SchedulerVM(ProcessInterface):
 
 
 class WorkerVM(ProcessInterface):
-    """One Dask worker on one VM, named before it boots."""
+    """One Dask worker on one VM, named before it boots.
 
-    def __init__(self, scheduler: str, name: str, launcher: Launcher, ledger: Ledger) -> None:
+    Parameters
+    ----------
+    scheduler, name
+        Where the worker connects, and its name (its spec key).
+    launcher, ledger
+        The cluster's launcher and ledger.
+    nthreads, memory_limit
+        What the worker spec says the worker is (SpecCluster scales by them); the
+        VM's worker starts with exactly these. None: the options' (or the worker's own).
+    """
+
+    def __init__(
+        self,
+        scheduler: str,
+        name: str,
+        launcher: Launcher,
+        ledger: Ledger,
+        nthreads: int | None = None,
+        memory_limit: int | None = None,
+    ) -> None:
         super().__init__(scheduler=scheduler, name=name)
         # ProcessInterface takes these but does not keep them.
         self.scheduler = scheduler
         self.name = name
         self.launcher = launcher
         self.ledger = ledger
+        self.shape = WorkerShape.from_spec({"nthreads": nthreads, "memory_limit": memory_limit})
 
     @property
     def machine(self) -> Machine | None:
@@ -148,7 +178,7 @@ class WorkerVM(ProcessInterface):
     async def start(self) -> None:
         # Started once the cloud took the request, with or without capacity for it yet:
         # a VM asked for in the background joins when it lands.
-        await self.launcher.launch_worker(self.name, self.scheduler)
+        await self.launcher.launch_worker(self.name, self.scheduler, self.shape)
         await super().start()
 
     async def close(self) -> None:

@@ -77,6 +77,14 @@ class Machine:
         return self.public_ip or self.private_ip
 
 
+@dataclass(frozen=True)
+class WorkerSize:
+    """What one worker of a machine type has to itself: CPUs and memory (bytes)."""
+
+    cpus: int
+    memory: int
+
+
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
 
 
@@ -115,11 +123,12 @@ class Provider(abc.ABC):
 
     The methods come in groups: lifecycle (:meth:`from_options`, :meth:`start`,
     :meth:`close`); choosing machines (:meth:`preflight`, :meth:`choose`,
-    :meth:`target_for`, :meth:`boot_prelude`); machines (:meth:`launch`,
+    :meth:`target_for`, :meth:`worker_size`, :meth:`boot_prelude`); machines (:meth:`launch`,
     :meth:`stop_asking`, :meth:`terminate`, :meth:`describe`, :meth:`live_machines`,
     :meth:`cleanup`, :meth:`cleanup_blocking`); files for the machines (:meth:`store`,
-    :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`, :meth:`artifact_urls`); limits and prices
-    (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`); diagnostics
+    :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`, :meth:`artifact_urls`); limits and
+    prices (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`,
+    :meth:`hourly_costs`); diagnostics
     (:meth:`console_output`).
     """
 
@@ -172,6 +181,11 @@ class Provider(abc.ABC):
     def image_pythons(self, vm_type: str) -> ImagePythons | None:
         """The Pythons a machine of ``vm_type`` has without a download, and whether it can
         download one (uv's managed Python); None when unknown (then nothing is checked)."""
+        return None
+
+    def worker_size(self, vm_type: str) -> WorkerSize | None:
+        """CPUs and memory one worker on ``vm_type`` has, once :meth:`preflight` checked
+        it; None where the provider cannot tell (the worker then sizes itself)."""
         return None
 
     def boot_prelude(self) -> str:
@@ -272,6 +286,11 @@ class Provider(abc.ABC):
     def hourly_price(self, vm_type: str, market: Market) -> float:
         """USD per hour of a machine; 0.0 where nobody bills for it (machines you own)."""
         return 0.0
+
+    def hourly_costs(self, vm_type: str, market: Market, role: str) -> dict[str, float]:
+        """USD per hour of one machine of ``role``, by what the cloud bills for it:
+        ``{"instance": ..., "storage": ..., "public_ipv4": ...}`` (the instance only here)."""
+        return {"instance": self.hourly_price(vm_type, market)}
 
     # -- diagnostics ----------------------------------------------------------------------
     async def console_output(self, machine_id: str) -> str:

@@ -61,10 +61,7 @@ class LocalCloudProvider(EC2Provider):
             region=options.region or "us-east-1",
             boot_delay=options.boot_delay,
             image=options.local_image,
-            ami=options.ami,
-            allow_ingress_from=options.allow_ingress_from,
-            zones=[options.zone] if isinstance(options.zone, str) else options.zone,
-            capacity_retry_timeout=options.capacity_retry_timeout,
+            **cls.machine_options(options),
         )
 
     def image_pythons(self, vm_type: str) -> ImagePythons | None:

@@ -54,6 +54,7 @@ from dask_rawvm.providers.base import (
     OnGaveUp,
     OnLate,
     Provider,
+    WorkerSize,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ cuda=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | 
 echo "@rawvm cuda=$cuda"
 echo "@rawvm python=$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)"
 echo "@rawvm cpus=$(nproc 2>/dev/null)"
+echo "@rawvm memory_kib=$(sed -n 's/^MemTotal: *\([0-9]*\) kB$/\1/p' /proc/meminfo 2>/dev/null)"
 for tool in bash curl setsid nohup tar grep sed flock uv python3; do
     command -v "$tool" >/dev/null 2>&1 && echo "@rawvm has=$tool"
 done
@@ -425,6 +427,23 @@ class SSHProvider(Provider):
             return self._targets[vm_type]
         except KeyError:
             raise ProviderError(f"no SSH host was probed for {vm_type!r}: run preflight") from None
+
+    def worker_size(self, vm_type: str) -> WorkerSize | None:
+        """A worker's share of a host: its CPUs and memory over ``workers_per_host``, on
+        the smallest host (every worker gets the same spec); None if a host did not say."""
+        sizes = []
+        for host in self.hosts:
+            cpus, memory_kib = host.info.get("cpus", ""), host.info.get("memory_kib", "")
+            if not (cpus.isdigit() and memory_kib.isdigit()):
+                return None
+            sizes.append((int(cpus), int(memory_kib) * 1024))
+        if not sizes:
+            return None
+        per_host = self.workers_per_host
+        return WorkerSize(
+            cpus=max(1, min(c for c, _ in sizes) // per_host),
+            memory=min(m for _, m in sizes) // per_host,
+        )
 
     def hourly_price(self, vm_type: str, market: str) -> float:
         """Nothing: the hosts are the user's already (the cost meter counts them at 0)."""

@@ -236,11 +236,27 @@ def test_worker_that_dies_at_boot_is_an_error_with_its_log_not_a_hang(
     broken_image_cloud: LocalCloud,
 ) -> None:
     cloud = broken_image_cloud
+    began = time.monotonic()
+    # Start waits for its workers (wait_for_workers=True): the dead VM fails it.
+    with pytest.raises(Exception, match="a worker VM died at boot") as error:
+        RawVMCluster(
+            n_workers=1,
+            endpoint_url=cloud.endpoint_url,
+            region=cloud.region,
+            scheduler="local",
+            worker_start_timeout=300,
+        )
+    assert time.monotonic() - began < 60  # not the 300 s timeout
+    assert "curl: broken image" in str(error.value)
+    assert live_instances(cloud) == []  # the failed start terminated what it launched
+    # Waiting later, after a start that did not wait, fails the same way.
     with RawVMCluster(
-        n_workers=1, endpoint_url=cloud.endpoint_url, region=cloud.region, scheduler="local"
+        n_workers=1,
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        scheduler="local",
+        wait_for_workers=False,
     ) as cluster:
-        began = time.monotonic()
         with pytest.raises(Exception, match="a worker VM died at boot") as error:
             cluster.get_client().wait_for_workers(1, timeout=300)
-        assert time.monotonic() - began < 60  # not the 300 s timeout
         assert "curl: broken image" in str(error.value)

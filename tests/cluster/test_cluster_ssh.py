@@ -102,7 +102,8 @@ def test_cluster_on_two_hosts_scales_adapts_and_cleans_up(
         assert int(x.sum().compute()) == 499999500000
         logs = cluster.get_logs()
         assert "scheduler of cluster" in logs["Scheduler"]
-        assert f"worker worker-0 of cluster {name}" in logs["worker-0"]
+        (first,) = [a for a, w in workers.items() if w["name"] == "worker-0"]
+        assert f"worker worker-0 of cluster {name}" in logs[first]  # keyed by address
 
         cluster.scale(2)
         wait_for(lambda: len(connected(client)) == 2, 60, "scale(2)")

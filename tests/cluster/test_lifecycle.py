@@ -7,6 +7,7 @@ import signal
 import textwrap
 import time
 
+import boto3
 import dask
 import dask.array as da
 import pytest
@@ -15,6 +16,7 @@ from helpers import async_wait_for, client_process, live_instances, standalone_c
 from dask_rawvm import RawVMCluster
 from dask_rawvm.config import resolve_options
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+from dask_rawvm.providers.base import CLUSTER_TAG
 
 
 def names(client) -> set[str]:
@@ -77,7 +79,56 @@ def test_named_cluster_reconnects_instead_of_starting_another(cloud: LocalCloud)
         second.scale(3)
         client.wait_for_workers(3, timeout=120)
         assert "worker-2" in names(client)  # a fresh name, after the adopted ones
+        assert len(resources_of(cloud, "prod")["buckets"]) == 1  # the cluster's, not another
     assert live_instances(cloud, "prod") == []
+
+
+def resources_of(cloud: LocalCloud, cluster: str) -> dict[str, list[str]]:
+    """What the cloud holds of a cluster, by its tag, asked of the APIs themselves."""
+    ec2 = boto3.client("ec2", **cloud.client_kwargs())
+    s3 = boto3.client("s3", **cloud.client_kwargs())
+    tag = [{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}]
+    buckets = []
+    for bucket in (b["Name"] for b in s3.list_buckets()["Buckets"]):
+        tags = s3.get_bucket_tagging(Bucket=bucket).get("TagSet", [])
+        if {"Key": CLUSTER_TAG, "Value": cluster} in tags:
+            buckets.append(bucket)
+    return {
+        "instances": [i["InstanceId"] for i in live_instances(cloud, cluster)],
+        "buckets": buckets,
+        "templates": [
+            t["LaunchTemplateId"]
+            for t in ec2.describe_launch_templates(Filters=tag)["LaunchTemplates"]
+        ],
+        "groups": [
+            g["GroupId"] for g in ec2.describe_security_groups(Filters=tag)["SecurityGroups"]
+        ],
+    }
+
+
+def test_a_kept_cluster_that_shut_itself_down_is_reaped_at_the_next_start(
+    cloud: LocalCloud,
+) -> None:
+    options = {"endpoint_url": cloud.endpoint_url, "region": cloud.region}
+    kept = RawVMCluster(
+        n_workers=1,
+        name="kept",
+        shutdown_on_close=False,
+        idle_timeout=3,
+        death_timeout=5,
+        **options,
+    )
+    client = kept.get_client()
+    client.wait_for_workers(1, timeout=120)
+    client.close()
+    kept.close()  # the client leaves; the cluster idles out on its own
+    wait_for(lambda: not live_instances(cloud, "kept"), 120, "the kept cluster shut itself down")
+    left = resources_of(cloud, "kept")
+    assert left["buckets"] and left["templates"] and left["groups"]  # nobody closed it
+
+    # The next start in the region removes what the gone cluster left, beside its own start.
+    with RawVMCluster(scheduler="local", **options):
+        wait_for(lambda: not any(resources_of(cloud, "kept").values()), 60, "the reaping")
 
 
 def test_spot_interruption_moves_data_and_replaces_the_worker_on_demand(
@@ -172,10 +223,12 @@ def test_user_data_is_the_script_a_worker_boots_with(cloud: LocalCloud) -> None:
         script = cluster.user_data()
         assert script.startswith("#!/bin/bash")
         assert "RAWVM_FIRST_INDEX=1" in script  # the next worker's name
+        # Its threads and memory: the worker spec's (a t3.large's 2 vCPUs and 8 GiB).
+        assert "RAWVM_NTHREADS=2" in script and f"RAWVM_MEMORY_LIMIT={8 * 2**30}" in script
         assert "PRIVATE KEY" not in script and len(script.encode()) < 16 * 1024
-        cluster.get_client().wait_for_workers(1, timeout=120)
+        (address,) = cluster.scheduler_info["workers"]  # connected: start waited for it
         logs = cluster.get_logs()
-        assert "worker worker-0 of cluster" in logs["worker-0"]
+        assert "worker worker-0 of cluster" in logs[address]  # keyed as distributed keys it
 
 
 async def test_idle_means_no_client_and_no_task(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -152,10 +152,8 @@ def test_the_fidelity_check_compares_the_vms_with_this_process(cloud: LocalCloud
     with RawVMCluster(n_workers=1, **options) as cluster:
         check = cluster.environment_check
         assert not check.reports["scheduler"].differences
-        cluster.get_client().wait_for_workers(1, timeout=180)
-        wait_for(lambda: "worker" in check.reports, 120, "the first worker's check")
-        report = check.reports["worker"]
-        assert not report.differences  # moto, here for the local cloud only, is not one
+        # start waited for the worker, and for its check
+        assert not check.reports["worker"].differences  # moto (the local cloud's) is not one
 
     # An environment whose toolz is not this process's (dask imported it): the start stops,
     # naming it, and nothing is left behind.
@@ -163,6 +161,17 @@ def test_the_fidelity_check_compares_the_vms_with_this_process(cloud: LocalCloud
         RawVMCluster(environment=["toolz==1.0.0", "dask", "distributed"], **options)
     assert "toolz: 1.2.0 here, 1.0.0 on the scheduler VM" in str(error.value)
     assert "environment_check='warn'" in str(error.value)
+    wait_for(lambda: not live_instances(cloud), 60, "the refused cluster's VMs terminated")
+
+    # The same on a worker (the scheduler here, in this process, is this environment).
+    with pytest.raises(EnvironmentMismatch) as error:
+        RawVMCluster(
+            n_workers=1,
+            scheduler="local",
+            environment=["toolz==1.0.0", "dask", "distributed"],
+            **options,
+        )
+    assert "toolz: 1.2.0 here, 1.0.0 on worker worker-0" in str(error.value)
     wait_for(lambda: not live_instances(cloud), 60, "the refused cluster's VMs terminated")
 
 

@@ -55,7 +55,8 @@ def state(cloud: LocalCloud, instance_id: str) -> str:
 
 
 def test_instances_boot_their_user_data_with_instance_metadata(cloud: LocalCloud) -> None:
-    ids = run(cloud, REPORTER, count=2)
+    # Tags reach instance metadata only with InstanceMetadataTags enabled, as on EC2.
+    ids = run(cloud, REPORTER, count=2, MetadataOptions={"InstanceMetadataTags": "enabled"})
     for index, instance_id in enumerate(ids):
         wait_for(lambda i=instance_id: "child=" in cloud.console_output(i), 30, "boot")
         output = cloud.console_output(instance_id)

@@ -473,3 +473,133 @@ def test_fleet_instances_boot_exactly_once_on_demand_and_spot(cloud: LocalCloud)
     for instance_id in ids:
         assert cloud.console_output(instance_id).count("booted") == 1
     assert set(cloud.runtime.vms) == set(ids)  # type: ignore[union-attr]
+
+
+# -- what EC2 refuses and moto accepts, as tests turn it on -------------------------------------
+
+
+def test_a_single_zone_fleet_launches_in_the_zone_that_can_give_most(
+    idle_cloud: LocalCloud, setup: Setup
+) -> None:
+    """SingleAvailabilityZone: every instance in one zone, the one EC2 finds capacity in."""
+    first, second, third = setup.zones[:3]
+    idle_cloud.set_capacity(zone=first, count=2)  # the best-ranked zone cannot give 5
+    overrides = [setup.override("m6i.large", z, priority=i) for i, z in enumerate(setup.zones)]
+    for market, options in (("on-demand", "OnDemandOptions"), ("spot", "SpotOptions")):
+        answer = setup.fleet(
+            overrides,
+            total=5,
+            market=market,
+            **{options: {"SingleAvailabilityZone": True}},
+        )
+        assert {zone for _, zone, _, _ in _launched(answer)} == {second}
+        assert sum(n for *_, n in _launched(answer)) == 5
+    spread = setup.fleet(overrides, total=5)  # without it: the first zone's 2, then the next
+    assert [(zone, n) for _, zone, _, n in _launched(spread)] == [(first, 2), (second, 3)]
+    assert third  # the region has more zones than the fleet needed
+
+
+def test_spot_refused_without_the_service_linked_role_per_pool_on_demand_untouched(
+    idle_cloud: LocalCloud, setup: Setup
+) -> None:
+    idle_cloud.refuse_spot_service_linked_role()
+    overrides = [setup.override("m6i.large", z) for z in setup.zones[:2]]
+    answer = setup.fleet(overrides, total=3, market="spot")
+    assert answer["Instances"] == []
+    codes = {code for *_, code in _errors(answer)}
+    assert codes == {"AuthFailure.ServiceLinkedRoleCreationNotPermitted"}
+    assert len(answer["Errors"]) == 2  # one per spot pool, as EC2 reports it
+    assert sum(n for *_, n in _launched(setup.fleet(overrides, total=3))) == 3
+    with pytest.raises(ClientError, match="ServiceLinkedRoleCreationNotPermitted"):
+        setup.ec2.run_instances(
+            ImageId=setup.amis["x86_64"],
+            MinCount=1,
+            MaxCount=1,
+            InstanceType="m6i.large",
+            InstanceMarketOptions={"MarketType": "spot"},
+        )
+    idle_cloud.refuse_spot_service_linked_role(False)
+    assert _launched(setup.fleet(overrides, total=1, market="spot"))
+
+
+def test_tag_keys_ec2_refuses_with_metadata_tags_enabled(
+    idle_cloud: LocalCloud, setup: Setup
+) -> None:
+    idle_cloud.refuse_metadata_tag_keys()
+    tags = [{"Key": "Cost Center", "Value": "x"}, {"Key": "team/owner", "Value": "y"}]
+    launch = {
+        "ImageId": setup.amis["x86_64"],
+        "MinCount": 1,
+        "MaxCount": 1,
+        "InstanceType": "t3.micro",
+        "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+    }
+    enabled = {"HttpTokens": "required", "InstanceMetadataTags": "enabled"}
+    with pytest.raises(ClientError, match="'Cost Center', 'team/owner'") as refused:
+        setup.ec2.run_instances(MetadataOptions=enabled, **launch)
+    assert refused.value.response["Error"]["Code"] == "InvalidParameterValue"
+    setup.ec2.run_instances(
+        MetadataOptions={**enabled, "InstanceMetadataTags": "disabled"}, **launch
+    )
+    # A fleet whose template enables metadata tags is refused as a whole.
+    version = setup.ec2.create_launch_template_version(
+        LaunchTemplateId=setup.template,
+        LaunchTemplateData={
+            "MetadataOptions": enabled,
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+        },
+    )["LaunchTemplateVersion"]["VersionNumber"]
+    config = {
+        "LaunchTemplateSpecification": {
+            "LaunchTemplateId": setup.template,
+            "Version": str(version),
+        },
+        "Overrides": [setup.override("m6i.large", setup.zones[0])],
+    }
+    with pytest.raises(ClientError, match="InvalidParameterValue"):
+        setup.ec2.create_fleet(
+            Type="instant",
+            LaunchTemplateConfigs=[config],
+            TargetCapacitySpecification={
+                "TotalTargetCapacity": 1,
+                "DefaultTargetCapacityType": "on-demand",
+            },
+        )
+
+
+def test_fleet_instances_get_the_template_s_root_volume(
+    idle_cloud: LocalCloud, setup: Setup
+) -> None:
+    version = setup.ec2.create_launch_template_version(
+        LaunchTemplateId=setup.template,
+        SourceVersion="1",
+        LaunchTemplateData={
+            "BlockDeviceMappings": [
+                {
+                    "DeviceName": "/dev/xvda",
+                    "Ebs": {"VolumeSize": 55, "VolumeType": "gp3", "DeleteOnTermination": True},
+                }
+            ]
+        },
+    )["LaunchTemplateVersion"]["VersionNumber"]
+    config = {
+        "LaunchTemplateSpecification": {
+            "LaunchTemplateId": setup.template,
+            "Version": str(version),
+        },
+        "Overrides": [setup.override("m6i.large", setup.zones[0])],
+    }
+    for market in ("on-demand", "spot"):
+        answer = setup.ec2.create_fleet(
+            Type="instant",
+            LaunchTemplateConfigs=[config],
+            TargetCapacitySpecification={
+                "TotalTargetCapacity": 1,
+                "DefaultTargetCapacityType": market,
+            },
+        )
+        (instance,) = setup.instances(_ids(answer)).values()
+        (mapping,) = instance["BlockDeviceMappings"]
+        assert mapping["DeviceName"] == instance["RootDeviceName"] == "/dev/xvda"
+        volume = setup.ec2.describe_volumes(VolumeIds=[mapping["Ebs"]["VolumeId"]])["Volumes"][0]
+        assert (volume["Size"], volume["VolumeType"]) == (55, "gp3")

@@ -124,6 +124,21 @@ def test_meter_counts_running_instances_and_their_rate(types: dict[str, VMType])
     assert meter.summary() == "$0.043 spent; $0.042/h now (1 instance running)"
 
 
+def test_meter_counts_what_is_billed_besides_the_instance() -> None:
+    """A machine's disk and public address cost by the hour too, billed like the instance."""
+    meter = CostMeter(clock=lambda: 0.0)
+    parts = {"instance": 0.0832, "storage": 40 * 0.08 / 730, "public_ipv4": 0.005}
+    meter.launched("i-a", "t3.large", "on-demand", parts=parts, at=0.0)
+    meter.launched("i-b", "t3.medium", "on-demand", 0.0416, at=0.0)  # the instance alone
+    assert meter.cost_per_hour() == pytest.approx(sum(parts.values()) + 0.0416)
+    assert meter.cost_per_hour_by_part() == pytest.approx(
+        {"instance": 0.0832 + 0.0416, "storage": parts["storage"], "public_ipv4": 0.005}
+    )
+    meter.terminated("i-a", at=3600.0)
+    assert meter.spent(now=3600.0) == pytest.approx(sum(parts.values()) + 0.0416)
+    assert meter.cost_per_hour_by_part() == pytest.approx({"instance": 0.0416})
+
+
 def test_meter_ignores_repeats_and_strangers() -> None:
     meter = CostMeter(clock=lambda: 0.0)
     meter.launched("i-a", "m6i.large", "on-demand", 0.096, at=0.0)

@@ -9,11 +9,13 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 import dask_rawvm
 from dask_rawvm import RawVMCluster
-from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options
+from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options, workers_to_wait_for
+from dask_rawvm.errors import OptionError
 
 OPTIONS = {f.name for f in dataclasses.fields(ClusterOptions)}
 #: Keywords of RawVMCluster that are not options: how many workers, and which section.
@@ -70,3 +72,20 @@ def test_progress_and_launch_window_are_keywords_like_the_rest() -> None:
     # Each is a config key, so each is a keyword (RawVMCluster(progress=False) works).
     assert resolve_options(progress=False, launch_window="20ms").launch_window == 0.02
     assert {"progress", "launch_window"} <= keywords()
+
+
+def test_wait_for_workers_is_all_none_a_count_or_a_fraction() -> None:
+    assert [workers_to_wait_for(v, 10) for v in (True, False, 3, 0.9, 0.05, 1.0)] == [
+        10,
+        0,
+        3,
+        9,
+        1,
+        10,
+    ]
+    assert resolve_options(wait_for_workers=0.5).wait_for_workers == 0.5
+    with pytest.raises(OptionError, match="more than n_workers=2"):
+        workers_to_wait_for(3, 2)
+    for bad in (-1, 1.5, "all"):
+        with pytest.raises(OptionError, match="a count of workers"):
+            resolve_options(wait_for_workers=bad)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import gc
 import ipaddress
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import dask.config
 import pytest
 from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
@@ -43,10 +45,14 @@ from dask_rawvm.tls import (
     CA_FILE,
     CERT_FILE,
     KEY_FILE,
+    SECURITY_LOADER,
     ClusterTLS,
+    offer_security,
+    security_for_address,
     security_from_material,
     unpack_vm_material,
     vm_tls_script,
+    withdraw_security,
 )
 
 BUCKET = "dask-rawvm-secrets"
@@ -411,3 +417,30 @@ async def test_dask_cli_scheduler_and_worker_use_the_bundle(
         for process in (worker, scheduler):
             if process is not None:
                 await process.stop()
+
+
+class _Cluster:
+    """What offers its security to this process's clients: anything with ``security``."""
+
+    def __init__(self) -> None:
+        self.security = ClusterTLS.create("c").client_security()
+
+
+def test_a_client_of_this_process_gets_the_security_of_the_cluster_at_its_address() -> None:
+    address = "tls://10.0.0.1:8786"
+    with dask.config.set({"distributed.client.security-loader": None}):
+        cluster = _Cluster()
+        offer_security(cluster, [address, None])
+        assert dask.config.get("distributed.client.security-loader") == SECURITY_LOADER
+        assert security_for_address({"address": address}) is cluster.security
+        assert security_for_address({"address": "tls://10.0.0.2:8786"}) is None  # not ours
+        withdraw_security(cluster)
+        assert security_for_address({"address": address}) is None
+        offer_security(cluster, [address])
+        del cluster  # held weakly: a dropped cluster is forgotten
+        gc.collect()
+        assert security_for_address({"address": address}) is None
+    # A loader of the user's own is left in place.
+    with dask.config.set({"distributed.client.security-loader": "their.loader"}):
+        offer_security(_Cluster(), [address])
+        assert dask.config.get("distributed.client.security-loader") == "their.loader"

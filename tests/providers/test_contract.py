@@ -15,7 +15,14 @@ from typing import Any
 import pytest
 
 from dask_rawvm.errors import ProviderError
-from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES, ROLE_TAG, LaunchSpec, Machine
+from dask_rawvm.providers.base import (
+    CLUSTER_TAG,
+    LIVE_STATES,
+    ROLE_TAG,
+    LaunchSpec,
+    Machine,
+    WorkerSize,
+)
 
 SCRIPT = "#!/bin/bash\nexec sleep 300\n"
 pytestmark = pytest.mark.timeout(180)
@@ -112,3 +119,13 @@ def test_the_boot_prelude_says_who_the_machine_is(subject: Any) -> None:
 
 async def _equals(awaitable: Awaitable[set[str]], expected: set[str]) -> bool:
     return await awaitable == expected
+
+
+def test_worker_size_is_what_one_worker_has_to_itself(subject: Any) -> None:
+    size = subject.provider.worker_size(subject.vm_type)
+    if subject.vm_type == "t3.micro":  # EC2: the type's vCPUs and memory, from the catalog
+        assert size == WorkerSize(2, 2**30)
+    else:  # SSH: the lab's hosts (this machine), shared by workers_per_host=2
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True).stdout)
+        memory = Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]
+        assert size == WorkerSize(max(1, nproc // 2), int(memory) * 1024 // 2)

@@ -537,19 +537,28 @@ def test_errors_with_a_full_fleet_only_steer_later_requests() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "policy", "fatal"),
+    ("code", "policy", "whole_call", "fatal"),
     [
-        ("InsufficientInstanceCapacity", "spot", False),
-        ("SpotMaxPriceTooLow", "spot", False),
-        ("MaxSpotInstanceCountExceeded", "spot_with_fallback", False),
-        ("MaxSpotInstanceCountExceeded", "spot", True),
-        ("VcpuLimitExceeded", "on-demand", True),
-        ("InvalidParameterValue", "spot_with_fallback", True),
+        ("InsufficientInstanceCapacity", "spot", True, False),
+        ("SpotMaxPriceTooLow", "spot", False, False),
+        ("MaxSpotInstanceCountExceeded", "spot_with_fallback", False, False),
+        ("MaxSpotInstanceCountExceeded", "spot", False, True),
+        ("AuthFailure.ServiceLinkedRoleCreationNotPermitted", "spot_with_fallback", False, False),
+        ("AuthFailure.ServiceLinkedRoleCreationNotPermitted", "spot", False, True),
+        ("VcpuLimitExceeded", "on-demand", False, True),
+        ("RequestLimitExceeded", "on-demand", True, False),  # throttled past the timeout
+        # The whole call refused: no pool can fix it. One pool refused: drop that pool.
+        ("InvalidParameterValue", "spot_with_fallback", True, True),
+        ("InvalidParameterValue", "spot_with_fallback", False, False),
+        ("SomethingEC2InventsNextYear", "on-demand", False, False),
     ],
 )
-def test_which_errors_no_failover_can_fix(code: str, policy: str, fatal: bool) -> None:
+def test_which_errors_no_failover_can_fix(
+    code: str, policy: str, whole_call: bool, fatal: bool
+) -> None:
     market = "on-demand" if policy == "on-demand" else "spot"
-    assert FailoverPlanner(POOLS, policy).fatal(PoolError(market, code)) is fatal
+    error = PoolError(market, code, whole_call=whole_call)
+    assert FailoverPlanner(POOLS, policy).fatal(error) is fatal
 
 
 def test_a_whole_call_capacity_error_is_tied_to_the_pool_its_message_names() -> None:
@@ -679,28 +688,46 @@ async def test_a_spot_only_pass_asks_only_the_pools_left(
     ]
 
 
-async def test_a_fatal_per_pool_error_keeps_what_launched(
+async def test_a_per_pool_error_drops_that_pool_and_keeps_what_launched(
     idle_cloud: LocalCloud, ec2: Any, network: Network
 ) -> None:
     """m6i.large has 3 on-demand left; the next pools name an arm type with the x86 AMI
-    (a catalog mistake): EC2 refuses those pools, which no failover can fix."""
+    (a catalog mistake): EC2 refuses those pools, which are dropped, and the 3 stay."""
     template = await _template(ec2, network)
     idle_cloud.set_capacity("m6i.large", market="on-demand", count=3)
-    with pytest.raises(FleetLaunchError, match="3 of 8 launched") as raised:
+    result = await _launch(
+        ec2,
+        network,
+        template,
+        candidates=[("m6i.large", "x86_64"), ("m7g.large", "x86_64")],
+        subnets=network.subnets[:2],
+        count=8,
+    )
+    assert len(result.ids) == 3 and result.missing == 5
+    assert any("m7g.large" in f and "InvalidParameterValue" in f for f in result.failovers)
+    # What launched is there, in the cloud: nothing terminated it.
+    live = {i["InstanceId"] for i in live_instances(idle_cloud, CLUSTER)}
+    assert live == set(result.ids)
+
+
+async def test_every_pool_failing_for_good_is_one_error_naming_each_reason(
+    idle_cloud: LocalCloud, ec2: Any, network: Network
+) -> None:
+    """Nothing can launch and waiting cannot help: one error at once, not ten minutes of
+    retrying."""
+    template = await _template(ec2, network)
+    with pytest.raises(FleetLaunchError, match="launched none of 4") as raised:
         await _launch(
             ec2,
             network,
             template,
-            candidates=[("m6i.large", "x86_64"), ("m7g.large", "x86_64")],
+            candidates=[("m7g.large", "x86_64")],  # an arm type with the x86 image
             subnets=network.subnets[:2],
-            count=8,
+            count=4,
+            capacity_retry_timeout=600,
         )
-    assert "InvalidParameterValue" in str(raised.value)
-    assert "AMI of each architecture" in str(raised.value)
-    assert len(raised.value.result.ids) == 3
-    # The caller owns what launched: it is there, in the cloud.
-    live = {i["InstanceId"] for i in live_instances(idle_cloud, CLUSTER)}
-    assert live == set(raised.value.result.ids)
+    assert "InvalidParameterValue" in str(raised.value) and "m7g.large" in str(raised.value)
+    assert raised.value.result.instances == []
 
 
 async def test_a_throttled_request_is_sent_again_with_the_same_client_token(

@@ -17,13 +17,13 @@ from botocore.exceptions import ClientError
 from dask_rawvm.errors import ProviderError
 from dask_rawvm.localcloud.server import LocalCloud
 from dask_rawvm.providers.base import CLUSTER_TAG
+from dask_rawvm.providers.ec2.network import default_vpc_id
 from dask_rawvm.providers.ec2.security_groups import (
     PublicAddressError,
     check_cidrs,
     client_cidr,
     cluster_security_groups,
     create_cluster_security_group,
-    default_vpc_id,
     delete_cluster_security_group,
     ingress_cidrs,
 )

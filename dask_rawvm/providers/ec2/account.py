@@ -4,22 +4,43 @@ A cluster's resources (instances, launch templates, its security group, its buck
 carry the tag ``dask-rawvm:cluster=<name>``, so they are found and removed whoever made
 them, also after the client that made them died. A cluster's provider removes its own
 the same way when it closes (:meth:`EC2Account.remove_cluster`).
+
+Everything is confined to the region of the clients: EC2 resources are regional anyway,
+S3 buckets are not (ListBuckets lists every region's), so a bucket counts only where
+GetBucketLocation puts it. Every listing follows its pages to the end.
 """
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
-from botocore.exceptions import ClientError
-
+from dask_rawvm.errors import ProviderError
 from dask_rawvm.providers.base import CLUSTER_TAG, LIVE_STATES
-from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, ec2_call
+from dask_rawvm.providers.ec2.calls import (
+    DENIED,
+    MAX_IDS_PER_CALL,
+    SETTLE_TIMEOUT,
+    denied_message,
+    ec2_call,
+    paginate,
+)
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.fleet import delete_launch_templates
 from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_group
 
 #: Every bucket dask-rawvm creates is named with this prefix (and tagged).
 BUCKET_PREFIX = "dask-rawvm-"
+#: The object in a cluster's bucket that says whether a client is attached to it: written
+#: when the bucket is made, every HEARTBEAT_SECONDS while a client holds the cluster, and
+#: "detached" when the client leaves it running (``shutdown_on_close=False``).
+HEARTBEAT_KEY = "heartbeat"
+HEARTBEAT_SECONDS = 300.0
+#: A heartbeat this old means its client is gone (three missed beats).
+HEARTBEAT_STALE = 3 * HEARTBEAT_SECONDS
+#: Resources of a cluster with no heartbeat at all (no bucket) are left alone until this old:
+#: a cluster still starting has made some of them and no instance yet.
+REAP_AFTER = 3600.0
 #: ``{cluster: {kind: [resource ids]}}``, kinds being "instances", "launch-templates",
 #: "security-groups" and "buckets".
 Resources = dict[str, dict[str, list[str]]]
@@ -39,50 +60,154 @@ class EC2Account:
     def __init__(self, clients: EC2Clients, throttle_timeout: float = 120.0) -> None:
         self.clients = clients
         self.throttle_timeout = throttle_timeout
+        self._bucket_made: dict[str, datetime.datetime] = {}  # as ListBuckets last said
 
     async def clusters(self) -> Resources:
         """Each cluster with resources in this region, and its resources by kind."""
+        return (await self._inventory())[0]
+
+    async def _inventory(self) -> tuple[Resources, dict[str, datetime.datetime]]:
+        """Each cluster's resources, and when its oldest known resource was made."""
         ec2 = self.clients.ec2
         found: Resources = {}
+        born: dict[str, datetime.datetime] = {}
 
-        def add(tags: list[dict[str, str]], kind: str, resource: str) -> None:
+        def add(
+            tags: list[dict[str, str]], kind: str, resource: str, made: Any = None
+        ) -> None:
             cluster = {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG)
             if cluster is not None:
                 found.setdefault(cluster, {}).setdefault(kind, []).append(resource)
+                if isinstance(made, datetime.datetime):
+                    born[cluster] = min(made, born.get(cluster, made))
 
         tagged = [{"Name": "tag-key", "Values": [CLUSTER_TAG]}]
         live = [*tagged, {"Name": "instance-state-name", "Values": list(LIVE_STATES)}]
-        async for page in ec2.get_paginator("describe_instances").paginate(Filters=live):
-            for instance in (i for r in page["Reservations"] for i in r["Instances"]):
-                add(instance.get("Tags", []), "instances", instance["InstanceId"])
-        templates = await self._call(
-            ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=tagged
+        reservations = await self._list(
+            ec2.describe_instances, "DescribeInstances", "Reservations", Filters=live
         )
-        for template in templates.get("LaunchTemplates", []):
-            add(template.get("Tags", []), "launch-templates", template["LaunchTemplateId"])
-        groups = await self._call(
-            ec2.describe_security_groups, "DescribeSecurityGroups", Filters=tagged
+        for instance in (i for r in reservations for i in r["Instances"]):
+            add(instance.get("Tags", []), "instances", instance["InstanceId"])
+        templates = await self._list(
+            ec2.describe_launch_templates,
+            "DescribeLaunchTemplates",
+            "LaunchTemplates",
+            Filters=tagged,
         )
-        for group in groups.get("SecurityGroups", []):
+        for template in templates:
+            add(
+                template.get("Tags", []),
+                "launch-templates",
+                template["LaunchTemplateId"],
+                template.get("CreateTime"),
+            )
+        groups = await self._list(
+            ec2.describe_security_groups, "DescribeSecurityGroups", "SecurityGroups", Filters=tagged
+        )
+        for group in groups:
             add(group.get("Tags", []), "security-groups", group["GroupId"])
         for bucket, tags in await self.buckets():
-            add(tags, "buckets", bucket)
-        return found
+            add(tags, "buckets", bucket, self._bucket_made.get(bucket))
+        return found, born
+
+    async def orphans(self, keep: str | None = None) -> list[str]:
+        """Clusters certainly gone that left resources behind: no live instance, and their
+        client detached or gone (its heartbeat says so, or is stale), or, with no heartbeat
+        to read, nothing of theirs younger than :data:`REAP_AFTER`. ``keep``: never this one.
+
+        A cluster left running (``shutdown_on_close=False``) keeps its scheduler VM, so it
+        is no orphan until that shuts itself down (``idle_timeout``).
+        """
+        resources, born = await self._inventory()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        gone = []
+        for cluster, kinds in sorted(resources.items()):
+            if cluster == keep or kinds.get("instances"):
+                continue
+            beats = [await self.heartbeat(bucket) for bucket in kinds.get("buckets", [])]
+            known = [beat for beat in beats if beat is not None]
+            if known:
+                detached = any(state == "detached" for state, _ in known)
+                last = max(when for _, when in known)
+                if detached or (now - last).total_seconds() > HEARTBEAT_STALE:
+                    gone.append(cluster)
+            elif cluster in born and (now - born[cluster]).total_seconds() > REAP_AFTER:
+                gone.append(cluster)
+        return gone
+
+    async def reap(self, keep: str | None = None) -> Resources:
+        """Remove what :meth:`orphans` finds; return what was removed, by cluster."""
+        return {cluster: await self.remove_cluster(cluster) for cluster in await self.orphans(keep)}
+
+    async def heartbeat(self, bucket: str) -> tuple[str, datetime.datetime] | None:
+        """A bucket's heartbeat: its client's state ("attached", "detached") and when it was
+        written; None when it has none."""
+        try:
+            head = await self._call(
+                self.clients.s3.head_object,
+                "HeadObject",
+                service="S3",
+                Bucket=bucket,
+                Key=HEARTBEAT_KEY,
+            )
+        except ProviderError as e:
+            if e.code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+                return None
+            raise
+        state = head.get("Metadata", {}).get("state", "attached")
+        return state, head["LastModified"]
+
+    async def beat(self, bucket: str, state: str = "attached") -> None:
+        """Write a bucket's heartbeat (see :data:`HEARTBEAT_KEY`)."""
+        await self._call(
+            self.clients.s3.put_object,
+            "PutObject",
+            service="S3",
+            Bucket=bucket,
+            Key=HEARTBEAT_KEY,
+            Body=state.encode(),
+            Metadata={"state": state},
+        )
 
     async def buckets(self) -> list[tuple[str, list[dict[str, str]]]]:
-        """dask-rawvm's buckets and their tags (an untagged one is not provably ours)."""
+        """dask-rawvm's buckets in this region and their tags (an untagged one is not
+        provably ours; one of another region is another region's business)."""
         s3 = self.clients.s3
-        listing = await self._call(s3.list_buckets, "ListBuckets", service="S3")
+        listing = await self._list(
+            s3.list_buckets,
+            "ListBuckets",
+            "Buckets",
+            service="S3",
+            token=("ContinuationToken", "ContinuationToken"),
+            Prefix=BUCKET_PREFIX,
+        )
         result = []
-        for bucket in (b["Name"] for b in listing.get("Buckets", [])):
+        self._bucket_made.update(
+            (b["Name"], b["CreationDate"]) for b in listing if "CreationDate" in b
+        )
+        for bucket in (b["Name"] for b in listing):
             if not bucket.startswith(BUCKET_PREFIX):
-                continue
+                continue  # an endpoint that ignores Prefix
             try:
-                tagging = await s3.get_bucket_tagging(Bucket=bucket)
-            except ClientError:
-                continue  # untagged: not provably ours
+                if await self.bucket_region(bucket) != self.clients.region:
+                    continue
+                tagging = await self._call(
+                    s3.get_bucket_tagging, "GetBucketTagging", service="S3", Bucket=bucket
+                )
+            except ProviderError as e:
+                if e.code in ("NoSuchTagSet", "NoSuchBucket"):
+                    continue  # untagged (not provably ours), or gone meanwhile
+                raise
             result.append((bucket, tagging.get("TagSet", [])))
         return result
+
+    async def bucket_region(self, bucket: str) -> str:
+        """The region a bucket is in (S3 names us-east-1 by no constraint, eu-west-1 by "EU")."""
+        answer = await self._call(
+            self.clients.s3.get_bucket_location, "GetBucketLocation", service="S3", Bucket=bucket
+        )
+        location = answer.get("LocationConstraint") or "us-east-1"
+        return "eu-west-1" if location == "EU" else str(location)
 
     async def remove_cluster(self, cluster: str) -> dict[str, list[str]]:
         """Terminate and delete everything tagged with ``cluster``; return what was found."""
@@ -100,22 +225,43 @@ class EC2Account:
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
             chunk = ids[start : start + MAX_IDS_PER_CALL]
             await self._call(
-                self.clients.ec2.terminate_instances, "TerminateInstances", InstanceIds=chunk
+                self.clients.ec2.terminate_instances,
+                "TerminateInstances",
+                settle=SETTLE_TIMEOUT,  # machines just launched may be unknown for a moment
+                InstanceIds=chunk,
             )
 
     async def delete_bucket(self, bucket: str) -> None:
-        """Delete a bucket and everything in it."""
+        """Delete a bucket and everything in it (1000 keys a page, a page a call)."""
         s3 = self.clients.s3
-        async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        paging: dict[str, Any] = {}
+        while True:
+            page = await self._call(
+                s3.list_objects_v2, "ListObjectsV2", service="S3", Bucket=bucket, **paging
+            )
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:
-                await self._call(
+                answer = await self._call(
                     s3.delete_objects,
                     "DeleteObjects",
                     service="S3",
                     Bucket=bucket,
                     Delete={"Objects": keys},
                 )
+                # DeleteObjects answers 200 and lists what it could not delete, and why.
+                refused = answer.get("Errors") or []
+                if refused:
+                    first = refused[0]
+                    denied = first.get("Code") in DENIED
+                    cause = f" -- {denied_message('S3', 'DeleteObject')}" if denied else ""
+                    raise ProviderError(
+                        f"S3 DeleteObjects in {bucket}: {len(refused)} object(s) not deleted "
+                        f"({first.get('Code')}: {first.get('Message')}){cause}",
+                        first.get("Code"),
+                    )
+            if not page.get("IsTruncated"):
+                break
+            paging = {"ContinuationToken": page["NextContinuationToken"]}
         await self._call(s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket)
 
     async def _call(self, method: Any, action: str, service: str = "EC2", **params: Any) -> Any:
@@ -123,12 +269,24 @@ class EC2Account:
             method, action, throttle_timeout=self.throttle_timeout, service=service, **params
         )
 
+    async def _list(
+        self, method: Any, action: str, key: str, service: str = "EC2", **params: Any
+    ) -> list[Any]:
+        return await paginate(
+            method, action, key, throttle_timeout=self.throttle_timeout, service=service, **params
+        )
 
-async def list_clusters(endpoint_url: str | None = None, region: str | None = None) -> Resources:
-    """Each dask-rawvm cluster with resources in the region, and those resources."""
+
+async def list_clusters(
+    endpoint_url: str | None = None, region: str | None = None
+) -> tuple[Resources, Resources]:
+    """The leftovers of gone clusters of the region, removed (:meth:`EC2Account.reap`); then
+    each dask-rawvm cluster with resources in the region, and those resources."""
     clients = await EC2Clients.open(region, endpoint_url)
     try:
-        return await EC2Account(clients).clusters()
+        account = EC2Account(clients)
+        reaped = await account.reap()
+        return reaped, await account.clusters()
     finally:
         await clients.close()
 

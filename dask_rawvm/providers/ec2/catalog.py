@@ -440,6 +440,36 @@ class PriceTable:
         return {name: self.annotate(vm) for name, vm in types.items()}
 
 
+@dataclass(frozen=True)
+class StoragePrices:
+    """What a region bills besides instance hours, per machine: gp3 storage and public IPv4.
+
+    From the packaged table (``data/ebs_prices.json``): list prices, an estimate.
+    """
+
+    region: str
+    gp3_gb_month: float
+    public_ipv4_hourly: float
+    hours_per_month: float = 730.0
+
+    @classmethod
+    def load(cls, region: str = "us-east-1") -> StoragePrices:
+        text = (
+            resources.files("dask_rawvm.providers.ec2").joinpath("data/ebs_prices.json").read_text()
+        )
+        data = json.loads(text)
+        return cls(
+            region=region,
+            gp3_gb_month=float(data["gp3_gb_month"].get(region, data["default_gp3_gb_month"])),
+            public_ipv4_hourly=float(data["public_ipv4_hourly"]),
+            hours_per_month=float(data["hours_per_month"]),
+        )
+
+    def volume_hourly(self, size_gib: int) -> float:
+        """USD per hour of a gp3 volume of ``size_gib`` (billed by the GB-month, prorated)."""
+        return self.gp3_gb_month * size_gib / self.hours_per_month
+
+
 async def live_spot_prices(
     ec2_client: Any, types: Iterable[str], zones: Iterable[str] | None = None
 ) -> dict[tuple[str, str], float]:

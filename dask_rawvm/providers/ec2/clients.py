@@ -7,6 +7,7 @@ that say what to set.
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -39,6 +40,26 @@ class EC2Clients:
     ssm: Any
     s3: Any
     _stack: AsyncExitStack
+    credentials: Any = None  # botocore's, from the default chain (None: given explicitly)
+
+    def credentials_expire_in(self) -> float | None:
+        """Seconds until the current temporary credentials expire; None when they do not
+        (long-term keys) or the chain does not say (a session token in the environment).
+
+        Presigned URLs signed with temporary credentials die with them, whatever their own
+        expiry (AWS's S3 documentation). botocore's refreshable credentials (assume-role,
+        SSO, instance profiles) keep the expiry in ``_expiry_time``: no public accessor.
+        """
+        expiry = getattr(self.credentials, "_expiry_time", None)
+        if expiry is None:
+            return None
+        return float((expiry - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+    def temporary_without_expiry(self) -> bool:
+        """A session token whose expiry nobody here knows (not refreshable): calls and URLs
+        stop working when the session ends."""
+        token = getattr(self.credentials, "token", None)
+        return bool(token) and getattr(self.credentials, "_expiry_time", None) is None
 
     @classmethod
     async def open(
@@ -62,7 +83,8 @@ class EC2Clients:
                 "no AWS region: pass region=... or set AWS_DEFAULT_REGION (or a profile's region)"
             )
         check_region(region)
-        if not credentials and await session.get_credentials() is None:
+        found = None if credentials else await session.get_credentials()
+        if not credentials and found is None:
             raise ProviderError(
                 "no AWS credentials found: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
                 "AWS_SECRET_ACCESS_KEY, or run `aws configure`"
@@ -81,6 +103,7 @@ class EC2Clients:
             return cls(
                 region=region,
                 endpoint_url=endpoint_url,
+                credentials=found,
                 ec2=await stack.enter_async_context(create("ec2", config=STANDARD, **common)),
                 ec2_launch=await stack.enter_async_context(
                     create("ec2", config=NO_RETRY, **common)

@@ -4,14 +4,21 @@ One request asks for many instances across every candidate type x subnet ("capac
 so a scale-up of N machines costs ``ceil(N / 1000)`` CreateFleet calls plus at most one
 launch-template call in the happy path. When capacity runs out we fail over ourselves:
 
-- an error the fleet reports for one pool (``Errors`` in the response: InsufficientInstanceCapacity,
-  Unsupported, SpotMaxPriceTooLow, ...) drops that pool for the rest of the pass;
-- with ``spot_policy="spot_with_fallback"`` the spot shortfall is asked for on-demand at once;
+- an error the fleet reports for one pool (``Errors`` in the response) drops that pool for the
+  rest of the pass, whatever the error (InsufficientInstanceCapacity, Unsupported, an error
+  this module has never heard of...): another pool may launch;
+- an error of a whole market (a spot or on-demand quota, the spot service-linked role missing)
+  drops every pool of that market; with ``spot_policy="spot_with_fallback"`` the spot
+  shortfall is then asked for on-demand at once;
 - otherwise the shortfall is asked for again from the pools left, and once none are left we back
-  off and look at every pool again until ``capacity_retry_timeout``;
+  off and look at every pool again until ``capacity_retry_timeout`` (unless every pool failed
+  for a reason waiting cannot fix);
 - throttling and 5xx answers are retried with full-jitter backoff and the same ClientToken;
-- an error no failover can fix (bad parameter, permissions, vCPU quota) is one
-  :class:`FleetLaunchError` at once, naming the cause and the fix.
+  a template just made that the fleet does not see yet (eventual consistency) too;
+- an error of the whole call that no failover can fix (bad parameter, permissions), or a
+  market error with no market left, is one :class:`FleetLaunchError` at once, naming the
+  cause and the fix; what earlier calls of the pass launched stays launched and is the
+  caller's (it is in the error's ``result``).
 
 Launch calls must go through a client with botocore retries off: ICE is an HTTP 500, which
 botocore would retry blindly (measured: a default client sends CreateFleet again after an
@@ -41,12 +48,15 @@ from dask_rawvm.errors import ProviderError
 from dask_rawvm.needs import Market, SpotPolicy, markets_of
 from dask_rawvm.providers.base import CLUSTER_TAG
 from dask_rawvm.providers.ec2.calls import (
+    SETTLE_TIMEOUT,
     THROTTLE_BACKOFF,
     THROTTLING,
     TRANSIENT,
     ec2_call,
     error_code,
     error_message,
+    not_found,
+    paginate,
 )
 from dask_rawvm.providers.ec2.catalog import VMType
 
@@ -71,8 +81,18 @@ CAPACITY = {
     "SpotMaxPriceTooLow",
     "InsufficientFreeAddressesInSubnet",
 }
-#: A quota on one market: the other market may still launch.
-MARKET_QUOTA = {"MaxSpotInstanceCountExceeded"}
+#: Errors of a whole market (a quota, the spot service-linked role): no pool of that market
+#: can launch, the other market may.
+MARKET_WIDE = {
+    "MaxSpotInstanceCountExceeded",
+    "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+    "VcpuLimitExceeded",
+    "InstanceLimitExceeded",
+}
+#: Kept for callers of the earlier name.
+MARKET_QUOTA = MARKET_WIDE
+#: Worth asking again later: capacity comes back, throttling passes.
+TRY_LATER = CAPACITY | THROTTLING | TRANSIENT
 
 _FIXES = {
     "VcpuLimitExceeded": "the account's On-Demand vCPU quota is used up. Fix: ask for a higher "
@@ -82,6 +102,11 @@ _FIXES = {
     "MaxSpotInstanceCountExceeded": "the account's spot vCPU quota is used up. Fix: use "
     "spot_policy='spot_with_fallback', or ask for a higher 'All Standard Spot Instance Requests' "
     "quota in Service Quotas",
+    "AuthFailure.ServiceLinkedRoleCreationNotPermitted": "the account has no spot service-linked "
+    "role and these credentials may not create it. Fix: create it once (`aws iam "
+    "create-service-linked-role --aws-service-name spot.amazonaws.com`), allow "
+    "iam:CreateServiceLinkedRole (see `dask-rawvm iam-policy`), or use "
+    "spot_policy='spot_with_fallback' or 'on-demand'",
     "UnauthorizedOperation": "these credentials may not launch instances. Fix: allow "
     "ec2:CreateFleet, ec2:RunInstances, ec2:CreateTags and the launch-template actions "
     "(and iam:PassRole if the template names an instance profile)",
@@ -148,6 +173,8 @@ class PoolError:
     vm_type: str | None = None
     subnet_id: str | None = None
     zone: str | None = None
+    #: An error of the whole CreateFleet call, not one the fleet reported for a pool.
+    whole_call: bool = False
 
     def matches(self, pool: Pool) -> bool:
         return (
@@ -224,6 +251,21 @@ def template_name(cluster: str) -> str:
     return f"dask-rawvm-{stem}-{hashlib.sha1(cluster.encode()).hexdigest()[:8]}"
 
 
+@dataclass(frozen=True)
+class RootVolume:
+    """The root volume a launch gives its machines: the image's root device, so many GiB of
+    gp3 (3000 IOPS and 125 MB/s included in gp3's price), deleted with the machine."""
+
+    device: str
+    size_gib: int
+
+    def mapping(self) -> dict[str, Any]:
+        return {
+            "DeviceName": self.device,
+            "Ebs": {"VolumeSize": self.size_gib, "VolumeType": "gp3", "DeleteOnTermination": True},
+        }
+
+
 def template_data(
     cluster: str,
     *,
@@ -231,11 +273,16 @@ def template_data(
     tags: dict[str, str] | None = None,
     security_group_ids: Sequence[str] = (),
     public_ip: bool = True,
+    root_volume: RootVolume | None = None,
+    standard_credits: bool = False,
 ) -> dict[str, Any]:
     """``LaunchTemplateData`` for a cluster's machines.
 
     No AMI and no instance type: each fleet override names both, so one template serves
-    every type and architecture.
+    every type and architecture. ``InstanceMetadataTags`` stays off: nothing reads tags
+    from the metadata service, and with it on EC2 refuses tag keys with spaces or ``/``.
+    ``standard_credits`` launches T-family types with standard CPU credits: T3 and T4g
+    default to unlimited, which bills surplus credits past the hourly price.
     """
     raw = user_data.encode()
     if len(raw) > MAX_USER_DATA:
@@ -249,7 +296,7 @@ def template_data(
         "MetadataOptions": {
             "HttpTokens": "required",
             "HttpEndpoint": "enabled",
-            "InstanceMetadataTags": "enabled",
+            "InstanceMetadataTags": "disabled",
         },
         # Tagged at creation: no CreateTags call, and no untagged instance if we crash.
         "TagSpecifications": [
@@ -260,6 +307,10 @@ def template_data(
         # RunInstances).
         "UserData": base64.b64encode(raw).decode(),
     }
+    if root_volume is not None:
+        data["BlockDeviceMappings"] = [root_volume.mapping()]
+    if standard_credits:
+        data["CreditSpecification"] = {"CpuCredits": "standard"}
     if security_group_ids:
         data["NetworkInterfaces"] = [
             {
@@ -280,6 +331,8 @@ async def ensure_launch_template(
     tags: dict[str, str] | None = None,
     security_group_ids: Sequence[str] = (),
     public_ip: bool = True,
+    root_volume: RootVolume | None = None,
+    standard_credits: bool = False,
     template: LaunchTemplate | None = None,
 ) -> LaunchTemplate:
     """The cluster's launch template, with a version carrying this launch's user-data and tags.
@@ -299,6 +352,11 @@ async def ensure_launch_template(
         when ``public_ip``; the VPC's default group when empty.
     public_ip
         Whether instances get a public address (only with ``security_group_ids``).
+    root_volume
+        The root volume's device and size; the image's own when None.
+    standard_credits
+        Launch burstable (T-family) types with standard CPU credits; only for launches
+        whose candidates are all burstable (EC2 takes the option for T types only).
     template
         What the previous call returned, if any.
 
@@ -319,6 +377,8 @@ async def ensure_launch_template(
         tags=tags,
         security_group_ids=security_group_ids,
         public_ip=public_ip,
+        root_volume=root_volume,
+        standard_credits=standard_credits,
     )
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     if template is not None and template.digest == digest:
@@ -362,6 +422,7 @@ async def _new_version(
     response = await ec2_call(
         ec2.create_launch_template_version,
         "CreateLaunchTemplateVersion",
+        settle=SETTLE_TIMEOUT,  # a template just made may be unknown for a moment
         LaunchTemplateId=template_id,
         LaunchTemplateData=data,
         ClientToken=uuid.uuid4().hex,
@@ -373,17 +434,10 @@ async def _new_version(
 async def delete_launch_templates(ec2: Any, cluster: str) -> list[str]:
     """Delete every launch template tagged with ``cluster`` (all versions); return their ids."""
     filters = [{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}]
-    ids: list[str] = []
-    token: str | None = None
-    while True:
-        paging: dict[str, Any] = {"NextToken": token} if token else {}
-        page = await ec2_call(
-            ec2.describe_launch_templates, "DescribeLaunchTemplates", Filters=filters, **paging
-        )
-        ids += [t["LaunchTemplateId"] for t in page.get("LaunchTemplates", [])]
-        token = page.get("NextToken")
-        if not token:
-            break
+    templates = await paginate(
+        ec2.describe_launch_templates, "DescribeLaunchTemplates", "LaunchTemplates", Filters=filters
+    )
+    ids = [t["LaunchTemplateId"] for t in templates]
     deleted = []
     for template_id in ids:
         try:
@@ -422,12 +476,15 @@ def fleet_request(
     ami_by_arch: dict[str, str],
     client_token: str,
     cluster: str | None = None,
+    single_zone: bool = False,
 ) -> dict[str, Any]:
     """CreateFleet parameters: one launch-template config per architecture, one override per pool.
 
     The AMI goes in each override (allowed for instant fleets), so one template serves
     x86_64 and arm64. Priority is the type's rank: on-demand ``prioritized`` follows it;
-    spot ``price-capacity-optimized`` weighs price and spare capacity itself.
+    spot ``price-capacity-optimized`` weighs price and spare capacity itself. With
+    ``single_zone``, EC2 launches the whole request in one zone of its choosing
+    (``SingleAvailabilityZone``, for either market).
     """
     by_arch: dict[str, list[dict[str, Any]]] = {}
     for pool in sorted(pools, key=lambda p: p.rank)[:MAX_OVERRIDES]:
@@ -453,6 +510,9 @@ def fleet_request(
         "SpotOptions": {"AllocationStrategy": "price-capacity-optimized"},
         "OnDemandOptions": {"AllocationStrategy": "prioritized"},
     }
+    if single_zone:
+        request["SpotOptions"]["SingleAvailabilityZone"] = True
+        request["OnDemandOptions"]["SingleAvailabilityZone"] = True
     if cluster is not None:
         request["TagSpecifications"] = [
             {"ResourceType": "fleet", "Tags": [{"Key": CLUSTER_TAG, "Value": cluster}]}
@@ -508,7 +568,7 @@ def whole_call_error(code: str, message: str, market: str, pools: Sequence[Pool]
     zones = {p.zone for p in pools}
     vm_type = next((t for t in _TYPE_TOKEN.findall(message) if t in types), None)
     zone = next((z for z in _ZONE_TOKEN.findall(message) if z in zones), None)
-    return PoolError(market, code, message, vm_type=vm_type, zone=zone)
+    return PoolError(market, code, message, vm_type=vm_type, zone=zone, whole_call=True)
 
 
 class FailoverPlanner:
@@ -523,11 +583,22 @@ class FailoverPlanner:
         self.policy = spot_policy
         self.markets: tuple[Market, ...] = markets_of(spot_policy)
         self.dropped: dict[str, set[Pool]] = {m: set() for m in self.markets}
+        #: Pools were dropped this pass for a reason that may pass (capacity, throttling).
+        self.worth_retrying = False
+        #: Why pools were dropped this pass for good, one error per code.
+        self.permanent: dict[str, PoolError] = {}
 
     def reset(self) -> None:
         """Look at every pool again (capacity comes back)."""
         for dropped in self.dropped.values():
             dropped.clear()
+        self.worth_retrying = False
+        self.permanent.clear()
+
+    def keep_zone(self, zone: str) -> None:
+        """Ask only the pools of ``zone`` from now on (the cluster keeps to one zone)."""
+        for market in self.markets:
+            self.dropped.setdefault(market, set()).update(p for p in self.pools if p.zone != zone)
 
     def available(self, market: str) -> list[Pool]:
         return [
@@ -539,10 +610,12 @@ class FailoverPlanner:
         return next((m for m in self.markets if self.available(m)), None)
 
     def fatal(self, error: PoolError) -> bool:
-        if error.code in CAPACITY:
-            return False
-        # A spot quota is only fatal when there is no on-demand to fall back to.
-        return not (error.code in MARKET_QUOTA and error.market != self.markets[-1])
+        """Whether no failover can fix ``error``: an error of a whole market with no market
+        after it to go to, or an error of the whole call that waiting cannot fix. An error
+        the fleet reports for one pool drops that pool, whatever it is."""
+        if error.code in MARKET_WIDE:
+            return error.market == self.markets[-1]
+        return error.whole_call and error.code not in TRY_LATER
 
     def record(self, market: str, errors: Sequence[PoolError], shortfall: int) -> list[str]:
         """Drop the pools that failed; return one human line per failover.
@@ -553,16 +626,21 @@ class FailoverPlanner:
         failed = []
         before = len(self.available(market))
         for error in errors:
-            if error.code in MARKET_QUOTA:
+            if error.code in MARKET_WIDE:
                 hit = self.available(error.market)
             else:
                 hit = [p for p in self.available(error.market) if error.matches(p)]
             self.dropped.setdefault(error.market, set()).update(hit)
             if hit:
                 failed.append(f"{error.where()}: {error.code}")
+                if error.code in TRY_LATER:
+                    self.worth_retrying = True
+                else:
+                    self.permanent.setdefault(error.code, error)
         if shortfall and len(self.available(market)) == before:
             self.dropped[market].update(self.available(market))
             failed.append(f"{market}: {shortfall} not launched")
+            self.worth_retrying = True
         then = self._next(market, shortfall)
         return [f"{line} -> {then}" for line in failed]
 
@@ -594,6 +672,7 @@ async def launch_fleet(
     on_launch: OnLaunch | None = None,
     throttle_backoff: Backoff = THROTTLE_BACKOFF,
     capacity_backoff: Backoff = CAPACITY_BACKOFF,
+    single_zone: bool = False,
 ) -> FleetResult:
     """Launch ``count`` instances through instant fleets, failing over across pools and markets.
 
@@ -628,6 +707,10 @@ async def launch_fleet(
         Called with each batch of instances as it lands.
     throttle_backoff, capacity_backoff
         Backoff for throttling/5xx, and between passes once capacity ran out.
+    single_zone
+        Launch everything in one zone: each request lets EC2 pick the zone
+        (``SingleAvailabilityZone``), and once one instance landed, later requests
+        (the on-demand fallback, the next chunk) keep to its zone.
 
     Returns
     -------
@@ -656,8 +739,14 @@ async def launch_fleet(
     launcher = _Launcher(
         ec2, template, ami_by_arch, cluster, result, on_launch, throttle_timeout, throttle_backoff
     )
+    launcher.single_zone = single_zone
     while True:
         await _one_pass(launcher, planner, max_per_call)
+        if result.missing and not planner.worth_retrying:
+            # Every pool failed for a reason waiting cannot fix.
+            if not result.instances:
+                raise FleetLaunchError(_permanent_message(planner, result), result, _first(planner))
+            break
         if not result.missing or time.monotonic() >= deadline:
             break
         # Every pool failed: capacity frees up over minutes, so wait, then look everywhere again.
@@ -705,6 +794,8 @@ async def _one_pass(launcher: _Launcher, planner: FailoverPlanner, max_per_call:
             continue
         n = min(fallback or result.missing, result.missing, max_per_call)
         launched, errors = await launcher.request(market, pools, n)
+        if launcher.single_zone and launched and launched[0].zone:
+            planner.keep_zone(launched[0].zone)
         fatal = next((e for e in errors if planner.fatal(e)), None)
         if fatal is not None:
             raise FleetLaunchError(_fatal_message(fatal, result), result, fatal.code)
@@ -735,12 +826,21 @@ class _Launcher:
         self.on_launch = on_launch
         self.throttle_timeout = throttle_timeout
         self.backoff = backoff
+        #: Let EC2 pick one zone for each request (``SingleAvailabilityZone``).
+        self.single_zone = False
 
     async def request(
         self, market: str, pools: list[Pool], n: int
     ) -> tuple[list[LaunchedInstance], list[PoolError]]:
         params = fleet_request(
-            self.template, pools, market, n, self.ami_by_arch, uuid.uuid4().hex, self.cluster
+            self.template,
+            pools,
+            market,
+            n,
+            self.ami_by_arch,
+            uuid.uuid4().hex,
+            self.cluster,
+            single_zone=self.single_zone,
         )
         try:
             response = await self._send(params)
@@ -757,11 +857,21 @@ class _Launcher:
             self.result.calls += 1
             return dict(await self.ec2.create_fleet(**params))
 
+        # A template just made may be unknown to CreateFleet for a moment: a NotFound then
+        # launched nothing, so the same request goes again (for SETTLE_TIMEOUT at most).
+        settled = time.monotonic() + SETTLE_TIMEOUT
+        throttled_until = time.monotonic() + self.throttle_timeout
+
+        def retryable(error: Exception) -> bool:
+            if not_found(error):
+                return time.monotonic() < settled
+            return _worth_sending_again(error) and time.monotonic() < throttled_until
+
         try:
             return await retry(
                 send,
-                retryable=_worth_sending_again,
-                timeout=self.throttle_timeout,
+                retryable=retryable,
+                timeout=max(self.throttle_timeout, SETTLE_TIMEOUT),
                 backoff=self.backoff,
                 what="EC2 CreateFleet",
             )
@@ -773,6 +883,21 @@ def _worth_sending_again(error: Exception) -> bool:
     """Throttling, a 5xx, or no answer at all (the request may have landed: the same
     ClientToken makes sending it again safe)."""
     return isinstance(error, BotoCoreError) or error_code(error) in THROTTLING | TRANSIENT
+
+
+def _first(planner: FailoverPlanner) -> str | None:
+    return next(iter(planner.permanent), None)
+
+
+def _permanent_message(planner: FailoverPlanner, result: FleetResult) -> str:
+    """Every pool failed for good: each reason, and the fix of the first."""
+    reasons = "; ".join(f"{e.where()}: {e.code}: {e.message}" for e in planner.permanent.values())
+    code = _first(planner) or ""
+    cause = _FIXES.get(code, "no other type, zone or market is left to try")
+    return (
+        f"EC2 CreateFleet launched none of {result.requested}: every pool failed: {reasons} "
+        f"-- {cause}"
+    )
 
 
 def _fatal_message(error: PoolError, result: FleetResult) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
@@ -13,7 +14,7 @@ from typing import Any
 
 import botocore.session
 
-from dask_rawvm.config import ClusterOptions
+from dask_rawvm.config import ZONE_AUTO, ClusterOptions
 from dask_rawvm.environment.artifact import ArtifactURLs
 from dask_rawvm.environment.target import Target
 from dask_rawvm.errors import ProviderError
@@ -28,13 +29,15 @@ from dask_rawvm.providers.base import (
     OnGaveUp,
     OnLate,
     Provider,
+    WorkerSize,
 )
-from dask_rawvm.providers.ec2.account import EC2Account, live_instances_sync
+from dask_rawvm.providers.ec2.account import HEARTBEAT_SECONDS, EC2Account, live_instances_sync
 from dask_rawvm.providers.ec2.artifacts import ArtifactStore
 from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
-from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, ec2_call
+from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, SETTLE_TIMEOUT, ec2_call, paginate
 from dask_rawvm.providers.ec2.catalog import (
     PriceTable,
+    StoragePrices,
     VMType,
     choose_vm_types,
     fetch_instance_types,
@@ -46,12 +49,14 @@ from dask_rawvm.providers.ec2.fleet import (
     FleetTopUp,
     LaunchedInstance,
     LaunchTemplate,
+    RootVolume,
     ensure_launch_template,
     launch_fleet,
 )
+from dask_rawvm.providers.ec2.network import Network, resolve_network
 from dask_rawvm.providers.ec2.security_groups import (
+    check_extra_groups,
     create_cluster_security_group,
-    default_vpc_id,
     ingress_cidrs,
 )
 
@@ -88,12 +93,24 @@ class EC2Provider(Provider):
         How long to keep backing off a throttled call before giving up.
     allow_ingress_from
         CIDRs that may reach the scheduler and dashboard ports; this machine's
-        public address when None (the cluster's members always reach each other).
-    zones
-        Availability zones to launch into; every zone of the region when None.
+        public address when None (the VPC's ranges with ``public_ip=False``; the
+        cluster's members always reach each other).
+    zone
+        ``"auto"``: one zone for the whole cluster, the one EC2 finds capacity in for the
+        first launch; ``"any"``: every zone of the subnets; a zone or a list of zones.
     capacity_retry_timeout
         How long to keep asking for capacity a launch could not get at once: the one
         clock of it (a cluster gives up on its missing workers when this provider does).
+    vpc, subnets
+        Where machines go (:func:`~dask_rawvm.providers.ec2.network.resolve_network`);
+        the default VPC when neither is given.
+    security_groups
+        Extra security groups for every machine, besides the cluster's own.
+    public_ip
+        Whether machines get a public IPv4 address.
+    disk_sizes
+        GiB of gp3 root volume by role (``"worker"``, ``"scheduler"``); the image's own
+        size for a role not given. Never less than the image's.
     """
 
     names_after_launch = True  # a fleet's instances come back in no particular order
@@ -107,8 +124,13 @@ class EC2Provider(Provider):
         ami: str | None = None,
         throttle_timeout: float = 120.0,
         allow_ingress_from: list[str] | None = None,
-        zones: list[str] | None = None,
+        zone: str | list[str] = ZONE_AUTO,
         capacity_retry_timeout: float = 600.0,
+        vpc: str | None = None,
+        subnets: list[str] | None = None,
+        security_groups: list[str] | None = None,
+        public_ip: bool = True,
+        disk_sizes: dict[str, int] | None = None,
     ) -> None:
         self.cluster = cluster
         self.region = region
@@ -117,19 +139,30 @@ class EC2Provider(Provider):
         self.ami = ami
         self.throttle_timeout = throttle_timeout
         self.allow_ingress_from = allow_ingress_from
-        self.zones = zones
+        self.zone = zone
         self.capacity_retry_timeout = capacity_retry_timeout
+        self.vpc = vpc
+        self.subnet_ids = subnets
+        self.extra_groups = list(security_groups or [])
+        self.public_ip = public_ip
+        self.disk_sizes = dict(disk_sizes or {})
         self.security_group: str | None = None
-        self._subnets: list[tuple[str, str]] | None = None
-        self._vpc_id: str | None = None
+        self._network: Network | None = None
+        #: The zone the cluster keeps to (``zone="auto"``), once its first machine landed.
+        self.pinned_zone: str | None = None
         self._template: LaunchTemplate | None = None
         self._topups: dict[str, FleetTopUp] = {}
         self.catalog: dict[str, VMType] = {}  # the types chosen or checked, by name
         self._amis: dict[str, str] = {}
+        self._roots: dict[str, tuple[str, int]] = {}  # AMI -> (root device, its size in GiB)
         self._clients: EC2Clients | None = None
         self.bucket: str | None = None
+        self._heartbeat: asyncio.Future[None] | None = None  # beating while attached
+        self._reaping: asyncio.Future[None] | None = None
+        self._said_expiry = False
         self._prices: PriceTable | None = None
         self._artifacts: ArtifactStore | None = None  # the account's, made on first use
+        self._storage: StoragePrices | None = None
 
     @classmethod
     def from_options(cls, options: ClusterOptions, cluster: str) -> EC2Provider:
@@ -137,23 +170,82 @@ class EC2Provider(Provider):
             cluster,
             region=options.region,
             endpoint_url=options.endpoint_url,
-            ami=options.ami,
-            allow_ingress_from=options.allow_ingress_from,
-            zones=[options.zone] if isinstance(options.zone, str) else options.zone,
-            capacity_retry_timeout=options.capacity_retry_timeout,
+            **cls.machine_options(options),
         )
+
+    @staticmethod
+    def machine_options(options: ClusterOptions) -> dict[str, Any]:
+        """The keywords of :class:`EC2Provider` that options give, whatever the endpoint."""
+        return {
+            "ami": options.ami,
+            "allow_ingress_from": options.allow_ingress_from,
+            "zone": options.zone,
+            "capacity_retry_timeout": options.capacity_retry_timeout,
+            "vpc": options.vpc,
+            "subnets": options.subnets,
+            "security_groups": options.security_groups,
+            "public_ip": options.public_ip,
+            "disk_sizes": {
+                "worker": options.worker_disk_size,
+                "scheduler": options.scheduler_disk_size,
+            },
+        }
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
         self._clients = await EC2Clients.open(self.region, self.endpoint_url, self.credentials)
         self.region = self._clients.region
+        if self._clients.temporary_without_expiry():
+            logger.warning(
+                "these AWS credentials are a session token that does not refresh: every call, "
+                "and the URLs the VMs fetch, stop working when the session ends; for a cluster "
+                "longer than the session use a profile that refreshes (role_arn, SSO)"
+            )
+        # What clusters of this region left behind once certainly gone (idled out after their
+        # client detached, or whose client died) goes now, beside this start.
+        self._reaping = asyncio.ensure_future(self._reap())
+
+    async def _reap(self) -> None:
+        try:
+            reaped = await self.account.reap(keep=self.cluster)
+        except Exception as e:  # reaping is a courtesy: never a reason for a start to fail
+            logger.warning("could not look for leftovers of gone clusters: %s", e)
+            return
+        for cluster, resources in reaped.items():
+            kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
+            logger.info("removed the leftovers of gone cluster %s: %s", cluster, kinds)
 
     async def close(self) -> None:
         for batch in list(self._topups):
             self.stop_asking(batch)
+        await self._stop_heartbeat(detached=self.bucket is not None)
+        if self._reaping is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaping
         clients, self._clients = self._clients, None
         if clients is not None:
             await clients.close()
+
+    async def _stop_heartbeat(self, detached: bool) -> None:
+        """Stop beating; ``detached``: the bucket outlives this client (a cluster left
+        running): say so, so that once the cluster's machines are gone it can be reaped."""
+        beating, self._heartbeat = self._heartbeat, None
+        if beating is None:
+            return
+        beating.cancel()
+        if detached and self.bucket is not None:
+            try:
+                await self.account.beat(self.bucket, "detached")
+            except Exception as e:
+                logger.warning("could not mark %s as detached: %s", self.bucket, e)
+
+    async def _beat(self, bucket: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            try:
+                await self.account.beat(bucket)
+            except Exception as e:  # the next beat may get through
+                logger.warning("heartbeat of %s failed: %s", bucket, e)
 
     @property
     def clients(self) -> EC2Clients:
@@ -173,13 +265,14 @@ class EC2Provider(Provider):
 
     # -- preflight -----------------------------------------------------------------
     async def preflight(self, roles: dict[str, str]) -> None:
-        """Every type known in this region (with suggestions when not), its image, the zones."""
+        """Every type known in this region (with suggestions when not), its image, the
+        network (VPC, subnets, zones, extra security groups)."""
         await self.choose(names=sorted(set(roles.values())))
         for vm_type in set(roles.values()):
-            await self.image_for(vm_type)
+            await self.root_device(await self.image_for(vm_type))
         if self.ami:
             await self._check_ami(sorted(set(roles.values())))
-        await self.subnets()
+        await self.network()
 
     async def _check_ami(self, vm_types: list[str]) -> None:
         """An explicit image exists here and runs on every type (an arm64 AMI on x86 does not)."""
@@ -235,6 +328,11 @@ class EC2Provider(Provider):
             glibc="2.34",
         )
 
+    def worker_size(self, vm_type: str) -> WorkerSize | None:
+        """The type's vCPUs and memory, from the catalog (the whole VM is the worker's)."""
+        vm = self.catalog.get(vm_type)
+        return None if vm is None else WorkerSize(vm.vcpus, vm.memory_mib * 2**20)
+
     def hourly_price(self, vm_type: str, market: Market) -> float:
         """List price from the packaged table, scaled to the region (an estimate)."""
         return self._price_table().price(self.catalog[vm_type], market)
@@ -247,6 +345,50 @@ class EC2Provider(Provider):
         if self.ami:
             return None
         return ImagePythons(AL2023_PYTHONS, True, f"Amazon Linux 2023 ({vm_type})")
+
+    def hourly_costs(self, vm_type: str, market: Market, role: str) -> dict[str, float]:
+        """What AWS bills per hour for one machine: the instance, its gp3 root volume and
+        its public IPv4 address (list prices of the region: an estimate)."""
+        if self._storage is None:
+            self._storage = StoragePrices.load(self.region or "us-east-1")
+        costs = {"instance": self.hourly_price(vm_type, market)}
+        size = self.disk_size(role)
+        if size:
+            costs["storage"] = self._storage.volume_hourly(size)
+        if self.public_ip:
+            costs["public_ipv4"] = self._storage.public_ipv4_hourly
+        return costs
+
+    def disk_size(self, role: str, image: str | None = None) -> int | None:
+        """GiB of root volume a ``role``'s machines get: as asked, and at least the image's
+        (of ``image``, or the largest image seen); None when not asked (the image's own)."""
+        wanted = self.disk_sizes.get(role)
+        if wanted is None:
+            return None
+        roots = [self._roots[image]] if image in self._roots else list(self._roots.values())
+        return max([wanted, *(size for _, size in roots)])
+
+    async def root_device(self, ami: str) -> tuple[str, int]:
+        """The root device of an image and its size in GiB (DescribeImages, once per image)."""
+        if ami not in self._roots:
+            response = await self._call(
+                self.clients.ec2.describe_images, "DescribeImages", ImageIds=[ami]
+            )
+            images = response.get("Images", [])
+            if not images:
+                raise ProviderError(f"image {ami} is not an image in {self.region}")
+            image = images[0]
+            device = image.get("RootDeviceName") or "/dev/xvda"
+            size = next(
+                (
+                    int(m["Ebs"].get("VolumeSize") or 0)
+                    for m in image.get("BlockDeviceMappings", [])
+                    if m.get("DeviceName") == device and m.get("Ebs")
+                ),
+                0,
+            )
+            self._roots[ami] = (device, size)
+        return self._roots[ami]
 
     async def image_for(self, vm_type: str) -> str:
         """The AMI for a type: the explicit one, else AL2023 for its architecture, with
@@ -272,28 +414,41 @@ class EC2Provider(Provider):
             self._amis[name] = response["Parameter"]["Value"]
         return self._amis[name]
 
-    async def subnets(self) -> list[tuple[str, str]]:
-        """``(subnet, zone)`` of the default VPC for each zone launched into, checked once."""
-        if self._subnets is None:
-            vpc = await self._vpc()
-            response = await self._call(
-                self.clients.ec2.describe_subnets,
-                "DescribeSubnets",
-                Filters=[
-                    {"Name": "vpc-id", "Values": [vpc]},
-                    {"Name": "default-for-az", "Values": ["true"]},
-                ],
+    async def network(self) -> Network:
+        """The VPC and subnets the options choose, and the extra security groups, checked
+        once (see :func:`~dask_rawvm.providers.ec2.network.resolve_network`)."""
+        if self._network is None:
+            network = await resolve_network(
+                self.clients.ec2,
+                self.region or "",
+                vpc=self.vpc,
+                subnets=self.subnet_ids,
+                zone=self.zone,
+                throttle_timeout=self.throttle_timeout,
             )
-            by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in response["Subnets"]}
-            unknown = sorted(set(self.zones or ()) - set(by_zone))
-            if unknown:
-                raise ProviderError(
-                    f"zone(s) {unknown} are not zones of {self.region} with a default subnet; "
-                    f"its zones are {sorted(by_zone)}: pass zone= one of those, or none for all"
-                )
-            zones = self.zones or sorted(by_zone)
-            self._subnets = [(by_zone[zone], zone) for zone in zones]
-        return self._subnets
+            self.extra_groups = await check_extra_groups(
+                self.clients.ec2, self.extra_groups, network.vpc_id
+            )
+            self._network = network
+        return self._network
+
+    async def subnets(self) -> list[tuple[str, str]]:
+        """``(subnet, zone)`` pairs a launch may use now: those of the zone the cluster keeps
+        to once it has one (``zone="auto"``), else every subnet of the network."""
+        network = await self.network()
+        if self.pinned_zone is not None:
+            return network.in_zone(self.pinned_zone)
+        return list(network.subnets)
+
+    def _landed(self, instances: list[LaunchedInstance]) -> None:
+        """With ``zone="auto"``, the first machine's zone is the cluster's from now on."""
+        network = self._network
+        if network is None or not network.single_zone or self.pinned_zone is not None:
+            return
+        zone = next((i.zone for i in instances if i.zone), None)
+        if zone is not None:
+            self.pinned_zone = zone
+            logger.info("cluster %s keeps to %s (zone='auto')", self.cluster, zone)
 
     # -- machines ------------------------------------------------------------------
     async def launch(
@@ -311,20 +466,29 @@ class EC2Provider(Provider):
         """
         launch = await self._fleet_launcher(spec)
         timeout = 0.0 if on_late is not None else self.capacity_retry_timeout
+        tags = self.tags(spec.role, spec.tags)
         try:
             result = await launch(count=spec.count, capacity_retry_timeout=timeout)
         except FleetLaunchError as e:
-            # What launched before the error is ours to clean up: nobody else knows of it.
-            if e.result.ids:
-                await self.terminate(e.result.ids)
-            raise
+            if not e.result.instances:
+                raise
+            # What earlier calls of this pass launched runs, and is the cluster's: keep it
+            # (terminating it would throw away capacity that was hard to get), go without
+            # the rest.
+            logger.error(
+                "%s VMs: %s; going on with the %d launched", spec.role, e, len(e.result.ids)
+            )
+            self._landed(e.result.instances)
+            if on_gave_up is not None:
+                asyncio.get_running_loop().call_soon(on_gave_up)
+            return [_launched_machine(i, tags) for i in e.result.instances]
+        self._landed(result.instances)
         # launch_fleet has logged what is missing, and why.
         if result.missing and on_late is not None:
             if self.capacity_retry_timeout > 0:
                 self._ask_later(spec, launch, result.missing, on_late, on_gave_up)
             elif on_gave_up is not None:  # nobody will ask: given up already
                 asyncio.get_running_loop().call_soon(on_gave_up)
-        tags = self.tags(spec.role, spec.tags)
         return [_launched_machine(i, tags) for i in result.instances]
 
     async def _fleet_launcher(self, spec: LaunchSpec) -> Callable[..., Awaitable[FleetResult]]:
@@ -337,25 +501,58 @@ class EC2Provider(Provider):
         amis: dict[str, str] = {}
         for vm in candidates:
             amis.setdefault(self.architecture(vm.name), await self.image_for(vm.name))
+        network = await self.network()
         self._template = await ensure_launch_template(
             self.clients.ec2,
             self.cluster,
             user_data=spec.user_data,
             tags=self.tags(spec.role, spec.tags),
-            security_group_ids=[await self._security_group()],
+            security_group_ids=[await self._security_group(), *self.extra_groups],
+            public_ip=self.public_ip,
+            root_volume=await self._root_volume(spec.role, list(amis.values())),
+            standard_credits=_standard_credits(candidates),
             template=self._template,
         )
-        return partial(
-            launch_fleet,
-            self.clients.ec2_launch,
-            template=self._template,
-            candidates=candidates,
-            subnets=await self.subnets(),
-            ami_by_arch=amis,
-            spot_policy=spec.spot_policy,
-            throttle_timeout=self.throttle_timeout,
-            cluster=self.cluster,
-        )
+        template = self._template
+
+        async def launch(**kwargs: Any) -> FleetResult:
+            # The subnets of each call, not of the first: a cluster keeping to one zone
+            # (zone="auto") asks only that zone once its first machine landed.
+            return await launch_fleet(
+                self.clients.ec2_launch,
+                template=template,
+                candidates=candidates,
+                subnets=await self.subnets(),
+                ami_by_arch=amis,
+                spot_policy=spec.spot_policy,
+                throttle_timeout=self.throttle_timeout,
+                cluster=self.cluster,
+                single_zone=network.single_zone,
+                **kwargs,
+            )
+
+        return launch
+
+    async def _root_volume(self, role: str, amis: list[str]) -> RootVolume | None:
+        """The root volume of a launch's machines: the role's size on the image's root device
+        (one image per launch: a launch's types share one platform)."""
+        if self.disk_sizes.get(role) is None:
+            return None
+        roots = {ami: await self.root_device(ami) for ami in amis}
+        devices = {device for device, _ in roots.values()}
+        if len(devices) > 1:
+            logger.warning("images %s have different root devices %s", sorted(roots), devices)
+        device = sorted(devices)[0]
+        size = max(self.disk_size(role, ami) or 0 for ami in amis)
+        wanted = self.disk_sizes[role]
+        if size > wanted:
+            logger.info(
+                "%s root volume: %d GiB, the size of its image (%d GiB asked for)",
+                role,
+                size,
+                wanted,
+            )
+        return RootVolume(device, size)
 
     def _ask_later(
         self,
@@ -366,6 +563,7 @@ class EC2Provider(Provider):
         on_gave_up: OnGaveUp | None,
     ) -> None:
         def landed(instances: list[LaunchedInstance]) -> None:
+            self._landed(instances)
             on_late([_launched_machine(i, self.tags(spec.role, spec.tags)) for i in instances])
 
         topup = FleetTopUp(launch, missing, self.capacity_retry_timeout, landed).start()
@@ -398,19 +596,23 @@ class EC2Provider(Provider):
             topup.stop()
 
     async def _security_group(self) -> str:
-        """The cluster's security group, created on first launch (preflight creates nothing)."""
+        """The cluster's security group, created on first launch (preflight creates nothing).
+
+        Who may reach the scheduler: ``allow_ingress_from``; else, with ``public_ip=False``,
+        the VPC's own ranges (a client without a public route to the VMs is in the VPC, or
+        comes through a VPN or peering whose ranges it must name); else this machine's
+        public address.
+        """
         if self.security_group is None:
-            cidrs = await ingress_cidrs(self.allow_ingress_from, self.endpoint_url)
+            network = await self.network()
+            if self.allow_ingress_from is None and not self.public_ip:
+                cidrs = list(network.cidrs)
+            else:
+                cidrs = await ingress_cidrs(self.allow_ingress_from, self.endpoint_url)
             self.security_group = await create_cluster_security_group(
-                self.clients.ec2, self.cluster, await self._vpc(), cidrs
+                self.clients.ec2, self.cluster, network.vpc_id, cidrs
             )
         return self.security_group
-
-    async def _vpc(self) -> str:
-        """The default VPC, where the cluster's subnets and security group are (looked up once)."""
-        if self._vpc_id is None:
-            self._vpc_id = await default_vpc_id(self.clients.ec2)
-        return self._vpc_id
 
     def tags(self, role: str, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {
@@ -426,11 +628,15 @@ class EC2Provider(Provider):
     async def describe(self, ids: list[str]) -> list[Machine]:
         machines = []
         for start in range(0, len(ids), MAX_IDS_PER_CALL):
-            chunk = ids[start : start + MAX_IDS_PER_CALL]
-            response = await self._call(
-                self.clients.ec2.describe_instances, "DescribeInstances", InstanceIds=chunk
+            reservations = await paginate(
+                self.clients.ec2.describe_instances,
+                "DescribeInstances",
+                "Reservations",
+                throttle_timeout=self.throttle_timeout,
+                settle=SETTLE_TIMEOUT,  # machines just launched may be unknown for a moment
+                InstanceIds=ids[start : start + MAX_IDS_PER_CALL],
             )
-            machines += [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
+            machines += [_machine(i) for r in reservations for i in r["Instances"]]
         return machines
 
     async def live_machines(self, cluster: str) -> list[Machine]:
@@ -439,25 +645,26 @@ class EC2Provider(Provider):
             {"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]},
             {"Name": "instance-state-name", "Values": list(LIVE_STATES)},
         ]
-        response = await self._call(
-            self.clients.ec2.describe_instances, "DescribeInstances", Filters=filters
+        reservations = await paginate(
+            self.clients.ec2.describe_instances,
+            "DescribeInstances",
+            "Reservations",
+            throttle_timeout=self.throttle_timeout,
+            Filters=filters,
         )
-        machines = [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
-        token = response.get("NextToken")
-        while token:
-            response = await self._call(
-                self.clients.ec2.describe_instances,
-                "DescribeInstances",
-                Filters=filters,
-                NextToken=token,
-            )
-            machines += [_machine(i) for r in response["Reservations"] for i in r["Instances"]]
-            token = response.get("NextToken")
+        machines = [_machine(i) for r in reservations for i in r["Instances"]]
+        if cluster == self.cluster and self._network is not None and self.pinned_zone is None:
+            # A cluster reconnected to keeps to the zone it runs in (zone="auto").
+            zone = next((m.zone for m in machines if m.zone), None)
+            if zone is not None and self._network.single_zone:
+                self.pinned_zone = zone
         return machines
 
     async def cleanup(self, cluster: str) -> list[str]:
         """Remove everything tagged with ``cluster`` (:meth:`EC2Account.remove_cluster`);
         return the instances terminated."""
+        if cluster == self.cluster:
+            await self._stop_heartbeat(detached=False)
         removed = await self.account.remove_cluster(cluster)
         if cluster == self.cluster:  # what it made is gone: a later launch makes it anew
             self.bucket = None
@@ -516,9 +723,23 @@ class EC2Provider(Provider):
         raise ProviderError(f"no bucket of cluster {self.cluster} holds {key}")
 
     async def url_for(self, key: str, expires: int = 3600) -> str:
-        """An expiring GET URL for a stored file; presigning is local, no API call."""
+        """An expiring GET URL for a stored file; presigning is local, no API call.
+
+        Signed with temporary credentials, a URL dies with them whatever ``expires`` says:
+        its expiry is then capped at theirs, and a cap that shortens it is said once.
+        """
         if self.bucket is None:  # a URL of something stored later (a name map)
             self.bucket = await self._create_bucket()
+        left = self.clients.credentials_expire_in()
+        if left is not None and left < expires:
+            if not self._said_expiry:
+                logger.warning(
+                    "the AWS credentials expire in %.0f s: URLs the VMs fetch die with them "
+                    "(VMs launched after that get URLs of the refreshed credentials)",
+                    left,
+                )
+                self._said_expiry = True
+            expires = max(1, int(left))
         params = {"Bucket": self.bucket, "Key": key}
         return str(
             await self.clients.s3.generate_presigned_url(
@@ -534,6 +755,20 @@ class EC2Provider(Provider):
         return await self._artifacts.urls(key, expires)
 
     async def _create_bucket(self) -> str:
+        """The cluster's bucket: the one it has (a client reconnecting to a cluster left
+        running), else a new one; beating its heartbeat from now on."""
+        name = await self._existing_bucket() or await self._new_bucket()
+        await self.account.beat(name)
+        self._heartbeat = asyncio.ensure_future(self._beat(name))
+        return name
+
+    async def _existing_bucket(self) -> str | None:
+        for bucket, tags in await self.account.buckets():
+            if {t["Key"]: t["Value"] for t in tags}.get(CLUSTER_TAG) == self.cluster:
+                return bucket
+        return None
+
+    async def _new_bucket(self) -> str:
         # Bucket names are global: the cluster's name (sanitised) plus a random suffix.
         stem = re.sub(r"[^a-z0-9-]", "-", self.cluster.lower())[:40].strip("-")
         name = f"dask-rawvm-{stem}-{uuid.uuid4().hex[:8]}"
@@ -553,9 +788,12 @@ class EC2Provider(Provider):
         return name
 
     async def console_output(self, machine_id: str) -> str:
+        """The machine's boot log (raises a ProviderError where GetConsoleOutput is denied:
+        callers treat boot logs as optional)."""
         response = await self._call(
             self.clients.ec2.get_console_output,
             "GetConsoleOutput",
+            settle=SETTLE_TIMEOUT,
             InstanceId=machine_id,
             Latest=True,
         )
@@ -574,6 +812,20 @@ class EC2Provider(Provider):
         return await ec2_call(
             method, action, throttle_timeout=self.throttle_timeout, service=service, **params
         )
+
+
+def _standard_credits(candidates: list[VMType]) -> bool:
+    """Launch with standard CPU credits when every candidate is burstable (T family): T3 and
+    T4g default to unlimited, billing surplus credits beyond the hourly price; EC2 takes the
+    option for burstable types only, so a mix keeps the account's default."""
+    burstable = [vm.burstable for vm in candidates]
+    if any(burstable) and not all(burstable):
+        logger.warning(
+            "burstable and other types mixed in one launch (%s): the burstable ones get the "
+            "account's default CPU credit option (unlimited for T3/T4g)",
+            ", ".join(vm.name for vm in candidates),
+        )
+    return bool(burstable) and all(burstable)
 
 
 def _launched_machine(instance: LaunchedInstance, tags: dict[str, str]) -> Machine:

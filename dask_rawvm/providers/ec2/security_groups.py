@@ -21,7 +21,7 @@ from botocore.exceptions import ClientError
 from dask_rawvm.backoff import Backoff, retry
 from dask_rawvm.errors import OptionError, ProviderError, RawVMError
 from dask_rawvm.providers.base import CLUSTER_TAG
-from dask_rawvm.providers.ec2.calls import error_code
+from dask_rawvm.providers.ec2.calls import SETTLE_TIMEOUT, ec2_call, error_code, paginate
 
 logger = logging.getLogger(__name__)
 
@@ -186,23 +186,6 @@ def ingress_permissions(
     return permissions
 
 
-async def default_vpc_id(ec2: Any) -> str:
-    """The id of the region's default VPC.
-
-    Raises
-    ------
-    ProviderError
-        When the region has none (deleted, or an account created that way).
-    """
-    response = await ec2.describe_vpcs(Filters=[{"Name": "is-default", "Values": ["true"]}])
-    vpcs = response.get("Vpcs", [])
-    if not vpcs:
-        raise ProviderError(
-            "DescribeVpcs: this region has no default VPC; pass the VPC to launch in"
-        )
-    return str(vpcs[0]["VpcId"])
-
-
 async def create_cluster_security_group(
     ec2: Any,
     cluster: str,
@@ -225,7 +208,7 @@ async def create_cluster_security_group(
     cluster
         The cluster's name: the group's name suffix and its ``dask-rawvm:cluster`` tag.
     vpc_id
-        The VPC (see :func:`default_vpc_id`).
+        The VPC (see :func:`dask_rawvm.providers.ec2.network.resolve_network`).
     allow_ingress_from
         CIDRs (see :func:`ingress_cidrs`); empty admits members only.
     ports
@@ -234,7 +217,9 @@ async def create_cluster_security_group(
     cidrs = check_cidrs(allow_ingress_from)
     name = security_group_name(cluster)
     try:
-        response = await ec2.create_security_group(
+        response = await ec2_call(
+            ec2.create_security_group,
+            "CreateSecurityGroup",
             GroupName=name,
             Description=f"dask-rawvm cluster {cluster}: Dask ports from the client, all within",
             VpcId=vpc_id,
@@ -249,29 +234,33 @@ async def create_cluster_security_group(
             ],
         )
         group_id = str(response["GroupId"])
-    except ClientError as e:
-        if error_code(e) != "InvalidGroup.Duplicate":
-            raise ProviderError(f"CreateSecurityGroup {name}: {e}", error_code(e)) from e
+    except ProviderError as e:
+        if e.code != "InvalidGroup.Duplicate":
+            raise
         group_id = await _adopt_group(ec2, cluster, vpc_id, name)
-    try:
-        await ec2.authorize_security_group_ingress(
-            GroupId=group_id, IpPermissions=ingress_permissions(group_id, cidrs, ports)
-        )
-    except ClientError as e:
-        raise ProviderError(f"AuthorizeSecurityGroupIngress {group_id}: {e}", error_code(e)) from e
+    # A group just made may be unknown for a moment (EC2 is eventually consistent).
+    await ec2_call(
+        ec2.authorize_security_group_ingress,
+        "AuthorizeSecurityGroupIngress",
+        settle=SETTLE_TIMEOUT,
+        GroupId=group_id,
+        IpPermissions=ingress_permissions(group_id, cidrs, ports),
+    )
     logger.info("security group %s (%s): ports %s from %s", group_id, name, list(ports), cidrs)
     return group_id
 
 
 async def _adopt_group(ec2: Any, cluster: str, vpc_id: str, name: str) -> str:
     """Take over this cluster's leftover group (a crashed earlier run): revoke its ingress."""
-    response = await ec2.describe_security_groups(
+    groups = await paginate(
+        ec2.describe_security_groups,
+        "DescribeSecurityGroups",
+        "SecurityGroups",
         Filters=[
             {"Name": "group-name", "Values": [name]},
             {"Name": "vpc-id", "Values": [vpc_id]},
-        ]
+        ],
     )
-    groups = response.get("SecurityGroups", [])
     tags = {t["Key"]: t["Value"] for g in groups for t in g.get("Tags", [])}
     if not groups or tags.get(CLUSTER_TAG) != cluster:
         raise ProviderError(
@@ -279,14 +268,13 @@ async def _adopt_group(ec2: Any, cluster: str, vpc_id: str, name: str) -> str:
             f"tagged {CLUSTER_TAG}={cluster}; choose another cluster name"
         )
     group_id = str(groups[0]["GroupId"])
-    rules = await ec2.describe_security_group_rules(
-        Filters=[{"Name": "group-id", "Values": [group_id]}]
+    rules = await paginate(
+        ec2.describe_security_group_rules,
+        "DescribeSecurityGroupRules",
+        "SecurityGroupRules",
+        Filters=[{"Name": "group-id", "Values": [group_id]}],
     )
-    ingress = [
-        r["SecurityGroupRuleId"]
-        for r in rules.get("SecurityGroupRules", [])
-        if not r.get("IsEgress")
-    ]
+    ingress = [r["SecurityGroupRuleId"] for r in rules if not r.get("IsEgress")]
     if ingress:
         await ec2.revoke_security_group_ingress(GroupId=group_id, SecurityGroupRuleIds=ingress)
     logger.info("adopted leftover security group %s of cluster %s", group_id, cluster)
@@ -295,10 +283,48 @@ async def _adopt_group(ec2: Any, cluster: str, vpc_id: str, name: str) -> str:
 
 async def cluster_security_groups(ec2: Any, cluster: str) -> list[str]:
     """Ids of every security group tagged with ``cluster`` (for cleanup by tag)."""
-    response = await ec2.describe_security_groups(
-        Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}]
+    groups = await paginate(
+        ec2.describe_security_groups,
+        "DescribeSecurityGroups",
+        "SecurityGroups",
+        Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": [cluster]}],
     )
-    return [str(g["GroupId"]) for g in response.get("SecurityGroups", [])]
+    return [str(g["GroupId"]) for g in groups]
+
+
+async def check_extra_groups(ec2: Any, group_ids: Sequence[str], vpc_id: str) -> list[str]:
+    """The user's extra security groups (``security_groups=``), checked: each exists and is
+    in the cluster's VPC (EC2 refuses a launch with a group of another VPC).
+
+    Raises
+    ------
+    ProviderError
+        Naming the groups that are unknown or in another VPC, and the fix.
+    """
+    if not group_ids:
+        return []
+    try:
+        groups = await paginate(
+            ec2.describe_security_groups,
+            "DescribeSecurityGroups",
+            "SecurityGroups",
+            GroupIds=list(group_ids),
+        )
+    except ProviderError as e:
+        if e.code != "InvalidGroup.NotFound":
+            raise
+        raise ProviderError(
+            f"security_groups={list(group_ids)}: not all of them exist ({e}); pass ids of "
+            f"groups in {vpc_id}",
+            e.code,
+        ) from e
+    elsewhere = sorted(g["GroupId"] for g in groups if g.get("VpcId") != vpc_id)
+    if elsewhere:
+        raise ProviderError(
+            f"security_groups: {elsewhere} are not in the cluster's VPC {vpc_id}: pass groups "
+            "of that VPC, or vpc=/subnets= of theirs"
+        )
+    return list(dict.fromkeys(group_ids))
 
 
 async def delete_cluster_security_group(

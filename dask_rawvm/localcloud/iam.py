@@ -1,0 +1,120 @@
+"""IAM as EC2 enforces it, on a local cloud: identities holding a policy, and nothing more.
+
+moto checks every request against the caller's IAM policies once its
+``INITIAL_NO_AUTH_ACTION_COUNT`` is reached; :func:`enforce` sets it to 0. That setting is
+**process-global** in moto: every local cloud of the process, and every moto user in it,
+is enforced from then on, so run an enforcing cloud in a process of its own
+(``dask-rawvm localcloud``, then :meth:`RemoteCloud.enforce_iam`).
+
+moto's S3 cannot authorize a presigned URL (it reads the ``Authorization`` header, which a
+presigned URL has not, and fails with an internal error); :func:`enforce` installs a check
+for those: the URL's access key must exist and hold the permission, and the URL must not
+have expired. Its signature is not recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+_LOCK = threading.Lock()
+_HOOKED = False
+
+
+def create_identity(account_id: str, name: str, policy: dict[str, Any]) -> dict[str, str]:
+    """An IAM user of ``account_id`` whose only permissions are ``policy``; its access key.
+
+    Returns
+    -------
+    dict
+        ``aws_access_key_id`` and ``aws_secret_access_key``, for a botocore client.
+    """
+    from moto.iam.models import iam_backends
+
+    backend = iam_backends[account_id]["aws"]
+    backend.create_user("us-east-1", name)
+    backend.put_user_policy(name, f"{name}-policy", json.dumps(policy))
+    key = backend.create_access_key(name)
+    return {
+        "aws_access_key_id": key.access_key_id,
+        "aws_secret_access_key": key.secret_access_key,
+    }
+
+
+def enforce() -> None:
+    """Check every later request of this process against its caller's IAM policies."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    _install_presigned_check()
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    ActionAuthenticatorMixin.request_count = 0
+
+
+def _install_presigned_check() -> None:
+    global _HOOKED
+    with _LOCK:
+        if _HOOKED:
+            return
+        from moto.core.authorization import ActionAuthenticatorMixin
+
+        authorize = ActionAuthenticatorMixin._authenticate_and_authorize_action
+
+        def hooked(self: Any, iam_request_cls: type, resource: str = "*") -> None:
+            if "Authorization" in self.headers:
+                return authorize(self, iam_request_cls, resource)
+            query = parse_qs(urlparse(self.uri).query)
+            if "X-Amz-Credential" not in query:
+                return authorize(self, iam_request_cls, resource)
+            from moto import settings
+
+            if ActionAuthenticatorMixin.request_count < settings.INITIAL_NO_AUTH_ACTION_COUNT:
+                return authorize(self, iam_request_cls, resource)
+            _authorize_presigned(self, query, resource)
+            return None
+
+        ActionAuthenticatorMixin._authenticate_and_authorize_action = hooked  # type: ignore[method-assign]
+        _HOOKED = True
+
+
+def _authorize_presigned(response: Any, query: dict[str, list[str]], resource: str) -> None:
+    """A presigned request: an existing key, not expired, allowed the action on the resource."""
+    from moto.iam.access_control import (
+        CreateAccessKeyFailure,
+        IAMPolicy,
+        PermissionResult,
+        create_access_key,
+    )
+    from moto.s3.exceptions import S3AccessDeniedError, S3InvalidAccessKeyIdError
+
+    credential = query["X-Amz-Credential"][0].split("/")
+    signed = datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ").replace(
+        tzinfo=timezone.utc
+    )
+    expires = timedelta(seconds=int(query.get("X-Amz-Expires", ["0"])[0]))
+    if datetime.now(timezone.utc) > signed + expires:
+        raise S3AccessDeniedError()  # S3: "Request has expired", 403 AccessDenied
+    headers = {}
+    if "X-Amz-Security-Token" in query:
+        headers["X-Amz-Security-Token"] = query["X-Amz-Security-Token"][0]
+    try:
+        key = create_access_key(
+            account_id=response.current_account,
+            partition="aws",
+            access_key_id=credential[0],
+            headers=headers,
+        )
+    except CreateAccessKeyFailure:
+        raise S3InvalidAccessKeyIdError() from None
+    action = f"{credential[3]}:{response._get_action()}"
+    permitted = False
+    for policy in key.collect_policies():
+        result = IAMPolicy(policy).is_action_permitted(action, resource)
+        if result == PermissionResult.DENIED:
+            raise S3AccessDeniedError()
+        permitted = permitted or result == PermissionResult.PERMITTED
+    if not permitted:
+        raise S3AccessDeniedError()
