@@ -185,6 +185,10 @@ if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
         ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
     fi
 fi
+# A descriptor per worker's stream, more for its RPC pool (distributed caps the pool at half
+# the soft limit): the soft limit a boot script inherits from systemd (1024) refuses workers
+# past ~500 and stalls broadcasts past ~500. The hard limit (524288 on AL2023) is ours to take.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 "$PYTHON" -m distributed.cli.dask_scheduler "${ARGS[@]}"
 log "scheduler exited with code $?"
 poweroff_vm
