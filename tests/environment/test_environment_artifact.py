@@ -2,7 +2,7 @@
 user-data runs in bash, as on a VM (uv, curl, tar), against the local cloud's S3 through
 the presigned URLs the account's artifact store hands out. Each "VM" is a directory of its
 own (its RAWVM_HOME); the environment is a tiny one from local wheels, so no index is
-needed. The whole path on real VMs of the bare image is in tests/cluster/test_artifacts.py.
+needed. The whole path on real VMs of the bare image is in tests/cluster/test_bare_image.py.
 """
 
 from __future__ import annotations
