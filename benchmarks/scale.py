@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -81,6 +82,29 @@ def connected(cluster: RawVMCluster) -> int:
     return len(cluster.scheduler_info.get("workers", {}))
 
 
+class GCTime:
+    """Seconds this process spent in the cyclic garbage collector, and full collections."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._began = 0.0
+
+    def __enter__(self) -> GCTime:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._began
+            self.full += info["generation"] == 2
+
+
 @contextlib.contextmanager
 def profiled(directory: Path | None, name: str) -> Iterator[None]:
     """py-spy over every thread of this process (the cluster's event loop runs in its own),
@@ -114,7 +138,7 @@ def measure(cloud: RemoteCloud, n: int, profile: Path | None) -> dict[str, Any]:
         # connect than a laptop's idle-timeout tolerance: none of it must time out here.
         death_timeout=600,
     ) as cluster:
-        with profiled(profile, f"scale-{n}"):
+        with profiled(profile, f"scale-{n}"), GCTime() as up_collector:
             cloud.reset_calls()
             cpu, began = time.process_time(), time.perf_counter()
             cluster.scale(n)
@@ -122,15 +146,25 @@ def measure(cloud: RemoteCloud, n: int, profile: Path | None) -> dict[str, Any]:
             up = time.perf_counter() - began
             up_cpu = time.process_time() - cpu
             up_calls = ec2_calls(cloud)
-        with profiled(profile, f"adapt-{n}"):
+        with profiled(profile, f"adapt-{n}"), GCTime() as collector:
             cloud.reset_calls()
             cpu, began = time.process_time(), time.perf_counter()
             cluster.adapt(minimum=0, maximum=n)
-            wait(
-                lambda: connected(cluster) == 0 and not cluster.workers,
-                1800,
-                f"{n} idle workers adapting to zero",
-            )
+            # When adapt decided (the spec emptied), the scheduler saw no worker, the
+            # cluster had closed every worker (terminated): where the time goes.
+            phases: dict[str, float] = {}
+
+            def done() -> bool:
+                now = time.perf_counter() - began
+                if not cluster.worker_spec:
+                    phases.setdefault("decided", now)
+                if connected(cluster) == 0:
+                    phases.setdefault("disconnected", now)
+                if not cluster.workers:
+                    phases.setdefault("closed", now)
+                return len(phases) == 3
+
+            wait(done, 1800, f"{n} idle workers adapting to zero")
             down = time.perf_counter() - began
             down_cpu = time.process_time() - cpu
             down_calls = ec2_calls(cloud)
@@ -149,6 +183,10 @@ def measure(cloud: RemoteCloud, n: int, profile: Path | None) -> dict[str, Any]:
         "down_calls": down_calls,
         "down_cpu": down_cpu / n,
         "live": len(live),
+        "phases": phases,
+        "up_gc": up_collector.seconds,
+        "gc": collector.seconds,
+        "gc_full": collector.full,
     }
 
 
@@ -175,7 +213,15 @@ def main() -> None:
         line(f"N={n}: scale(N) to N workers connected", f"{result['up']:.1f} s")
         by_action = ", ".join(f"{a} {c}" for a, c in sorted(result["up_calls"].items()))
         line(f"N={n}: EC2 calls to scale up", f"{up_calls}", f"target <= {limit}: {by_action}")
+        line(f"N={n}: client GC during scale up", f"{result['up_gc']:.2f} s")
         line(f"N={n}: adapt, N idle workers to 0", f"{result['down']:.1f} s")
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in result["phases"].items())
+        line(f"N={n}: adapt to 0, its phases (from adapt())", "", phases)
+        line(
+            f"N={n}: client GC during adapt to 0",
+            f"{result['gc']:.2f} s",
+            f"{result['gc_full']} full collections",
+        )
         line(f"N={n}: TerminateInstances calls to reach 0", f"{terminations}", "target <= 2")
         line(f"N={n}: worker VMs left running after adapt to 0", f"{result['live']}")
         line(f"N={n}: client CPU per worker, scale up", f"{result['up_cpu'] * 1000:.2f} ms")
