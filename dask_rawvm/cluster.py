@@ -403,17 +403,18 @@ class RawVMCluster(SpecCluster):
                 await self._adopt_workers(self._running)
             self._offer_security()
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
-            await self._check_environment("scheduler")
             await self._start_workers(progress)
 
     async def _start_workers(self, progress: Progress) -> None:
-        """Launch the first workers and wait for those ``wait_for_workers`` asks for.
+        """Check the scheduler VM's environment, launch the first workers and wait for those
+        ``wait_for_workers`` asks for (and for the first one's environment check).
 
         Workers the cloud has no capacity for yet are not waited for: the cluster runs
         with what it got and keeps asking in the background. On a timeout (or a VM dead
         at boot) the cluster closes, terminating what it launched, and raises.
         """
         try:
+            await self._check_environment("scheduler")
             await self._correct_state()
             if not self._start_wait:
                 return
@@ -517,8 +518,9 @@ class RawVMCluster(SpecCluster):
         logger.info("reconnected to %s: adopted workers %s", self.cluster_name, sorted(adopted))
 
     async def _close(self) -> None:
-        if self._worker_check is not None:  # a check still running has nothing left to check
-            self._worker_check.cancel()
+        checking = self._worker_check
+        if checking is not None and checking is not asyncio.current_task():
+            checking.cancel()  # a check still running has nothing left to check
         withdraw_security(self)
         if not self.shutdown_on_close and self.status == Status.running:
             await self._disconnect()
@@ -646,26 +648,22 @@ class RawVMCluster(SpecCluster):
 
     async def _check_environment(self, role: str, worker: tuple[str, str] | None = None) -> None:
         """Compare a VM of ``role`` (a worker: its address and name) with this process; on a
-        mismatch in ``"error"`` mode, close the cluster and raise :class:`EnvironmentMismatch`
-        naming each package."""
+        mismatch in ``"error"`` mode, raise :class:`EnvironmentMismatch` naming each package
+        (the caller closes the cluster)."""
         check = self.environment_check
         if not check.wants(role) or (role == "scheduler" and self.options.scheduler != "vm"):
             return
-        try:
-            # not the default client: the user's get_client() must stay the one compute uses
-            async with Client(
-                self.scheduler_address,
-                security=self.security,
-                asynchronous=True,
-                set_as_default=False,
-            ) as client:
-                if worker is None:
-                    await check.scheduler(client)
-                else:
-                    await check.worker(client, *worker)
-        except EnvironmentMismatch:
-            await self._close()
-            raise
+        # not the default client: the user's get_client() must stay the one compute uses
+        async with Client(
+            self.scheduler_address,
+            security=self.security,
+            asynchronous=True,
+            set_as_default=False,
+        ) as client:
+            if worker is None:
+                await check.scheduler(client)
+            else:
+                await check.worker(client, *worker)
 
     def _worker_joined(self, address: str, name: str) -> None:
         """The first worker to connect is checked: awaited by start when it waits for
@@ -683,6 +681,7 @@ class RawVMCluster(SpecCluster):
                 if raise_at_start:
                     return mismatch
                 logger.error("%s\nThe cluster is closed.", mismatch)
+                await self._close()
             except Exception as e:  # a check that could not run is not a verdict
                 if self.status == Status.running:  # (closing: the worker went with it)
                     logger.warning("could not compare worker %s's environment: %s", name, e)
