@@ -181,13 +181,38 @@ def demo(workers: int, maximum: int, scheduler: str) -> None:
     show_default=True,
     help="Give each VM its instance type's vCPUs and memory (where cgroups allow).",
 )
-def localcloud(port: int, region: str, boot_delay: float, image: ImageName, sized: bool) -> None:
+@click.option(
+    "--dense",
+    is_flag=True,
+    help="Worker VMs as Dask workers in a few host processes: a thousand fit (benchmarks).",
+)
+@click.option(
+    "--dense-hosts",
+    type=int,
+    default=None,
+    help="Host processes of a dense cloud [default: this machine's CPU count].",
+)
+def localcloud(
+    port: int,
+    region: str,
+    boot_delay: float,
+    image: ImageName,
+    sized: bool,
+    dense: bool,
+    dense_hosts: int | None,
+) -> None:
     """Serve the embedded local cloud until interrupted, for clients in other processes."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with LocalCloud(
-        region=region, port=port, boot_delay=boot_delay, image=image, sized=sized
+        region=region,
+        port=port,
+        boot_delay=boot_delay,
+        image=image,
+        sized=sized,
+        dense=dense,
+        dense_hosts=dense_hosts,
     ) as cloud:
         click.echo(f"endpoint: {cloud.endpoint_url}")
         click.echo(f"region: {region}")

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 
 import dask
 
-from dask_rawvm.environment.bundle import install_script
-from dask_rawvm.environment.conda import conda_install_script, conda_runtime_exports
+from dask_rawvm.environment.conda import conda_runtime_exports
 from dask_rawvm.tls import vm_tls_script
 
 USER_DATA_LIMIT = 16 * 1024
@@ -106,7 +105,9 @@ launch_index() { echo "${RAWVM_LAUNCH_INDEX:-0}"; }
 """
 
 # The user's environment, locked for this VM's platform, fetched by an expiring URL and
-# installed with uv, itself fetched from the cluster's store: the image needs only curl.
+# set up by the bundle's setup.sh (dask_rawvm.environment.bundle.setup_script): installed
+# with uv, itself fetched from the cluster's store (the image needs only curl), or unpacked
+# from the artifact one VM built (dask_rawvm.environment.artifact).
 _FETCH_BUNDLE = r"""
 # Where environments live: per machine, shared by its Dask processes (a host of the
 # SSH provider, or the local cloud's machine, which sets RAWVM_HOME for all its VMs).
@@ -134,28 +135,17 @@ if [ ! -f "$RAWVM_VENV/.dask-rawvm-installed" ]; then
         fi
         export RAWVM_UV
     fi
-    # The install step's index settings may hold credentials: kept in this shell's memory,
-    # exported to the install commands only, never written to disk.
-    RAWVM_INDEX_ENV=""
-    if [ -n "${RAWVM_INDEX_URL:-}" ]; then
-        RAWVM_INDEX_ENV=$(curl -sf --retry 10 --retry-connrefused "$RAWVM_INDEX_URL") \
-            || { log "could not fetch the package index settings"; poweroff_vm 1; }
-    fi
-    (
-    eval "$RAWVM_INDEX_ENV"
-"""
-_AFTER_INSTALL = r"""
-    )
-    [ $? -eq 0 ] || { log "environment install failed"; poweroff_vm 1; }
-    unset RAWVM_INDEX_ENV
+    . "$RAWVM_BUNDLE/setup.sh"
     touch "$RAWVM_VENV/.dask-rawvm-installed"
     log "environment installed"
+    # Published in the background, without the install lock: the Dask process starts now.
+    if [ "$RAWVM_ARTIFACT_STATE" = builder ]; then
+        ( exec 9>&-; renice -n 10 -p "$BASHPID" >/dev/null 2>&1; rawvm_artifact_publish ) &
+    fi
 fi
 exec 9>&-
 PYTHON="$RAWVM_VENV/bin/python"
 """
-# Between the two installs: the venv's must have succeeded before the conda packages'.
-_INSTALL_THEN = "    [ $? -eq 0 ] || exit 1\n"
 # Without a bundle (environment=None) the VM image must bring Python with Dask.
 _IMAGE_PYTHON = r"""
 PYTHON=$(command -v python3)
@@ -190,6 +180,10 @@ class EnvironmentRef:
     index_url
         The install step's index settings (``export`` lines, credentials included); None:
         uv's defaults (PyPI).
+    artifact_url
+        The URLs of the environment's artifact in the account's artifact store
+        (:func:`~dask_rawvm.environment.artifact.artifact_settings`); None: every VM
+        installs the environment itself.
     """
 
     digest: str
@@ -197,6 +191,7 @@ class EnvironmentRef:
     uv_url: str | None = None
     uv_key: str | None = None
     index_url: str | None = None
+    artifact_url: str | None = None
 
 
 def _environment(ref: EnvironmentRef | None) -> tuple[dict[str, object], str]:
@@ -208,15 +203,9 @@ def _environment(ref: EnvironmentRef | None) -> tuple[dict[str, object], str]:
         "RAWVM_UV_URL": ref.uv_url,
         "RAWVM_UV_KEY": ref.uv_key,
         "RAWVM_INDEX_URL": ref.index_url,
+        "RAWVM_ARTIFACT_URL": ref.artifact_url,
     }
-    script = (
-        _FETCH_BUNDLE
-        + install_script()
-        + _INSTALL_THEN
-        + conda_install_script()
-        + _AFTER_INSTALL
-        + conda_runtime_exports()
-    )
+    script = _FETCH_BUNDLE + conda_runtime_exports()
     return variables, script
 
 
@@ -236,6 +225,10 @@ if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
         ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
     fi
 fi
+# A descriptor per worker's stream, more for its RPC pool (distributed caps the pool at half
+# the soft limit): the soft limit a boot script inherits from systemd (1024) refuses workers
+# past ~500 and stalls broadcasts past ~500. The hard limit (524288 on AL2023) is ours to take.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 "$PYTHON" -m distributed.cli.dask_scheduler "${ARGS[@]}"
 log "scheduler exited with code $?"
 poweroff_vm

@@ -4,6 +4,7 @@ Layout of a bundle directory (and of its ``.tar.gz``)::
 
     manifest.json      target, Python, sha256 of every file below
     python-version     "3.11.7" (or "3.11" for another minor), read by the install script
+    setup.sh           the environment step of the VM's boot (:func:`setup_script`)
     requirements.txt   exact pins (``uv pip sync``), no index options
     links/*.whl        (optional) pinned wheels only this machine's indexes have
     conda/             (optional) conda-only packages: lock, installer, local package files
@@ -36,7 +37,14 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from dask_rawvm.environment.conda import CondaLock
+from dask_rawvm.environment.artifact import (
+    ARTIFACT_FORMAT,
+    BUILD_WAIT_SECONDS,
+    POLL_SECONDS,
+    artifact_fetch_script,
+    artifact_publish_script,
+)
+from dask_rawvm.environment.conda import CondaLock, conda_install_script
 from dask_rawvm.environment.inventory import loose_module_files, package_files
 from dask_rawvm.environment.lock import Lock, default_cache_dir, uv_binary, uv_environment
 from dask_rawvm.environment.spec import LocalCode
@@ -45,6 +53,8 @@ from dask_rawvm.environment.translate import EnvironmentTranslationError, Expect
 
 #: Bumped when the bundle layout changes.
 BUNDLE_FORMAT = 1
+#: The bundle's file the boot script sources to set the environment up.
+SETUP_SCRIPT = "setup.sh"
 #: Directories never part of a local project's content hash (build output, caches, VCS).
 _SKIP_DIRS = frozenset(
     {
@@ -190,6 +200,7 @@ def build_bundle(
             raise EnvironmentBundleError(problems, lock.target)
         (staging / "requirements.txt").write_text(lock.requirements_txt, encoding="utf-8")
         (staging / "python-version").write_text(_vm_python_version(lock.target) + "\n")
+        (staging / SETUP_SCRIPT).write_text(setup_script(), encoding="utf-8")
         if lock.links:
             links = _mkdir(staging / "links")
             for wheel in lock.links:
@@ -456,30 +467,11 @@ def agent_wheel(code: LocalCode, out_dir: str | os.PathLike[str]) -> Path:
 # What the VM runs
 # --------------------------------------------------------------------------------------------
 
-_INSTALL_SCRIPT = r"""# dask-rawvm: install the environment bundle (needs RAWVM_BUNDLE, RAWVM_VENV)
-# uv: the one the cluster stored for this VM (RAWVM_UV, fetched by the boot script), else the
-# image's. No pip: Amazon Linux 2023 ships none. Defined here, outside the install's subshell,
-# for the steps after it (the conda packages).
-if [ -n "${RAWVM_UV:-}" ]; then
-  rawvm_uv() { "$RAWVM_UV" "$@"; }
-else
-  rawvm_uv() { uv "$@"; }
-fi
-(
-set -eu
-: "${RAWVM_BUNDLE:?must name the extracted bundle directory}"
-: "${RAWVM_VENV:?must name the virtualenv to create}"
-if ! rawvm_uv --version >/dev/null 2>&1; then
-  echo "dask-rawvm: no uv (RAWVM_UV unset, none on PATH)" >&2
-  exit 1
-fi
-# UV_CACHE_DIR, when set, is a warm cache (shared by the local cloud's VMs): uv reads it itself.
-# The index settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_INDEX_STRATEGY, RAWVM_NO_INDEX) come
-# from the caller's environment, never from the bundle: they may hold credentials.
-# Python: the client's minor version is required (pickled code and Dask need it); the image's
+_PYTHON_SCRIPT = r"""# dask-rawvm: choose the venv's Python (needs RAWVM_BUNDLE); sets
+# rawvm_python, or leaves it empty when only a download (uv's managed Python) can give it.
+# The client's minor version is required (pickled code and Dask need it): the image's
 # interpreter of that minor, preferring the client's exact release; else the distribution's
-# package (Amazon Linux 2023 has python3.11 ... python3.14 beside its python3 3.9); else uv's
-# managed Python of the exact release (UV_PYTHON_INSTALL_MIRROR when set).
+# package (Amazon Linux 2023 has python3.11 ... python3.14 beside its python3 3.9).
 rawvm_python_version=$(cat "$RAWVM_BUNDLE/python-version")
 rawvm_minor=$(echo "$rawvm_python_version" | cut -d. -f1,2)
 rawvm_python=""
@@ -494,12 +486,44 @@ if [ -z "$rawvm_python" ] && command -v dnf >/dev/null 2>&1 \
     && dnf install -y -q "python$rawvm_minor" >/dev/null 2>&1; then
   rawvm_python=$(command -v "python$rawvm_minor")
 fi
+rawvm_python_chosen=1
+"""
+
+_UV_FUNCTION = r"""# uv: the one the cluster stored for this VM (RAWVM_UV, fetched by the
+# boot script), else the image's. No pip: Amazon Linux 2023 ships none.
+if [ -n "${RAWVM_UV:-}" ]; then
+  rawvm_uv() { "$RAWVM_UV" "$@"; }
+else
+  rawvm_uv() { uv "$@"; }
+fi
+"""
+
+_INSTALL_SCRIPT = r"""# dask-rawvm: install the environment bundle (needs RAWVM_BUNDLE, RAWVM_VENV)
+# rawvm_uv is defined outside the install's subshell, for the steps after it (conda packages).
+__UV_FUNCTION__: "${RAWVM_BUNDLE:?must name the extracted bundle directory}"
+if [ -z "${rawvm_python_chosen:-}" ]; then
+__PYTHON_SCRIPT__fi
+(
+set -eu
+: "${RAWVM_VENV:?must name the virtualenv to create}"
+if ! rawvm_uv --version >/dev/null 2>&1; then
+  echo "dask-rawvm: no uv (RAWVM_UV unset, none on PATH)" >&2
+  exit 1
+fi
+# UV_CACHE_DIR, when set, is a warm cache (shared by the local cloud's VMs): uv reads it itself.
+# The index settings (UV_INDEX_URL, UV_EXTRA_INDEX_URL, UV_INDEX_STRATEGY, RAWVM_NO_INDEX) come
+# from the caller's environment, never from the bundle: they may hold credentials.
+# No Python of the client's minor on the image: uv's managed Python of the exact release
+# (UV_PYTHON_INSTALL_MIRROR when set).
 if [ -z "$rawvm_python" ]; then
   rawvm_uv python install --quiet "$rawvm_python_version"
   rawvm_python=$rawvm_python_version
 fi
 echo "dask-rawvm: Python $rawvm_python_version wanted; using $rawvm_python" >&2
-rawvm_uv venv --quiet --no-config --allow-existing --python "$rawvm_python" "$RAWVM_VENV"
+# Relocatable: its scripts find their interpreter relative to themselves, so the venv can be
+# packed as an artifact and unpacked elsewhere (dask_rawvm.environment.artifact).
+rawvm_uv venv --quiet --no-config --allow-existing --relocatable --python "$rawvm_python" \
+  "$RAWVM_VENV"
 set --
 [ -d "$RAWVM_BUNDLE/links" ] && set -- "$@" --find-links "$RAWVM_BUNDLE/links"
 [ -n "${RAWVM_NO_INDEX:-}" ] && set -- "$@" --no-index
@@ -513,11 +537,100 @@ fi
 """
 
 
+_SETUP_SCRIPT = r"""# dask-rawvm: the environment step of a VM's boot, sourced by the boot script
+# (dask_rawvm.environment.bootstrap) with RAWVM_HOME, RAWVM_BUNDLE (this bundle, extracted),
+# RAWVM_VENV, RAWVM_BUNDLE_DIGEST and INSTANCE_ID set and its log and poweroff_vm functions.
+# It leaves the venv ready (or powers the VM off) and RAWVM_ARTIFACT_STATE set: "builder"
+# when this VM is to publish the environment's artifact (rawvm_artifact_publish).
+RAWVM_ARTIFACT_FORMAT=__ARTIFACT_FORMAT__
+RAWVM_ARTIFACT_WAIT=${RAWVM_ARTIFACT_WAIT:-__BUILD_WAIT__}
+RAWVM_ARTIFACT_POLL=${RAWVM_ARTIFACT_POLL:-__POLL__}
+RAWVM_ARTIFACT_STATE=none
+__UV_FUNCTION____PYTHON_SCRIPT____ARTIFACT_PUBLISH__
+# The artifact's URLs (PUT URLs among them) come from the store, like the index settings.
+if [ -n "${RAWVM_ARTIFACT_URL:-}" ]; then
+  if RAWVM_ARTIFACT_ENV=$(curl -sf --retry 10 --retry-connrefused "$RAWVM_ARTIFACT_URL"); then
+    eval "$RAWVM_ARTIFACT_ENV"
+    unset RAWVM_ARTIFACT_ENV
+__ARTIFACT_FETCH__  else
+    log "warning: could not fetch the artifact's settings: installing the environment"
+  fi
+fi
+if [ "$RAWVM_ARTIFACT_STATE" != unpacked ]; then
+  # The install step's index settings may hold credentials: kept in this shell's memory,
+  # exported to the install commands only, never written to disk.
+  RAWVM_INDEX_ENV=""
+  if [ -n "${RAWVM_INDEX_URL:-}" ]; then
+    RAWVM_INDEX_ENV=$(curl -sf --retry 10 --retry-connrefused "$RAWVM_INDEX_URL") \
+      || { log "could not fetch the package index settings"; poweroff_vm 1; }
+  fi
+  (
+  eval "$RAWVM_INDEX_ENV"
+__INSTALL_SCRIPT__  # the venv's install must have succeeded before the conda packages'
+  [ $? -eq 0 ] || exit 1
+__CONDA_SCRIPT__  )
+  if [ $? -ne 0 ]; then
+    [ "$RAWVM_ARTIFACT_STATE" = builder ] && rawvm_artifact_failed "the install failed"
+    log "environment install failed"; poweroff_vm 1
+  fi
+  unset RAWVM_INDEX_ENV
+fi
+"""
+
+
+def setup_script() -> str:
+    """The environment step of a VM's boot: ``setup.sh`` of every bundle.
+
+    Sourced by the boot script (:mod:`dask_rawvm.environment.bootstrap`) once it fetched
+    the bundle and uv; shipped in the bundle rather than in user-data, which EC2 limits to
+    16 KiB. Steps: choose the venv's Python (:func:`python_script`); when the account keeps
+    environment artifacts (``RAWVM_ARTIFACT_URL``), unpack the environment's artifact, or
+    build it for the other VMs, or wait for the VM that builds it
+    (:mod:`dask_rawvm.environment.artifact`); else, or when that fails, install from the
+    package index (:func:`install_script`, then the conda packages). An install that fails
+    powers the VM off (a builder first leaves a note for the VMs waiting on it).
+    """
+    replacements = {
+        "__ARTIFACT_FORMAT__": str(ARTIFACT_FORMAT),
+        "__BUILD_WAIT__": str(BUILD_WAIT_SECONDS),
+        "__POLL__": str(POLL_SECONDS),
+        "__UV_FUNCTION__": _UV_FUNCTION,
+        "__PYTHON_SCRIPT__": _PYTHON_SCRIPT,
+        "__ARTIFACT_PUBLISH__": artifact_publish_script(),
+        "__ARTIFACT_FETCH__": artifact_fetch_script(),
+        "__INSTALL_SCRIPT__": install_script(),
+        "__CONDA_SCRIPT__": conda_install_script(),
+    }
+    text = _SETUP_SCRIPT
+    for placeholder, value in replacements.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
 def _vm_python_version(target: Target) -> str:
     """The Python the VM's venv gets: this interpreter's exact release when the target's
     minor version is ours, since Dask warns when client, scheduler and workers differ."""
     local = platform.python_version()
     return local if local.startswith(target.python_version + ".") else target.python_version
+
+
+def uv_function_script() -> str:
+    """Defines the shell function ``rawvm_uv``: the uv at ``$RAWVM_UV``, else the image's."""
+    return _UV_FUNCTION
+
+
+def python_script() -> str:
+    """The shell snippet that chooses the venv's Python without downloading one.
+
+    Reads ``$RAWVM_BUNDLE/python-version``; sets ``rawvm_python`` to an interpreter of the
+    client's minor version (the image's, preferring the exact release, else its package
+    manager's), or to "" when only uv's managed Python (a download) can give it, and
+    ``rawvm_python_version``. Runs in the calling shell, so that the boot script knows the
+    Python before it decides between an environment artifact and an install
+    (:mod:`dask_rawvm.environment.artifact`); :func:`install_script` runs it itself when the
+    caller did not.
+    """
+    return _PYTHON_SCRIPT
 
 
 def install_script() -> str:
@@ -535,7 +648,9 @@ def install_script() -> str:
     str
         Shell text ending with a newline, for embedding in the user-data script.
     """
-    return _INSTALL_SCRIPT
+    return _INSTALL_SCRIPT.replace("__UV_FUNCTION__", _UV_FUNCTION).replace(
+        "__PYTHON_SCRIPT__", _PYTHON_SCRIPT
+    )
 
 
 def install_commands() -> list[str]:
@@ -543,7 +658,7 @@ def install_commands() -> list[str]:
     return [
         'uv="$RAWVM_UV"  # fetched from the cluster\'s store by the boot script',
         "python=python3.X of the client's minor (image, dnf, or `uv python install X.Y.Z`)",
-        'uv venv --python "$python" "$RAWVM_VENV"',
+        'uv venv --relocatable --python "$python" "$RAWVM_VENV"',
         'uv pip sync --python "$RAWVM_VENV/bin/python" "$RAWVM_BUNDLE/requirements.txt"',
         'uv pip install --no-deps --python "$RAWVM_VENV/bin/python" "$RAWVM_BUNDLE"/wheels/*.whl',
     ]

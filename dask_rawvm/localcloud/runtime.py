@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from dask_rawvm.localcloud import vmlaunch
+from dask_rawvm.localcloud.dense import WORKER_VARIABLE, DenseHosts, script_variables
 from dask_rawvm.localcloud.lifetime import Watchdog
 from dask_rawvm.localcloud.sizing import (
     VIEW_DIRECTORIES,
@@ -294,6 +295,7 @@ class VM:
     halted: bool = False
     instance_action: dict[str, str] | None = None
     token: str = field(default_factory=lambda: os.urandom(16).hex())
+    dense: bool = False  # a worker of a dense host (:mod:`.dense`), not a process of its own
 
     @property
     def console_path(self) -> Path:
@@ -364,6 +366,11 @@ class VMRuntime:
     sized
         Give each VM its instance type's vCPUs and memory where the machine allows it
         (:mod:`.sizing`).
+    dense
+        Boot worker VMs as Dask workers in a few host processes (:mod:`.dense`): a thousand
+        of them fit on one machine.
+    dense_hosts
+        Host processes of a dense runtime; this machine's CPU count by default.
     """
 
     def __init__(
@@ -377,6 +384,8 @@ class VMRuntime:
         image_path: list[str] | None = None,
         image: ImageName = "warm",
         sized: bool = True,
+        dense: bool = False,
+        dense_hosts: int | None = None,
     ) -> None:
         self.account_id = account_id
         self.workdir = workdir
@@ -417,6 +426,11 @@ class VMRuntime:
                 for directory in self.cgroups.directories.values():
                     watchdog.watch_cgroup(directory)
         self.image = describe_image(image, sized, sizing_failed)
+        self.dense: DenseHosts | None = None
+        if dense:
+            self.dense = DenseHosts(
+                dense_hosts or os.cpu_count() or 2, workdir / "dense", watchdog, self._dense_exited
+            )
         self._timers = _Timers(f"localcloud-{account_id}")
         install_hooks()
         _RUNTIMES[account_id] = self
@@ -443,6 +457,8 @@ class VMRuntime:
                 return
             vm.halted = True
             process = vm.process
+        if vm.dense and self.dense is not None:
+            self.dense.halt(instance_id)
         if process is not None and process.poll() is None:
             _signal_group(process.pid, signal.SIGTERM)
             self._timers.call_later(
@@ -469,6 +485,12 @@ class VMRuntime:
             path = vm.directory / "user-data"
             path.write_text(script)
             path.chmod(0o700)
+            if self.dense is not None:
+                variables = script_variables(script)
+                if WORKER_VARIABLE in variables:
+                    vm.dense = True
+                    self.dense.boot(vm.instance.id, self._dense_command(vm, variables))
+                    return
             vm.cgroups = self._make_cgroups(vm)
             vm.process = self._start(vm, path)
         threading.Thread(
@@ -540,12 +562,36 @@ class VMRuntime:
             os.close(opener)  # the gate reads end-of-file: a VM not let in exits
         return process
 
+    def _dense_command(self, vm: VM, variables: dict[str, str]) -> dict[str, Any]:
+        """What a dense host needs to boot a worker VM (see :mod:`.densehost`)."""
+        home = vm.directory / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        size = instance_size(vm.instance.instance_type)
+        return {
+            "ip": vm.ip,
+            "variables": variables,
+            "console": str(vm.console_path),
+            "home": str(home),
+            "launch_index": int(getattr(vm.instance, "ami_launch_index", 0) or 0),
+            "vcpus": size.vcpus if size else 1,
+            "memory": size.memory_mib * 2**20 if size else 0,
+        }
+
+    def _dense_exited(self, instance_id: str, returncode: int) -> None:
+        vm = self.vms.get(instance_id)
+        if vm is not None:
+            self._powered_off(vm, returncode)
+
     def _wait(self, vm: VM, process: subprocess.Popen[bytes], cgroups: VMCgroups | None) -> None:
         returncode = process.wait()
         _signal_group(process.pid, signal.SIGKILL)  # no orphans outlive their VM
         self.watchdog.forget_group(process.pid)
         if cgroups is not None:
             cgroups.remove()  # what left the group (setsid) is still in its cgroups
+        self._powered_off(vm, returncode)
+
+    def _powered_off(self, vm: VM, returncode: int) -> None:
+        """A VM's boot script ended: the VM shut itself down, unless it was halted."""
         with self._lock:
             instance = vm.instance
             if vm.halted or instance._state.name != "running":
@@ -601,6 +647,8 @@ class VMRuntime:
         for process in processes:  # a SIGKILLed process is gone once reaped
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=1.0)
+        if self.dense is not None:
+            self.dense.close()
         if self.cgroups is not None and not self.cgroups.remove():
             logger.warning("local cloud: cgroups %s stayed after close", self.cgroups.name)
 

@@ -111,6 +111,12 @@ class LocalCloud(strict.LocalStrictness):
     sized
         Size VMs like their instance type where the machine allows it; False gives every
         VM the whole machine (benchmarks that pack many VMs).
+    dense
+        Boot worker VMs as Dask workers in a few host processes (:mod:`.dense`), so that a
+        thousand fit on one machine: for measuring the cluster manager at scale. Other VMs
+        (the scheduler's) boot as usual.
+    dense_hosts
+        Host processes of a dense cloud; this machine's CPU count by default.
 
     Examples
     --------
@@ -131,6 +137,8 @@ class LocalCloud(strict.LocalStrictness):
         image_path: list[str] | None = None,
         image: ImageName = "warm",
         sized: bool = True,
+        dense: bool = False,
+        dense_hosts: int | None = None,
     ) -> None:
         if image not in IMAGES:
             raise ValueError(
@@ -141,6 +149,8 @@ class LocalCloud(strict.LocalStrictness):
         self.image_path = image_path
         self.image_name: ImageName = image
         self.sized = sized
+        self.dense = dense
+        self.dense_hosts = dense_hosts
         self.port = port
         self.boot_delay = boot_delay
         # A fresh 12-digit moto account: this cloud's state is its own.
@@ -218,6 +228,8 @@ class LocalCloud(strict.LocalStrictness):
                 image_path=self.image_path,
                 image=self.image_name,
                 sized=self.sized,
+                dense=self.dense,
+                dense_hosts=self.dense_hosts,
             )
         except BaseException:
             if self._server is not None:
@@ -426,11 +438,16 @@ def _forget_account(account_id: str) -> None:
 
 
 class _Middleware:
-    """Routes IMDS and control requests; injects faults; pins the moto account."""
+    """Routes IMDS and control requests; injects faults; pins the moto account; makes
+    conditional writes atomic."""
 
     def __init__(self, cloud: LocalCloud, app: Any) -> None:
         self.cloud = weakref.proxy(cloud)
         self.app = app
+        # moto checks S3's If-None-Match / If-Match and then writes, in two steps, and the
+        # server runs a thread per request: two racing writes could both pass the check.
+        # S3 lets one win (the other gets 412), and elections rely on it.
+        self._conditional_writes = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
@@ -446,6 +463,10 @@ class _Middleware:
             status, headers, body = faults.error_response(environ, fault)
             start_response(status, headers)
             return [body]
+        conditional = "HTTP_IF_NONE_MATCH" in environ or "HTTP_IF_MATCH" in environ
+        if environ.get("REQUEST_METHOD") == "PUT" and conditional:
+            with self._conditional_writes:
+                return list(strict.serve(self.cloud.strictness, environ, start_response, self.app))
         return strict.serve(self.cloud.strictness, environ, start_response, self.app)
 
 

@@ -1,5 +1,6 @@
 """What a cluster keeps where its machines fetch it: environment bundles, uv, index settings,
-the client's dask config, TLS secrets, name maps.
+the client's dask config, TLS secrets, name maps; and the URLs of each environment's artifact
+in the account's artifact store, when the provider keeps one.
 
 Everything goes through the provider's storage (:meth:`~dask_rawvm.providers.base.Provider.store`,
 :meth:`~dask_rawvm.providers.base.Provider.url_for`): an S3 bucket of the cluster on
@@ -22,6 +23,7 @@ from typing import cast
 from distributed.security import Security
 
 from dask_rawvm.environment import Bundle, Target, prepare_environment
+from dask_rawvm.environment.artifact import artifact_key, artifact_settings
 from dask_rawvm.environment.bootstrap import (
     LOG_CAP_BYTES,
     LOG_PREFIX,
@@ -44,6 +46,12 @@ from dask_rawvm.tls import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: How long the URLs of an environment's artifact stay valid: a VM that lands late (asked
+#: for in the background up to ``capacity_retry_timeout``) still builds, waits or unpacks
+#: with them, and a builder may take a while to publish (a presigned URL signed with
+#: temporary credentials dies with them earlier).
+ARTIFACT_URL_EXPIRY = 6 * 3600
 
 
 class ClusterStore:
@@ -132,7 +140,19 @@ class ClusterStore:
             uv_url=await provider.url_for(_uv_key(uv_key)),
             uv_key=uv_key,
             index_url=index_url,
+            artifact_url=await self._artifact_url(bundle),
         )
+
+    async def _artifact_url(self, bundle: Bundle) -> str | None:
+        """The URL of the settings that lead a VM to the environment's artifact, stored for
+        this launch (fresh URLs each time); None when the provider keeps no artifacts."""
+        provider = self.session.provider
+        urls = await provider.artifact_urls(artifact_key(bundle.digest), ARTIFACT_URL_EXPIRY)
+        if urls is None:
+            return None
+        key = _artifact_settings_key(bundle)
+        await provider.store_bytes(key, artifact_settings(urls).encode())
+        return await provider.url_for(key, expires=ARTIFACT_URL_EXPIRY)
 
     # -- the client's dask config ------------------------------------------------------------
     async def config_url(self) -> str:
@@ -236,6 +256,10 @@ def _bundle_key(bundle: Bundle) -> str:
 
 def _uv_key(name: str) -> str:
     return f"tools/uv-{name}"
+
+
+def _artifact_settings_key(bundle: Bundle) -> str:
+    return f"secrets/artifact-{bundle.digest[:16]}.env"
 
 
 def _index_key(role: str) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dask_rawvm.config import ClusterOptions
+from dask_rawvm.environment.artifact import ArtifactURLs
 from dask_rawvm.environment.bootstrap import IDENTITY_FROM_VARIABLES
 from dask_rawvm.environment.target import Target
 from dask_rawvm.errors import ProviderError
@@ -127,9 +128,9 @@ class Provider(abc.ABC):
     :meth:`target_for`, :meth:`worker_size`, :meth:`boot_prelude`); machines (:meth:`launch`,
     :meth:`stop_asking`, :meth:`terminate`, :meth:`describe`, :meth:`live_machines`,
     :meth:`cleanup`, :meth:`cleanup_blocking`); files for the machines (:meth:`store`,
-    :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`); limits and prices
-    (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`, :meth:`hourly_costs`);
-    diagnostics
+    :meth:`store_bytes`, :meth:`fetch`, :meth:`url_for`, :meth:`artifact_urls`); limits and
+    prices (:attr:`capacity`, :meth:`check_capacity`, :meth:`hourly_price`,
+    :meth:`hourly_costs`); diagnostics
     (:meth:`console_output`).
     """
 
@@ -271,6 +272,12 @@ class Provider(abc.ABC):
         ``key=<prefix>...``), valid ``expires`` seconds. None where machines cannot upload
         (their logs stay where they are: an SSH host's cache).
         """
+        return None
+
+    async def artifact_urls(self, key: str, expires: int = 3600) -> ArtifactURLs | None:
+        """Expiring URLs of the environment artifact ``key`` in a store this provider's
+        machines share across clusters (:mod:`dask_rawvm.environment.artifact`); None when
+        it keeps none (each machine then installs the environment itself)."""
         return None
 
     # -- limits and prices ----------------------------------------------------------------

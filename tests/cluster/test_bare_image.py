@@ -1,12 +1,14 @@
 """The boot path a real EC2 VM takes, on the local cloud's bare image: a system Python and curl,
-no uv, no pip, nothing cached, a filesystem view of its own. The VMs install the environment
-from the package index (marked ``network``)."""
+no uv, no pip, nothing cached, a filesystem view of its own. One VM installs the environment
+from the package index (marked ``network``) and publishes it as an artifact in the account's
+store; every other VM, of this cluster and of the next, unpacks that instead."""
 
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cloudpickle
@@ -18,6 +20,7 @@ from helpers import wait_for
 from dask_rawvm import RawVMCluster
 from dask_rawvm.environment.lock import uv_binary
 from dask_rawvm.errors import OptionError
+from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.machines.preflight import check_vm_python
 from dask_rawvm.providers.base import ImagePythons
 from dask_rawvm.providers.ec2.provider import AL2023_PYTHONS
@@ -44,10 +47,32 @@ def what_a_vm_sees(client_paths: list[str]) -> dict[str, object]:
     }
 
 
+BUILT = "published the environment's artifact"
+UNPACKED = "environment unpacked from its artifact"
+INSTALLED = "building the environment's artifact"
+
+
+def boot_logs(cluster: RawVMCluster) -> list[str]:
+    """Each VM's boot log (the scheduler VM's and every worker's)."""
+    return [str(log) for log in cluster.get_logs(cluster=False).values()]
+
+
+@pytest.fixture
+def bare_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
+    """A local cloud of the bare image, outliving a cluster (its artifact store too)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+    with LocalCloud(image="bare") as cloud:
+        yield cloud
+
+
 @network
 @needs_pypi
-def test_a_default_cluster_boots_computes_and_adapts_on_the_bare_image(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+def test_a_cluster_on_the_bare_image_installs_once_computes_adapts_and_the_next_reuses_it(
+    bare_cloud: LocalCloud,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notebook_helper.py").write_text("VALUE = 7\n")
@@ -59,9 +84,8 @@ def test_a_default_cluster_boots_computes_and_adapts_on_the_bare_image(
     marker.write_text("the client's\n")
     request.addfinalizer(lambda: marker.unlink(missing_ok=True))
     client_paths = [sys.prefix, str(tmp_path), str(marker), uv_binary()]
-    with RawVMCluster(n_workers=2, local_image="bare", death_timeout=60) as cluster:
-        assert cluster.provider.cloud is not None
-        assert cluster.provider.cloud.image.name == "bare"
+    on_cloud = {"endpoint_url": bare_cloud.endpoint_url, "region": bare_cloud.region}
+    with RawVMCluster(n_workers=2, death_timeout=60, **on_cloud) as cluster:
         client = cluster.get_client()
         client.wait_for_workers(2, timeout=600)
         x = da.arange(1_000_000, chunks=100_000).persist()
@@ -76,16 +100,29 @@ def test_a_default_cluster_boots_computes_and_adapts_on_the_bare_image(
             assert str(seen["prefix"]).startswith(str(seen["rawvm_home"]))
             assert str(seen["uv"]).startswith(str(seen["rawvm_home"]) + "/tools/uv-")
             assert seen["uv_cache"] == "" and seen["pip"] == ""
-        logs = cluster.get_logs()
-        boot = "\n".join(str(log) for log in logs.values())
+        logs = boot_logs(cluster)
+        boot = "\n".join(logs)
         assert "Python 3.11" in boot or f"Python {sys.version_info[0]}" in boot
         assert sys.prefix not in boot and uv_binary() not in boot
+        # Three VMs (the scheduler's and two workers): one built the environment from the
+        # index and published it, the other two unpacked it.
+        wait_for(lambda: BUILT in "".join(boot_logs(cluster)), 120, "the artifact published")
+        assert sum(INSTALLED in log for log in logs) == 1, boot
+        assert sum(UNPACKED in log for log in logs) == 2, boot
+        assert "from the package index instead" not in boot, boot
 
         cluster.adapt(minimum=1, maximum=2)
         wait_for(lambda: len(client.scheduler_info()["workers"]) == 1, 120, "adapt down to 1")
         assert int(x.sum().compute()) == 499999500000  # the data moved, not lost
     start = time.monotonic()
     assert cluster.status.name == "closed" and time.monotonic() - start < 5
+
+    # The next cluster of the same environment in the same account: nothing from the index.
+    with RawVMCluster(n_workers=1, death_timeout=60, **on_cloud) as again:
+        again.get_client().wait_for_workers(1, timeout=300)
+        logs = boot_logs(again)
+        assert len(logs) == 2 and all(UNPACKED in log for log in logs), logs
+        assert not any(INSTALLED in log or "another VM builds" in log for log in logs), logs
 
 
 def test_a_vm_python_of_another_minor_is_refused_before_launch() -> None:

@@ -16,6 +16,7 @@ from typing import Any
 import botocore.session
 
 from dask_rawvm.config import ZONE_AUTO, ClusterOptions
+from dask_rawvm.environment.artifact import ArtifactURLs
 from dask_rawvm.environment.target import Target
 from dask_rawvm.errors import ProviderError
 from dask_rawvm.needs import Market, Needs
@@ -32,6 +33,7 @@ from dask_rawvm.providers.base import (
     WorkerSize,
 )
 from dask_rawvm.providers.ec2.account import HEARTBEAT_SECONDS, EC2Account, live_instances_sync
+from dask_rawvm.providers.ec2.artifacts import ArtifactStore
 from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
 from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, SETTLE_TIMEOUT, ec2_call, paginate
 from dask_rawvm.providers.ec2.catalog import (
@@ -161,6 +163,7 @@ class EC2Provider(Provider):
         self._reaping: asyncio.Future[None] | None = None
         self._said_expiry = False
         self._prices: PriceTable | None = None
+        self._artifacts: ArtifactStore | None = None  # the account's, made on first use
         self._storage: StoragePrices | None = None
 
     @classmethod
@@ -782,6 +785,13 @@ class EC2Provider(Provider):
         )
         fields = "".join(f"{k}={v}\n" for k, v in post["fields"].items() if k != "key")
         return f"{post['url']}\n{fields}"
+
+    async def artifact_urls(self, key: str, expires: int = 3600) -> ArtifactURLs | None:
+        """URLs of an environment artifact in the account's artifact store of this region
+        (:mod:`dask_rawvm.providers.ec2.artifacts`), which outlives the cluster."""
+        if self._artifacts is None:
+            self._artifacts = ArtifactStore(self.clients, self.credentials, self.throttle_timeout)
+        return await self._artifacts.urls(key, expires)
 
     async def _create_bucket(self) -> str:
         """The cluster's bucket: the one it has (a client reconnecting to a cluster left
