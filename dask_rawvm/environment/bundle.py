@@ -384,6 +384,7 @@ def write_wheel(
     *,
     tag: str = "py3-none-any",
     requires: Sequence[str] = (),
+    requires_python: str | None = None,
 ) -> Path:
     """Write a wheel from in-memory files, reproducibly (sorted entries, fixed timestamps).
 
@@ -399,6 +400,8 @@ def write_wheel(
         Wheel tag, ``py3-none-any`` for pure Python.
     requires : sequence of str
         ``Requires-Dist`` entries.
+    requires_python : str, optional
+        ``Requires-Python``, e.g. ``">=3.11.5"``.
 
     Returns
     -------
@@ -410,6 +413,8 @@ def write_wheel(
     purelib = "true" if tag.endswith("-none-any") else "false"
     metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
     metadata += [f"Requires-Dist: {r}" for r in requires]
+    if requires_python is not None:
+        metadata.append(f"Requires-Python: {requires_python}")
     entries = dict(sorted(files.items()))
     entries[f"{info}/METADATA"] = ("\n".join(metadata) + "\n").encode()
     entries[f"{info}/WHEEL"] = (

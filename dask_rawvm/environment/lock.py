@@ -200,6 +200,7 @@ def lock_key(translation: Translation, resolver: Resolver = "uv") -> str:
         "format": LOCK_FORMAT,
         "resolver": resolver,
         "target": translation.target.as_dict(),
+        "python": _lock_python_version(translation.target),
         "requirements": list(translation.requirements),
         "constraints": list(translation.constraints),
         "dependencies": list(translation.dependencies),
@@ -488,7 +489,7 @@ def _run_uv_compile(
         "--python-platform",
         target.python_platform,
         "--python-version",
-        target.python_version,
+        _lock_python_version(target),
         "--python",
         sys.executable,
         "--only-binary",
@@ -813,3 +814,17 @@ def _pip_index_args(index: IndexConfig) -> list[str]:
 def read_lock_metadata(lock: Lock) -> Mapping[str, object]:
     """The stored metadata of a lock (pins, resolver, notes), for reports."""
     return _read_meta(lock.path.with_suffix(".json")) or {}
+
+
+def _lock_python_version(target: Target) -> str:
+    """The Python version uv locks for: this interpreter's own ``X.Y.Z`` when the target
+    runs its ``X.Y`` (the VMs then run this minor, see ``bootstrap``), else ``X.Y``.
+
+    uv reads ``--python-version 3.11`` as 3.11.0, so a distribution installed here that
+    requires a later patch (soupsieve 4.1.3: ``>=3.11.5``, beside pydata-sphinx-theme) made
+    the lock of an environment that works here fail.
+    """
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if target.python_version == here:
+        return f"{here}.{sys.version_info.micro}"
+    return target.python_version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from dask_rawvm.environment import (
     lock_environment,
     resolve_environment_spec,
     translate_environment,
+    write_wheel,
 )
 from dask_rawvm.environment.lockfiles import parse_requirements_file
 
@@ -63,6 +65,15 @@ def test_no_wheel_for_the_target_is_one_clear_error(index: Path) -> None:
     assert "environment_ignore=['x86only']" in message and "arm=False" in message
     # the fix works
     assert lock_for(index, ARM, "app==1.0", "x86only==1.0", ignore=("x86only",)).pins
+
+
+def test_a_distribution_needing_this_pythons_patch_release_locks(index: Path) -> None:
+    # uv reads "--python-version 3.11" as 3.11.0; soupsieve 4.1.3 wants >=3.11.5, say.
+    here = sys.version_info
+    files = {"patchneed/__init__.py": b""}
+    need = f">={here.major}.{here.minor}.{here.micro}"
+    write_wheel(index, "patchneed", "1.0", files, requires_python=need)
+    assert lock_for(index, X86, "patchneed==1.0").versions() == {"patchneed": "1.0"}
 
 
 def test_pure_python_sdist_is_allowed_and_said(index: Path) -> None:
