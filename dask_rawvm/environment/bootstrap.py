@@ -135,6 +135,23 @@ if [ -n "${RAWVM_CONFIG_URL:-}" ]; then
 fi
 """
 
+# Forwarded AWS credentials (dask_rawvm.data): the Dask process serves them on a loopback
+# port of this VM, behind a token made here; SDKs read both variables when they start, so
+# they are set before the Dask process starts. The token is made here and never leaves the
+# VM; the credentials come later, over the cluster's TLS connection, and live in memory only.
+_CREDENTIALS_ENDPOINT = r"""
+if [ -n "${RAWVM_CREDENTIALS_ENDPOINT:-}" ]; then
+    read -r RAWVM_CREDENTIALS_PORT AWS_CONTAINER_AUTHORIZATION_TOKEN < <("$PYTHON" -c '
+import secrets, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], secrets.token_hex(32))') \
+        || { log "could not choose a port for the credentials endpoint"; poweroff_vm 1; }
+    AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$RAWVM_CREDENTIALS_PORT/credentials"
+    export RAWVM_CREDENTIALS_ENDPOINT AWS_CONTAINER_CREDENTIALS_FULL_URI
+    export AWS_CONTAINER_AUTHORIZATION_TOKEN
+fi
+"""
+
 
 @dataclass(frozen=True)
 class EnvironmentRef:
@@ -259,17 +276,22 @@ def _render(
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
+    credentials_endpoint: bool = False,
 ) -> str:
     env_variables, env_script = _environment(environment)
     tls_variables, tls_script = _tls(secrets_url)
-    config = {"RAWVM_CONFIG_URL": config_url}
+    config = {
+        "RAWVM_CONFIG_URL": config_url,
+        "RAWVM_CREDENTIALS_ENDPOINT": "yes" if credentials_endpoint else None,
+    }
     header = "\n".join(
         f"{key}={shlex.quote('' if value is None else str(value))}"
         for key, value in {**variables, **env_variables, **tls_variables, **config}.items()
     )
     script = (
         f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n"
-        f"{_PRELUDE}{metadata}{tls_script}{env_script}{_CLIENT_CONFIG}{body}"
+        f"{_PRELUDE}{metadata}{tls_script}{env_script}{_CLIENT_CONFIG}"
+        f"{_CREDENTIALS_ENDPOINT}{body}"
     )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
@@ -285,6 +307,7 @@ def scheduler_script(
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
+    credentials_endpoint: bool = False,
 ) -> str:
     """User-data for the scheduler VM.
 
@@ -305,6 +328,9 @@ def scheduler_script(
     config_url
         An expiring URL of the client's dask config (``dask.config.serialize``); the
         image's defaults when None.
+    credentials_endpoint
+        Whether the Dask process serves forwarded AWS credentials
+        (:class:`dask_rawvm.data.CredentialEndpoint`).
     """
     return _render(
         {
@@ -319,6 +345,7 @@ def scheduler_script(
         secrets_url,
         metadata,
         config_url,
+        credentials_endpoint,
     )
 
 
@@ -335,6 +362,7 @@ def worker_script(
     secrets_url: str | None = None,
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
+    credentials_endpoint: bool = False,
 ) -> str:
     """User-data for the worker VMs of one launch request.
 
@@ -363,6 +391,10 @@ def worker_script(
         The provider's metadata prelude (see :data:`IDENTITY_FROM_VARIABLES`).
     config_url
         An expiring URL of the client's dask config; the image's defaults when None.
+    credentials_endpoint
+        Whether the Dask process serves forwarded AWS credentials
+        (:class:`dask_rawvm.data.CredentialEndpoint`): the boot script sets the variables
+        SDKs read before it starts it.
     """
     return _render(
         {
@@ -383,4 +415,5 @@ def worker_script(
         secrets_url,
         metadata,
         config_url,
+        credentials_endpoint,
     )

@@ -139,6 +139,7 @@ class Launcher:
             secrets_url=await self.store.secrets_url("scheduler"),
             metadata=self.session.provider.boot_prelude(),
             config_url=await self.store.config_url(),
+            credentials_endpoint=self.settings.forwards_credentials,
         )
 
     async def worker_user_data(
@@ -175,6 +176,7 @@ class Launcher:
             secrets_url=await self.store.secrets_url("worker"),
             metadata=self.session.provider.boot_prelude(),
             config_url=await self.store.config_url(),
+            credentials_endpoint=self.settings.forwards_credentials,
         )
 
     # -- the scheduler -----------------------------------------------------------------------
