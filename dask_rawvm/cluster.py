@@ -229,8 +229,8 @@ class RawVMCluster(SpecCluster):
         credentials (STS ``GetSessionToken``) sent over the cluster's TLS connection and
         served on each VM where AWS SDKs look for refreshable credentials (the
         container-credentials endpoint); this client refreshes them at half their life
-        while connected. ``"role"``: an IAM instance profile scoped to ``data``.
-        ``None``: nothing.
+        while connected. ``None``: nothing. (``"role"``, an IAM instance profile scoped to
+        ``data``, is reserved: an error for now.)
     data
         S3 URLs the cluster reads and writes (``["s3://bucket/prefix"]``): a bucket in
         another region than the cluster's is a warning with what that transfer costs.

@@ -304,6 +304,12 @@ def _check_data(options: ClusterOptions) -> None:
             "'forward' gives the VMs this client's AWS identity as short-lived credentials, "
             "'role' an IAM instance profile scoped to data=, None nothing"
         )
+    if options.credentials == "role":
+        raise OptionError(
+            "credentials='role' (an instance profile the cluster creates, scoped to data=) is "
+            "not available yet: use credentials='forward' (the default: your identity, "
+            "short-lived, refreshed while you are connected) or None"
+        )
     if options.provider == "ssh" and options.credentials is not None:
         raise OptionError(
             f"credentials={options.credentials!r} needs EC2 (provider='aws' or 'local'): SSH "

@@ -9,10 +9,12 @@ credentials shortened to seconds so that refreshes happen within the test.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
 import sys
+import tarfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +34,8 @@ from dask_rawvm.config import resolve_options
 from dask_rawvm.data import FILES_LIMIT, pack_files
 from dask_rawvm.errors import OptionError
 from dask_rawvm.localcloud import LocalCloud
+from dask_rawvm.machines import Ledger, ProviderSession, check_data_regions
+from dask_rawvm.providers import provider_for
 
 # This module is not on the VMs: its functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -56,9 +60,9 @@ def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cluster(shipped: Path) -> Iterator[RawVMCluster]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(dask_rawvm.machines.data, "LIFETIME", LIFETIME)
-        with RawVMCluster(
-            n_workers=1, files=[str(shipped / "data")], death_timeout=30
-        ) as cluster:
+        # As in a notebook's directory: files= and upload() take paths relative to it.
+        patch.chdir(shipped)
+        with RawVMCluster(n_workers=1, files=["data/lookup.csv"], death_timeout=30) as cluster:
             yield cluster
 
 
@@ -66,6 +70,12 @@ def cluster(shipped: Path) -> Iterator[RawVMCluster]:
 def client(cluster: RawVMCluster) -> Iterator[Client]:
     with Client(cluster) as client:
         yield client
+
+
+def one(answers: dict[str, Any]) -> Any:
+    """The answer of a ``client.run`` on the first worker (functions of this module travel
+    by value with ``run``; a task graph would name the module, which the VMs lack)."""
+    return answers[min(answers)]
 
 
 def cloud_of(cluster: RawVMCluster) -> LocalCloud:
@@ -135,9 +145,7 @@ def test_workers_read_and_write_parquet_on_s3_with_no_storage_options(
         f"s3://{BUCKET}/in", storage_options=options, compute_kwargs={"scheduler": "sync"}
     )
     # ... the workers read and write with none.
-    result = client.submit(
-        read_and_write_parquet, f"s3://{BUCKET}/in", f"s3://{BUCKET}/out", pure=False
-    ).result()
+    result = one(client.run(read_and_write_parquet, f"s3://{BUCKET}/in", f"s3://{BUCKET}/out"))
     assert result["rows"] == result["pyarrow_rows"] == 6
     assert result["method"] == "container-role"
     assert result["endpoint"] == cloud_of(cluster).endpoint_url
@@ -146,18 +154,16 @@ def test_workers_read_and_write_parquet_on_s3_with_no_storage_options(
     assert sorted(back.key) == list("abcdef")
 
 
-def test_forwarded_credentials_refresh_at_half_life(
-    cluster: RawVMCluster, client: Client
-) -> None:
+def test_forwarded_credentials_refresh_at_half_life(cluster: RawVMCluster, client: Client) -> None:
     assert cluster.credentials is not None
-    seen = [client.submit(served_credentials, pure=False).result()["Expiration"]]
+    seen = [one(client.run(served_credentials))["Expiration"]]
 
     def refreshed() -> bool:
-        expiration = client.submit(served_credentials, pure=False).result()["Expiration"]
+        expiration = one(client.run(served_credentials))["Expiration"]
         if expiration != seen[-1]:
             seen.append(expiration)
             # S3 keeps working with what the endpoint serves now.
-            assert f"{BUCKET}/in" in client.submit(list_bucket, BUCKET, pure=False).result()
+            assert f"{BUCKET}/in" in one(client.run(list_bucket, BUCKET))
         return len(seen) >= 3
 
     # Refreshed every LIFETIME / 2 = 4 s: two refreshes within ~8 s.
@@ -166,7 +172,7 @@ def test_forwarded_credentials_refresh_at_half_life(
 
 
 def test_no_secret_at_rest(cluster: RawVMCluster, client: Client) -> None:
-    served = client.submit(served_credentials, pure=False).result()
+    served = one(client.run(served_credentials))
     secrets = [served["SecretAccessKey"], served["Token"]]
     cloud = cloud_of(cluster)
     kwargs = cloud.client_kwargs()
@@ -203,16 +209,16 @@ def test_files_reach_every_worker_including_one_added_later(
 ) -> None:
     expected = (shipped / "data" / "lookup.csv").read_text()
     assert {v["lookup"] for v in client.run(read_shipped).values()} == {expected}
-    cluster.upload(str(shipped / "config"))
+    cluster.upload("config")
     assert all("settings" in v for v in client.run(read_shipped).values())
     before = set(client.scheduler_info()["workers"])
     cluster.scale(2)
     client.wait_for_workers(2, timeout=300)
     (new,) = set(client.scheduler_info()["workers"]) - before
     # The new worker's first tasks: its files, and S3 with the forwarded credentials.
-    first = client.submit(read_shipped, workers=[new], pure=False).result()
+    first = client.run(read_shipped, workers=[new])[new]
     assert first == {"lookup": expected, "settings": '{"threshold": 3}'}
-    listed = client.submit(list_bucket, BUCKET, workers=[new], pure=False).result()
+    listed = client.run(list_bucket, BUCKET, workers=[new])[new]
     assert f"{BUCKET}/in" in listed
 
 
@@ -234,6 +240,8 @@ def test_credentials_option_is_forward_role_or_none() -> None:
     assert resolve_options(provider="ssh").credentials is None
     with pytest.raises(OptionError, match="'forward', 'role', None"):
         resolve_options(credentials="yes")
+    with pytest.raises(OptionError, match="not available yet"):
+        resolve_options(credentials="role")
     with pytest.raises(OptionError, match="SSH hosts keep"):
         resolve_options(provider="ssh", credentials="forward")
     with pytest.raises(OptionError, match="S3 URLs"):
@@ -244,9 +252,6 @@ def test_files_keep_their_relative_path_and_are_capped(tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "lookup.csv").write_text("a,1\n")
     archive = pack_files(["data/lookup.csv"], base=str(tmp_path))
-    import io
-    import tarfile
-
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         assert tar.getnames() == ["data/lookup.csv"]
     (tmp_path / "big.bin").write_bytes(b"\0" * (FILES_LIMIT + 1))
@@ -257,3 +262,29 @@ def test_files_keep_their_relative_path_and_are_capped(tmp_path: Path) -> None:
     # Refused before anything starts: no cloud, no VM.
     with pytest.raises(OptionError, match="put bigger data in S3"):
         RawVMCluster(files=[str(tmp_path / "big.bin")])
+
+
+async def test_a_bucket_in_another_region_is_a_warning_with_its_cost(
+    cloud: LocalCloud, caplog: pytest.LogCaptureFixture
+) -> None:
+    s3 = boto3.client("s3", **cloud.client_kwargs())
+    s3.create_bucket(
+        Bucket="far-data", CreateBucketConfiguration={"LocationConstraint": "us-west-2"}
+    )
+    s3.create_bucket(Bucket="near-data")
+    options = resolve_options(
+        "aws",
+        endpoint_url=cloud.endpoint_url,
+        region=cloud.region,
+        data=["s3://far-data/x", "s3://near-data/y/", "s3://missing-bucket"],
+    )
+    session = ProviderSession(provider_for(options, "c"), "c", Ledger())
+    await session.open()
+    try:
+        with caplog.at_level(logging.WARNING, logger="dask_rawvm.machines.data"):
+            await check_data_regions(session, options)
+    finally:
+        await session.close(terminate=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "far-data is in us-west-2" in warnings[0] and "$0.02/GB" in warnings[0]
