@@ -8,6 +8,7 @@ credentials shortened to seconds so that refreshes happen within the test.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -113,6 +114,13 @@ def read_and_write_parquet(source: str, target: str) -> dict[str, Any]:
     }
 
 
+async def round_trip_off_the_loop(source: str, target: str) -> dict[str, Any]:
+    """:func:`read_and_write_parquet` as a task runs, off the worker's event loop
+    (``client.run`` calls a plain function on it, which would hold up the credentials'
+    refresh meanwhile)."""
+    return await asyncio.to_thread(read_and_write_parquet, source, target)
+
+
 def list_bucket(bucket: str) -> list[str]:
     import s3fs
 
@@ -145,7 +153,7 @@ def test_workers_read_and_write_parquet_on_s3_with_no_storage_options(
         f"s3://{BUCKET}/in", storage_options=options, compute_kwargs={"scheduler": "sync"}
     )
     # ... the workers read and write with none.
-    result = one(client.run(read_and_write_parquet, f"s3://{BUCKET}/in", f"s3://{BUCKET}/out"))
+    result = one(client.run(round_trip_off_the_loop, f"s3://{BUCKET}/in", f"s3://{BUCKET}/out"))
     assert result["rows"] == result["pyarrow_rows"] == 6
     assert result["method"] == "container-role"
     assert result["endpoint"] == cloud_of(cluster).endpoint_url
@@ -174,6 +182,8 @@ def test_forwarded_credentials_refresh_at_half_life(cluster: RawVMCluster, clien
 def test_no_secret_at_rest(cluster: RawVMCluster, client: Client) -> None:
     served = one(client.run(served_credentials))
     secrets = [served["SecretAccessKey"], served["Token"]]
+    # The scheduler VM's process serves them too.
+    assert client.run_on_scheduler(served_credentials)["AccessKeyId"] == served["AccessKeyId"]
     cloud = cloud_of(cluster)
     kwargs = cloud.client_kwargs()
     # The user-data of a new worker, and every launch template version's data.
