@@ -229,8 +229,10 @@ class RawVMCluster(SpecCluster):
         credentials (STS ``GetSessionToken``) sent over the cluster's TLS connection and
         served on each VM where AWS SDKs look for refreshable credentials (the
         container-credentials endpoint); this client refreshes them at half their life
-        while connected. ``None``: nothing. (``"role"``, an IAM instance profile scoped to
-        ``data``, is reserved: an error for now.)
+        while connected. ``"role"``: the IAM instance profile ``iam_instance_profile``
+        names, on every VM (the cluster does not create one yet). ``None``: nothing.
+    iam_instance_profile
+        With ``credentials="role"``: the instance profile (name or ARN) of every VM.
     data
         S3 URLs the cluster reads and writes (``["s3://bucket/prefix"]``): a bucket in
         another region than the cluster's is a warning with what that transfer costs.
@@ -306,6 +308,7 @@ class RawVMCluster(SpecCluster):
         allow_ingress_from: list[str] | None = None,
         tls: bool | None = None,
         credentials: str | None = NOT_GIVEN,
+        iam_instance_profile: str | None = None,
         data: list[str] | None = None,
         files: list[str] | None = None,
         hosts: list[str] | None = None,

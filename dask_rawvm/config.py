@@ -102,6 +102,7 @@ class ClusterOptions:
     allow_ingress_from: list[str] | None = None
     tls: bool = True
     credentials: str | None = "forward"
+    iam_instance_profile: str | None = None
     data: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
 
@@ -304,11 +305,18 @@ def _check_data(options: ClusterOptions) -> None:
             "'forward' gives the VMs this client's AWS identity as short-lived credentials, "
             "'role' an IAM instance profile scoped to data=, None nothing"
         )
-    if options.credentials == "role":
+    if options.credentials == "role" and not options.iam_instance_profile:
         raise OptionError(
-            "credentials='role' (an instance profile the cluster creates, scoped to data=) is "
-            "not available yet: use credentials='forward' (the default: your identity, "
-            "short-lived, refreshed while you are connected) or None"
+            "credentials='role' takes the instance profile to give every VM: pass "
+            "iam_instance_profile='<name or ARN>' (a profile the cluster creates for itself, "
+            "scoped to data=, is not available yet), or use credentials='forward' (the "
+            "default: your identity, short-lived, refreshed while you are connected)"
+        )
+    if options.iam_instance_profile and options.credentials != "role":
+        raise OptionError(
+            f"iam_instance_profile={options.iam_instance_profile!r} is the identity of "
+            f"credentials='role', and credentials={options.credentials!r}: pass "
+            "credentials='role' with it, or drop it"
         )
     if options.provider == "ssh" and options.credentials is not None:
         raise OptionError(

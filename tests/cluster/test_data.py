@@ -250,8 +250,10 @@ def test_credentials_option_is_forward_role_or_none() -> None:
     assert resolve_options(provider="ssh").credentials is None
     with pytest.raises(OptionError, match="'forward', 'role', None"):
         resolve_options(credentials="yes")
-    with pytest.raises(OptionError, match="not available yet"):
+    with pytest.raises(OptionError, match="pass iam_instance_profile="):
         resolve_options(credentials="role")
+    with pytest.raises(OptionError, match="pass credentials='role' with it"):
+        resolve_options(iam_instance_profile="readers")
     with pytest.raises(OptionError, match="SSH hosts keep"):
         resolve_options(provider="ssh", credentials="forward")
     with pytest.raises(OptionError, match="S3 URLs"):
@@ -298,3 +300,31 @@ async def test_a_bucket_in_another_region_is_a_warning_with_its_cost(
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "far-data is in us-west-2" in warnings[0] and "$0.02/GB" in warnings[0]
+
+
+def test_credentials_role_launches_every_vm_with_the_named_profile(
+    quiet_cloud: LocalCloud,
+) -> None:
+    """The launch carries the instance profile, and the VMs get no forwarded credentials."""
+    with RawVMCluster(
+        n_workers=1,
+        endpoint_url=quiet_cloud.endpoint_url,
+        region=quiet_cloud.region,
+        scheduler="local",
+        environment=None,
+        wait_for_workers=False,
+        credentials="role",
+        iam_instance_profile="data-readers",
+    ) as cluster:
+        assert cluster.credentials is None
+        assert "RAWVM_CREDENTIALS_ENDPOINT=''" in cluster.user_data()
+        ec2 = boto3.client("ec2", **quiet_cloud.client_kwargs())
+        wait_for(lambda: ec2.describe_launch_templates()["LaunchTemplates"], 60, "a launch")
+        (template,) = ec2.describe_launch_templates()["LaunchTemplates"]
+        versions = ec2.describe_launch_template_versions(
+            LaunchTemplateId=template["LaunchTemplateId"]
+        )["LaunchTemplateVersions"]
+        profiles = {
+            v["LaunchTemplateData"].get("IamInstanceProfile", {}).get("Name") for v in versions
+        }
+        assert profiles == {"data-readers"}

@@ -115,6 +115,8 @@ class EC2Provider(Provider):
         Extra security groups for every machine, besides the cluster's own.
     public_ip
         Whether machines get a public IPv4 address.
+    instance_profile
+        The IAM instance profile (name or ARN) of every machine (``credentials="role"``).
     disk_sizes
         GiB of gp3 root volume by role (``"worker"``, ``"scheduler"``); the image's own
         size for a role not given. Never less than the image's.
@@ -138,12 +140,14 @@ class EC2Provider(Provider):
         security_groups: list[str] | None = None,
         public_ip: bool = True,
         disk_sizes: dict[str, int] | None = None,
+        instance_profile: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials or {}
         self.ami = ami
+        self.instance_profile = instance_profile
         self.throttle_timeout = throttle_timeout
         self.allow_ingress_from = allow_ingress_from
         self.zone = zone
@@ -191,6 +195,7 @@ class EC2Provider(Provider):
             "subnets": options.subnets,
             "security_groups": options.security_groups,
             "public_ip": options.public_ip,
+            "instance_profile": options.iam_instance_profile,
             "disk_sizes": {
                 "worker": options.worker_disk_size,
                 "scheduler": options.scheduler_disk_size,
@@ -594,6 +599,7 @@ class EC2Provider(Provider):
             public_ip=self.public_ip,
             root_volume=await self._root_volume(spec.role, list(amis.values())),
             standard_credits=_standard_credits(candidates),
+            instance_profile=self.instance_profile,
             template=self._template,
         )
         template = self._template
