@@ -306,6 +306,20 @@ def test_credentials_role_launches_every_vm_with_the_named_profile(
     quiet_cloud: LocalCloud,
 ) -> None:
     """The launch carries the instance profile, and the VMs get no forwarded credentials."""
+    iam = boto3.client("iam", **quiet_cloud.client_kwargs())
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "ec2.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+    iam.create_role(RoleName="data-readers", AssumeRolePolicyDocument=json.dumps(trust))
+    iam.create_instance_profile(InstanceProfileName="data-readers")
+    iam.add_role_to_instance_profile(InstanceProfileName="data-readers", RoleName="data-readers")
     with RawVMCluster(
         n_workers=1,
         endpoint_url=quiet_cloud.endpoint_url,
