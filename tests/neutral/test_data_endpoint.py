@@ -1,5 +1,6 @@
 """The VMs' side of data (dask_rawvm.data), without a cluster: the container-credentials
-endpoint as botocore reads it, and what a VM with credentials=None gets."""
+endpoint as botocore reads it, what a VM with credentials=None gets, and the launch of
+credentials="role"."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from dask_rawvm.config import resolve_options
 from dask_rawvm.data import CredentialEndpoint, ForwardedCredentials, serve
 from dask_rawvm.environment.bootstrap import worker_script
 from dask_rawvm.machines import Settings
+from dask_rawvm.providers import provider_for
+from dask_rawvm.providers.ec2.fleet import template_data
+from dask_rawvm.providers.ec2.provider import EC2Provider
 
 
 def free_port() -> int:
@@ -67,3 +71,17 @@ def test_without_forwarding_a_vm_gets_no_endpoint() -> None:
     # This process (no boot script set it up) serves nothing.
     later = datetime.datetime.now(datetime.timezone.utc)
     assert serve(ForwardedCredentials("AKIA", "s", None, later)) is False
+
+
+def test_credentials_role_puts_the_named_profile_in_the_launch_template() -> None:
+    options = resolve_options(credentials="role", iam_instance_profile="data-readers")
+    provider = provider_for(options, "c")
+    assert isinstance(provider, EC2Provider) and provider.instance_profile == "data-readers"
+    assert not Settings(options).forwards_credentials
+    by_name = template_data("c", user_data="#!/bin/sh\n", instance_profile="data-readers")
+    assert by_name["IamInstanceProfile"] == {"Name": "data-readers"}
+    arn = "arn:aws:iam::123456789012:instance-profile/data-readers"
+    assert template_data("c", user_data="", instance_profile=arn)["IamInstanceProfile"] == {
+        "Arn": arn
+    }
+    assert "IamInstanceProfile" not in template_data("c", user_data="")
