@@ -33,8 +33,15 @@ from distributed.utils import Log, Logs
 from tornado.ioloop import PeriodicCallback
 
 from dask_rawvm.cluster_log import ClusterLog, about
-from dask_rawvm.config import OPTION_NAMES, ClusterOptions, resolve_options, workers_to_wait_for
+from dask_rawvm.config import (
+    NOT_GIVEN,
+    OPTION_NAMES,
+    ClusterOptions,
+    resolve_options,
+    workers_to_wait_for,
+)
 from dask_rawvm.cost import CostReport
+from dask_rawvm.data import pack_files
 from dask_rawvm.errors import OptionError, WorkerBootTimeoutError
 from dask_rawvm.log_guard import POLL_SECONDS as LOG_POLL_SECONDS
 from dask_rawvm.log_guard import TOPIC as LOG_TOPIC
@@ -42,6 +49,7 @@ from dask_rawvm.log_guard import LogRateAlarm, plugin_bytes
 from dask_rawvm.machines import (
     BootWatch,
     ClusterStore,
+    CredentialForwarder,
     EnvironmentCheck,
     EnvironmentMismatch,
     Launcher,
@@ -54,8 +62,10 @@ from dask_rawvm.machines import (
     WorkerNames,
     WorkerShape,
     WorkerVM,
+    check_data_regions,
     is_worker_name,
     preflight,
+    ship_files,
     worker_index,
     worker_shape,
 )
@@ -225,6 +235,24 @@ class RawVMCluster(SpecCluster):
     tls
         Mutual TLS on every Dask connection with a CA made for the cluster (default);
         ``False`` for plain TCP.
+    credentials
+        The AWS identity of the VMs (``docs/data.rst`` says exactly what each grants):
+        ``"forward"`` (default on EC2 and the local cloud) this client's, as short-lived
+        credentials (STS ``GetSessionToken``) sent over the cluster's TLS connection and
+        served on each VM where AWS SDKs look for refreshable credentials (the
+        container-credentials endpoint); this client refreshes them at half their life
+        while connected. ``"role"``: the IAM instance profile ``iam_instance_profile``
+        names, on every VM (the cluster does not create one yet). ``None``: nothing.
+    iam_instance_profile
+        With ``credentials="role"``: the instance profile (name or ARN) of every VM.
+    data
+        S3 URLs the cluster reads and writes (``["s3://bucket/prefix"]``): a bucket in
+        another region than the cluster's is a warning with what that transfer costs.
+    files
+        Small local files and directories (``["data/lookup.csv", "config/"]``) put in
+        every VM's working directory under the same relative path, workers added later
+        included: a task opens them as it would here. At most 10 MiB in all (an error
+        before anything launches). ``cluster.upload(path)`` adds more.
     hosts, workers_per_host, connect_options
         ``provider="ssh"``: the machines (``"user@host"``, ``"host:2222"``), how
         many workers each may run, and extra ``asyncssh.connect`` options.
@@ -292,6 +320,10 @@ class RawVMCluster(SpecCluster):
         log_rate_warning: float | None = None,
         allow_ingress_from: list[str] | None = None,
         tls: bool | None = None,
+        credentials: str | None = NOT_GIVEN,
+        iam_instance_profile: str | None = None,
+        data: list[str] | None = None,
+        files: list[str] | None = None,
         hosts: list[str] | None = None,
         workers_per_host: int | None = None,
         connect_options: dict[str, Any] | None = None,
@@ -312,6 +344,14 @@ class RawVMCluster(SpecCluster):
                 "for each cluster and gives every VM and this client a certificate from it. "
                 "Drop security=, or pass tls=False to run plain TCP"
             )
+        # files= past its size is an error before anything starts.
+        self._files = pack_files(options.files) if options.files else None
+        if options.credentials == "forward" and not options.tls:
+            logger.warning(
+                "credentials='forward' sends AWS credentials over the cluster's TLS connection "
+                "only, and tls=False: the VMs get no AWS identity (pass tls=True, or "
+                "credentials=None to say so)"
+            )
         self._n_workers = n_workers
         self._start_wait = workers_to_wait_for(options.wait_for_workers, n_workers)
         self.cluster_name = options.name or f"rawvm-{uuid.uuid4().hex[:8]}"
@@ -324,6 +364,10 @@ class RawVMCluster(SpecCluster):
             provider_for(options, self.cluster_name), self.cluster_name, self.ledger
         )
         self.limits = Limits(self.settings, self.session, self.ledger)
+        #: Forwards this client's AWS identity to the VMs (``credentials="forward"``).
+        self.credentials = (
+            CredentialForwarder(self.session) if self.settings.forwards_credentials else None
+        )
         self.limits.check(n_workers, 0)
         if not kwargs.get("shutdown_on_close", True):
             self.session.unopened.check_outlives_client()
@@ -422,6 +466,7 @@ class RawVMCluster(SpecCluster):
                 await self._adopt_workers(self._running)
             self._offer_security()
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
+            await self._deliver_data()
             await self._start_workers(progress)
 
     async def _guard_log_volume(self) -> None:
@@ -482,6 +527,41 @@ class RawVMCluster(SpecCluster):
         finally:
             self._started_workers = True
 
+    async def _deliver_data(self) -> None:
+        """Before the first worker launches, hand the scheduler what every worker gets at
+        its start: the forwarded AWS credentials and ``files=``."""
+        assert self.scheduler_comm is not None
+        if self.credentials is not None:
+            await self.credentials.start(self.scheduler_comm)
+        if self._files is not None:
+            await ship_files(self.scheduler_comm, self._files)
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """``storage_options`` for this process to reach the S3 the VMs reach, as
+        ``dd.read_parquet(url, storage_options=cluster.storage_options)``: the local
+        cloud's S3 (its endpoint and keys) on the local cloud, ``{}`` on AWS. The VMs need
+        none: their S3 is found the standard way (``AWS_ENDPOINT_URL_S3`` on the local
+        cloud's VMs)."""
+        return dict(self.session.unopened.storage_options)
+
+    def upload(self, path: str) -> Any:
+        """Put a small local file or directory in every worker's working directory (under
+        its path relative to the current directory), workers added later included.
+
+        Raises
+        ------
+        OptionError
+            For a path that does not exist, or one over 10 MiB.
+        """
+        archive = pack_files([path])
+
+        async def ship() -> None:
+            assert self.scheduler_comm is not None
+            await ship_files(self.scheduler_comm, archive)
+
+        return self.sync(ship)
+
     def _offer_security(self) -> None:
         """Let a ``Client(address)`` of this process connect without ``security=``."""
         if self.options.tls:
@@ -503,6 +583,7 @@ class RawVMCluster(SpecCluster):
                 if self._running is not None and self.options.scheduler == "vm":
                     self.scheduler_spec["options"]["machine"] = self._running.scheduler
             await preflight(self.session, self.settings, self.store, self.limits, self._n_workers)
+            await check_data_regions(self.session, self.options)
             self._describe_workers()
             await self._prepare_tls()
         except BaseException:
@@ -564,9 +645,13 @@ class RawVMCluster(SpecCluster):
             checking.cancel()  # a check still running has nothing left to check
         withdraw_security(self)
         if not self.shutdown_on_close and self.status == Status.running:
+            if self.credentials is not None:
+                self.credentials.stop(self.options.idle_timeout)
             await self._disconnect()
             return
         about(self.cluster_name)
+        if self.credentials is not None:
+            self.credentials.stop()
         try:
             await super()._close()
         finally:

@@ -41,6 +41,10 @@ SCHEDULER_PLACEMENTS = ("vm", "local")
 ENVIRONMENT_CHECKS = ("error", "warn", "off")
 #: ``local_image=``: the local cloud's machine images (see dask_rawvm.localcloud.vmimage).
 LOCAL_IMAGES = ("warm", "bare")
+#: ``credentials=``: what AWS identity the VMs get (see dask_rawvm.data and docs/data.rst):
+#: "forward" this client's as short-lived credentials over the cluster's TLS connection,
+#: "role" an IAM instance profile; None nothing.
+CREDENTIALS_MODES = ("forward", "role", None)
 #: ``zone="auto"``: EC2 picks one zone with capacity and the whole cluster stays in it.
 ZONE_AUTO = "auto"
 #: ``zone="any"``: every zone of the subnets, the cluster spread over them.
@@ -98,9 +102,25 @@ class ClusterOptions:
     log_rate_warning: float | None = 100.0
     allow_ingress_from: list[str] | None = None
     tls: bool = True
+    credentials: str | None = "forward"
+    iam_instance_profile: str | None = None
+    data: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(ClusterOptions)]
+#: Options for which None is a choice, not "not given" (``credentials=None``: nothing).
+NONE_IS_A_CHOICE = frozenset({"credentials"})
+
+
+class _NotGiven:
+    """The default of a keyword whose None is a choice: the option was not given."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+NOT_GIVEN: Any = _NotGiven()
 _DURATIONS = (
     "boot_delay",
     "death_timeout",
@@ -137,13 +157,19 @@ def resolve_options(config_name: str | None = None, **kwargs: Any) -> ClusterOpt
         raise UnknownOptionError(
             f"unknown option(s) {sorted(unknown)}; valid options are {OPTION_NAMES}"
         )
-    given = {k: v for k, v in kwargs.items() if v is not None}
+    given = {
+        k: v
+        for k, v in kwargs.items()
+        if v is not NOT_GIVEN and (v is not None or k in NONE_IS_A_CHOICE)
+    }
     if config_name is None:
         config_name = _default_section(given)
     merged = _section(config_name)
     merged.update(given)
     if merged.get("zone") is None:  # a section's "zone: null" (the old default) means the default
         merged.pop("zone", None)
+    if merged.get("credentials") in ("none", "None"):  # from an environment variable
+        merged["credentials"] = None
     for key in set(_DURATIONS) & set(merged):
         merged[key] = _seconds(key, merged[key])
     options = ClusterOptions(**merged)
@@ -233,6 +259,7 @@ def _validate(options: ClusterOptions, config_name: str) -> None:
             "environment in a package this process imported, 'warn' only says so, 'off' skips it"
         )
     _check_network(options)
+    _check_data(options)
     if options.environment_resolver not in ("uv", "pip-tools"):
         raise OptionError(
             f"environment_resolver={options.environment_resolver!r} is not 'uv' or 'pip-tools' "
@@ -277,6 +304,45 @@ def _check_network(options: ClusterOptions) -> None:
                 f"{key}={size!r} must be a whole number of GiB from 8 (the size of an Amazon "
                 "Linux 2023 image) to 16384 (gp3's largest), e.g. 100"
             )
+
+
+def _check_data(options: ClusterOptions) -> None:
+    """``credentials=`` one of its modes; ``data=`` S3 URLs; ``files=`` a list of paths."""
+    if options.credentials not in CREDENTIALS_MODES:
+        raise OptionError(
+            f"credentials={options.credentials!r} is not one of {list(CREDENTIALS_MODES)}: "
+            "'forward' gives the VMs this client's AWS identity as short-lived credentials, "
+            "'role' an IAM instance profile scoped to data=, None nothing"
+        )
+    if options.credentials == "role" and not options.iam_instance_profile:
+        raise OptionError(
+            "credentials='role' takes the instance profile to give every VM: pass "
+            "iam_instance_profile='<name or ARN>' (a profile the cluster creates for itself, "
+            "scoped to data=, is not available yet), or use credentials='forward' (the "
+            "default: your identity, short-lived, refreshed while you are connected)"
+        )
+    if options.iam_instance_profile and options.credentials != "role":
+        raise OptionError(
+            f"iam_instance_profile={options.iam_instance_profile!r} is the identity of "
+            f"credentials='role', and credentials={options.credentials!r}: pass "
+            "credentials='role' with it, or drop it"
+        )
+    if options.provider == "ssh" and options.credentials is not None:
+        raise OptionError(
+            f"credentials={options.credentials!r} needs EC2 (provider='aws' or 'local'): SSH "
+            "hosts keep the AWS identity they have; pass credentials=None"
+        )
+    data = options.data
+    if isinstance(data, str) or not all(isinstance(u, str) and u.startswith("s3://") for u in data):
+        raise OptionError(
+            f"data={data!r} must be a list of S3 URLs the cluster reads and writes, e.g. "
+            'data=["s3://my-bucket/prefix"]'
+        )
+    if isinstance(options.files, str) or not all(isinstance(p, str) for p in options.files):
+        raise OptionError(
+            f"files={options.files!r} must be a list of local paths (files or directories), "
+            'e.g. files=["data/lookup.csv", "config/"]'
+        )
 
 
 def check_wait_for_workers(value: object) -> None:

@@ -41,6 +41,7 @@ MODULES = {
     "dask_rawvm.idle_shutdown": "neutral",
     "dask_rawvm.cluster_log": "neutral",
     "dask_rawvm.log_guard": "neutral",
+    "dask_rawvm.data": "neutral",
     "dask_rawvm.cluster": "cluster",
     "dask_rawvm.cli": "commands",
     "dask_rawvm.demo": "commands",
@@ -153,7 +154,7 @@ def test_the_scheduler_preload_imports_no_cloud_and_no_cluster() -> None:
     heavy = ["moto", "botocore", "aiobotocore", "asyncssh", "dask_rawvm.localcloud",
              "dask_rawvm.cluster", "dask_rawvm.providers", "dask_rawvm.machines"]  # fmt: skip
     code = (
-        "import sys, dask_rawvm.idle_shutdown\n"
+        "import sys, dask_rawvm.idle_shutdown, dask_rawvm.data\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -165,6 +165,23 @@ if [ -n "${RAWVM_CONFIG_URL:-}" ]; then
 fi
 """
 
+# Forwarded AWS credentials (dask_rawvm.data): the Dask process serves them on a loopback
+# port of this VM, behind a token made here; SDKs read both variables when they start, so
+# they are set before the Dask process starts. The token is made here and never leaves the
+# VM; the credentials come later, over the cluster's TLS connection, and live in memory only.
+_CREDENTIALS_ENDPOINT = r"""
+if [ -n "${RAWVM_CREDENTIALS_ENDPOINT:-}" ]; then
+    read -r RAWVM_CREDENTIALS_PORT AWS_CONTAINER_AUTHORIZATION_TOKEN < <("$PYTHON" -c '
+import secrets, socket
+s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], secrets.token_hex(32))') \
+        || { log "could not choose a port for the credentials endpoint"; poweroff_vm 1; }
+    AWS_CONTAINER_CREDENTIALS_FULL_URI="http://127.0.0.1:$RAWVM_CREDENTIALS_PORT/credentials"
+    export RAWVM_CREDENTIALS_ENDPOINT AWS_CONTAINER_CREDENTIALS_FULL_URI
+    export AWS_CONTAINER_AUTHORIZATION_TOKEN
+fi
+"""
+
 
 @dataclass(frozen=True)
 class EnvironmentRef:
@@ -293,6 +310,7 @@ def _render(
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
     log_url: str | None = None,
+    credentials_endpoint: bool = False,
 ) -> str:
     env_variables, env_script = _environment(environment)
     tls_variables, tls_script = _tls(secrets_url)
@@ -301,6 +319,7 @@ def _render(
         "RAWVM_LOG_FORM_URL": log_url,
         "RAWVM_LOG_PREFIX": LOG_PREFIX,
         "RAWVM_LOG_CAP": LOG_CAP_BYTES,
+        "RAWVM_CREDENTIALS_ENDPOINT": "yes" if credentials_endpoint else None,
     }
     header = "\n".join(
         f"{key}={shlex.quote('' if value is None else str(value))}"
@@ -308,7 +327,8 @@ def _render(
     )
     script = (
         f"#!/bin/bash\n# dask-rawvm bootstrap\nset -u\n{header}\n"
-        f"{_PRELUDE}{metadata}{_LOG_FORM}{tls_script}{env_script}{_CLIENT_CONFIG}{body}"
+        f"{_PRELUDE}{metadata}{_LOG_FORM}{tls_script}{env_script}{_CLIENT_CONFIG}"
+        f"{_CREDENTIALS_ENDPOINT}{body}"
     )
     if len(script.encode()) > USER_DATA_LIMIT:
         raise ValueError(
@@ -325,6 +345,7 @@ def scheduler_script(
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
     log_url: str | None = None,
+    credentials_endpoint: bool = False,
 ) -> str:
     """User-data for the scheduler VM.
 
@@ -349,6 +370,9 @@ def scheduler_script(
         An expiring URL of the form the VM ships the end of its log with when it powers
         off or is terminated (:data:`LOG_CAP_BYTES`, under :data:`LOG_PREFIX`); not
         shipped when None.
+    credentials_endpoint
+        Whether the Dask process serves forwarded AWS credentials
+        (:class:`dask_rawvm.data.CredentialEndpoint`).
     """
     return _render(
         {
@@ -364,6 +388,7 @@ def scheduler_script(
         metadata,
         config_url,
         log_url,
+        credentials_endpoint,
     )
 
 
@@ -381,6 +406,7 @@ def worker_script(
     metadata: str = IDENTITY_FROM_VARIABLES,
     config_url: str | None = None,
     log_url: str | None = None,
+    credentials_endpoint: bool = False,
 ) -> str:
     """User-data for the worker VMs of one launch request.
 
@@ -411,6 +437,10 @@ def worker_script(
         An expiring URL of the client's dask config; the image's defaults when None.
     log_url
         As for :func:`scheduler_script`.
+    credentials_endpoint
+        Whether the Dask process serves forwarded AWS credentials
+        (:class:`dask_rawvm.data.CredentialEndpoint`): the boot script sets the variables
+        SDKs read before it starts it.
     """
     return _render(
         {
@@ -432,4 +462,5 @@ def worker_script(
         metadata,
         config_url,
         log_url,
+        credentials_endpoint,
     )

@@ -351,6 +351,8 @@ class VMRuntime:
         machine image its files.
     imds_url
         Maps an instance id to the base URL of its instance-metadata stub.
+    s3_endpoint
+        The cloud's S3, as the VMs reach it (``AWS_ENDPOINT_URL_S3``); AWS's when None.
     watchdog
         The cloud's watchdog: told of every VM's process group and of the cloud's cgroups,
         it ends them if this process dies without closing the runtime.
@@ -380,6 +382,7 @@ class VMRuntime:
         imds_url: Callable[[str], str],
         watchdog: Watchdog,
         boot_delay: float = 0.0,
+        s3_endpoint: str | None = None,
         shutdown_grace: float = 3.0,
         image_path: list[str] | None = None,
         image: ImageName = "warm",
@@ -390,6 +393,7 @@ class VMRuntime:
         self.account_id = account_id
         self.workdir = workdir
         self.imds_url = imds_url
+        self.s3_endpoint = s3_endpoint
         self.watchdog = watchdog
         self.boot_delay = boot_delay
         self.shutdown_grace = shutdown_grace
@@ -522,6 +526,11 @@ class VMRuntime:
             # The one variable that differs from EC2, where IMDS is 169.254.169.254.
             "RAWVM_IMDS": self.imds_url(vm.instance.id),
         }
+        if self.s3_endpoint is not None:
+            # This cloud's S3 is the VMs' S3, found the standard way: botocore (boto3,
+            # s3fs), pyarrow and the AWS CLI read this variable, so code that runs here runs
+            # unchanged on EC2, where S3 is AWS's.
+            environment["AWS_ENDPOINT_URL_S3"] = self.s3_endpoint
         view = self.machine_image.view(vm.directory)
         if vm.cgroups is not None:
             view = {**(view or {}), "cgroups": VIEW_DIRECTORIES}

@@ -223,6 +223,7 @@ class LocalCloud(strict.LocalStrictness):
                 self.account_id,
                 workdir,
                 imds_url=lambda iid: f"{endpoint}/_imds/{iid}",
+                s3_endpoint=endpoint,
                 watchdog=watchdog,
                 boot_delay=self.boot_delay,
                 image_path=self.image_path,

@@ -3,8 +3,10 @@ its machines fetch (:class:`ClusterStore`), the record of machines and cost
 (:class:`Ledger`), the provider's lifecycle (:class:`ProviderSession`), the options
 (:class:`Settings`), limits (:class:`Limits`), boot diagnostics (:class:`BootWatch`),
 the environment's fidelity check (:class:`EnvironmentCheck`), what a worker is
-(:class:`WorkerShape`), and the scheduler and worker VMs as thin ProcessInterfaces."""
+(:class:`WorkerShape`), data on the VMs (:class:`CredentialForwarder`, :func:`ship_files`),
+and the scheduler and worker VMs as thin ProcessInterfaces."""
 
+from dask_rawvm.machines.data import CredentialForwarder, check_data_regions, ship_files
 from dask_rawvm.machines.environment_check import EnvironmentCheck, EnvironmentMismatch
 from dask_rawvm.machines.launcher import Coalescer, Launcher
 from dask_rawvm.machines.ledger import Ledger
@@ -23,6 +25,7 @@ __all__ = [
     "BootWatch",
     "ClusterStore",
     "Coalescer",
+    "CredentialForwarder",
     "EnvironmentCheck",
     "EnvironmentMismatch",
     "Launcher",
@@ -35,8 +38,10 @@ __all__ = [
     "WorkerNames",
     "WorkerShape",
     "WorkerVM",
+    "check_data_regions",
     "is_worker_name",
     "preflight",
+    "ship_files",
     "worker_index",
     "worker_shape",
 ]

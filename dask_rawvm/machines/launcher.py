@@ -140,6 +140,7 @@ class Launcher:
             metadata=self.session.provider.boot_prelude(),
             config_url=await self.store.config_url(),
             log_url=await self.store.log_upload_url(),
+            credentials_endpoint=self.settings.forwards_credentials,
         )
 
     async def worker_user_data(
@@ -177,6 +178,7 @@ class Launcher:
             metadata=self.session.provider.boot_prelude(),
             config_url=await self.store.config_url(),
             log_url=await self.store.log_upload_url(),
+            credentials_endpoint=self.settings.forwards_credentials,
         )
 
     # -- the scheduler -----------------------------------------------------------------------

@@ -26,6 +26,12 @@ class Settings:
         """The scheme of every Dask address of the cluster."""
         return "tls" if self._options.tls else "tcp"
 
+    @property
+    def forwards_credentials(self) -> bool:
+        """Whether the VMs get this client's AWS identity (``credentials="forward"``): only
+        over TLS, the one connection credentials may travel on."""
+        return self._options.credentials == "forward" and self._options.tls
+
     def use_worker_types(self, candidates: list[str]) -> None:
         """Launch workers on ``candidates``, best first (chosen or checked by preflight)."""
         self._options = dataclasses.replace(

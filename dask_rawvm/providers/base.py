@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dask_rawvm.config import ClusterOptions
+from dask_rawvm.data import ForwardedCredentials
 from dask_rawvm.environment.artifact import ArtifactURLs
 from dask_rawvm.environment.bootstrap import IDENTITY_FROM_VARIABLES
 from dask_rawvm.environment.target import Target
@@ -278,6 +279,23 @@ class Provider(abc.ABC):
         """Expiring URLs of the environment artifact ``key`` in a store this provider's
         machines share across clusters (:mod:`dask_rawvm.environment.artifact`); None when
         it keeps none (each machine then installs the environment itself)."""
+        return None
+
+    # -- data: the machines' identity and where their data is -----------------------------
+    async def forward_credentials(self, lifetime: float) -> ForwardedCredentials | None:
+        """This client's identity as short-lived credentials for the machines (lasting about
+        ``lifetime`` seconds); None where the provider has no identity to give (SSH hosts).
+        """
+        return None
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        """fsspec/s3fs ``storage_options`` for this client to reach the S3 the machines
+        reach (the local cloud's own); empty where it is AWS's, reached the default way."""
+        return {}
+
+    async def bucket_region(self, bucket: str) -> str | None:
+        """The region of an S3 bucket; None where unknown (no access, no S3)."""
         return None
 
     # -- limits and prices ----------------------------------------------------------------

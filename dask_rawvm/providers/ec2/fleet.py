@@ -275,6 +275,7 @@ def template_data(
     public_ip: bool = True,
     root_volume: RootVolume | None = None,
     standard_credits: bool = False,
+    instance_profile: str | None = None,
 ) -> dict[str, Any]:
     """``LaunchTemplateData`` for a cluster's machines.
 
@@ -311,6 +312,9 @@ def template_data(
         data["BlockDeviceMappings"] = [root_volume.mapping()]
     if standard_credits:
         data["CreditSpecification"] = {"CpuCredits": "standard"}
+    if instance_profile:
+        key = "Arn" if instance_profile.startswith("arn:") else "Name"
+        data["IamInstanceProfile"] = {key: instance_profile}
     if security_group_ids:
         data["NetworkInterfaces"] = [
             {
@@ -333,6 +337,7 @@ async def ensure_launch_template(
     public_ip: bool = True,
     root_volume: RootVolume | None = None,
     standard_credits: bool = False,
+    instance_profile: str | None = None,
     template: LaunchTemplate | None = None,
 ) -> LaunchTemplate:
     """The cluster's launch template, with a version carrying this launch's user-data and tags.
@@ -357,6 +362,8 @@ async def ensure_launch_template(
     standard_credits
         Launch burstable (T-family) types with standard CPU credits; only for launches
         whose candidates are all burstable (EC2 takes the option for T types only).
+    instance_profile
+        The IAM instance profile (name or ARN) of every machine; none when None.
     template
         What the previous call returned, if any.
 
@@ -379,6 +386,7 @@ async def ensure_launch_template(
         public_ip=public_ip,
         root_volume=root_volume,
         standard_credits=standard_credits,
+        instance_profile=instance_profile,
     )
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
     if template is not None and template.digest == digest:

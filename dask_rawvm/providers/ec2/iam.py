@@ -8,7 +8,9 @@ by what it is for. S3 is confined to dask-rawvm's buckets and what is in them
 Describe* actions take no resource-level permissions; launching touches instances, volumes,
 network interfaces, images, subnets, groups and templates, so EC2 actions name ``"*"``.
 The service-linked roles EC2 creates on an account's first spot launch and first fleet
-need ``iam:CreateServiceLinkedRole`` for those two services only. The last statement is for
+need ``iam:CreateServiceLinkedRole`` for those two services only. ``sts:GetSessionToken``
+makes the short-lived credentials ``credentials="forward"`` gives the VMs (your data's own
+permissions come from your identity's other policies). The last statement is for
 ``dask-rawvm check`` alone; a cluster runs without it.
 """
 
@@ -98,6 +100,13 @@ POLICY: dict[str, Any] = {
                 "s3:DeleteObject",
             ],
             "Resource": _BUCKETS,
+        },
+        {
+            # credentials="forward": the VMs get this identity as short-lived credentials.
+            "Sid": "ForwardShortLivedCredentials",
+            "Effect": "Allow",
+            "Action": ["sts:GetSessionToken"],
+            "Resource": "*",
         },
         {
             "Sid": "SpotAndFleetServiceLinkedRoles",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import inspect
 import logging
 import re
 import sys
@@ -13,9 +14,11 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import botocore.exceptions
 import botocore.session
 
 from dask_rawvm.config import ZONE_AUTO, ClusterOptions
+from dask_rawvm.data import ForwardedCredentials
 from dask_rawvm.environment.artifact import ArtifactURLs
 from dask_rawvm.environment.target import Target
 from dask_rawvm.errors import ProviderError
@@ -75,6 +78,11 @@ GPU_AMI_PARAMETER = (
     "latest/ami-id"
 )
 
+#: What AWS takes for GetSessionToken's DurationSeconds (IAM users; root: at most 1 h).
+MIN_SESSION_SECONDS, MAX_SESSION_SECONDS = 900, 36 * 3600
+#: GetSessionToken's answer to temporary credentials (which cannot call it).
+SESSION_TOKEN_REFUSALS = {"AccessDenied", "AccessDeniedException"}
+
 
 class EC2Provider(Provider):
     """Machines from EC2.
@@ -110,6 +118,8 @@ class EC2Provider(Provider):
         Extra security groups for every machine, besides the cluster's own.
     public_ip
         Whether machines get a public IPv4 address.
+    instance_profile
+        The IAM instance profile (name or ARN) of every machine (``credentials="role"``).
     disk_sizes
         GiB of gp3 root volume by role (``"worker"``, ``"scheduler"``); the image's own
         size for a role not given. Never less than the image's.
@@ -133,12 +143,14 @@ class EC2Provider(Provider):
         security_groups: list[str] | None = None,
         public_ip: bool = True,
         disk_sizes: dict[str, int] | None = None,
+        instance_profile: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.region = region
         self.endpoint_url = endpoint_url
         self.credentials = credentials or {}
         self.ami = ami
+        self.instance_profile = instance_profile
         self.throttle_timeout = throttle_timeout
         self.allow_ingress_from = allow_ingress_from
         self.zone = zone
@@ -187,6 +199,7 @@ class EC2Provider(Provider):
             "subnets": options.subnets,
             "security_groups": options.security_groups,
             "public_ip": options.public_ip,
+            "instance_profile": options.iam_instance_profile,
             "disk_sizes": {
                 "worker": options.worker_disk_size,
                 "scheduler": options.scheduler_disk_size,
@@ -264,6 +277,83 @@ class EC2Provider(Provider):
     def boot_prelude(self) -> str:
         """EC2 machines ask the instance metadata service who they are."""
         return IMDS_PRELUDE
+
+    # -- data --------------------------------------------------------------------------
+    async def forward_credentials(self, lifetime: float) -> ForwardedCredentials:
+        """This client's identity for ``lifetime`` seconds: STS ``GetSessionToken``.
+
+        STS takes 900 s to 36 h; a shorter ``lifetime`` is served to the VMs as the
+        credentials' expiry (SDKs refresh them that much sooner). Temporary credentials (an
+        assumed role, SSO) cannot call ``GetSessionToken``: those are forwarded as they are,
+        until they expire (botocore refreshes them here, and the next forwarding carries the
+        refreshed ones).
+        """
+        asked = min(max(lifetime, MIN_SESSION_SECONDS), MAX_SESSION_SECONDS)
+        try:
+            answer = await self.clients.sts.get_session_token(DurationSeconds=int(asked))
+        except botocore.exceptions.ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in SESSION_TOKEN_REFUSALS:
+                raise ProviderError(
+                    f"could not get short-lived credentials to forward to the VMs (STS "
+                    f"GetSessionToken): {e}. Allow sts:GetSessionToken, or pass "
+                    "credentials=None (the VMs get no AWS identity) or credentials='role'"
+                ) from e
+            return await self._current_credentials(lifetime)
+        given = answer["Credentials"]
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return ForwardedCredentials(
+            given["AccessKeyId"],
+            given["SecretAccessKey"],
+            given["SessionToken"],
+            min(given["Expiration"], now + datetime.timedelta(seconds=lifetime)),
+        )
+
+    async def _current_credentials(self, lifetime: float) -> ForwardedCredentials:
+        held = self.clients.credentials
+        if held is None:
+            raise ProviderError(
+                "could not get short-lived credentials to forward: the given credentials "
+                "cannot call STS GetSessionToken; pass credentials=None or 'role'"
+            )
+        frozen = held.get_frozen_credentials()
+        if inspect.isawaitable(frozen):  # aiobotocore's refreshable credentials
+            frozen = await frozen
+        if not frozen.token:
+            raise ProviderError(
+                "STS GetSessionToken was refused, and the credentials held here are long-term "
+                "keys, which are never forwarded to VMs: allow sts:GetSessionToken, or pass "
+                "credentials=None or 'role'"
+            )
+        left = self.clients.credentials_expire_in()
+        expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=lifetime if left is None else min(left, lifetime)
+        )
+        return ForwardedCredentials(frozen.access_key, frozen.secret_key, frozen.token, expiry)
+
+    @property
+    def storage_options(self) -> dict[str, object]:
+        """s3fs options of this endpoint's S3: an EC2-compatible endpoint (a local cloud)
+        serves S3 too; AWS's S3 needs none."""
+        if self.endpoint_url is None:
+            return {}
+        options: dict[str, object] = {"endpoint_url": self.endpoint_url}
+        if self.credentials:
+            options["key"] = self.credentials["aws_access_key_id"]
+            options["secret"] = self.credentials["aws_secret_access_key"]
+        if self.region:
+            options["client_kwargs"] = {"region_name": self.region}
+        return options
+
+    async def bucket_region(self, bucket: str) -> str | None:
+        """``GetBucketLocation``: None where this identity may not ask (or no such bucket)."""
+        try:
+            answer = await self.clients.s3.get_bucket_location(Bucket=bucket)
+        except botocore.exceptions.ClientError as e:
+            logger.info("could not tell the region of bucket %s: %s", bucket, e)
+            return None
+        # us-east-1's buckets answer no constraint (and the oldest EU ones "EU").
+        location = answer.get("LocationConstraint") or "us-east-1"
+        return "eu-west-1" if location == "EU" else str(location)
 
     # -- preflight -----------------------------------------------------------------
     async def preflight(self, roles: dict[str, str]) -> None:
@@ -532,6 +622,7 @@ class EC2Provider(Provider):
             public_ip=self.public_ip,
             root_volume=await self._root_volume(spec.role, list(amis.values())),
             standard_credits=_standard_credits(candidates),
+            instance_profile=self.instance_profile,
             template=self._template,
         )
         template = self._template
