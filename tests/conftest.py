@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import dask.config
 import pytest
 from sshd import Lab, make_lab, sshd_available
 
@@ -25,10 +26,12 @@ def cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
 
 @pytest.fixture
 def quiet_cloud(monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalCloud]:
-    """A cloud whose VMs never boot during a test: for what a cluster asks for, not runs."""
+    """A cloud whose VMs never boot during a test: for what a cluster asks for, not runs.
+    A cluster's start does not wait for workers there (they would never connect)."""
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
-    with LocalCloud(boot_delay=3600) as cloud:
+    no_wait = {f"rawvm.{section}.wait-for-workers": False for section in ("local", "aws")}
+    with dask.config.set(no_wait), LocalCloud(boot_delay=3600) as cloud:
         yield cloud
 
 
