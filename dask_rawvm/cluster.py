@@ -1134,6 +1134,13 @@ class RawVMCluster(SpecCluster):
         # environment=None (in a config section): no bundle, the image's own Python.
         return notes or ["the image's own Python and packages (environment: null)"]
 
+    def _spent_by_line(self) -> str:
+        """The card's line of :meth:`cost_report`: "on-demand t3.large $0.01 (2 running)"."""
+        return "; ".join(
+            f"{line.market} {line.vm_type} ${line.spent:.2f} ({line.running} running)"
+            for line in self.cost_report().lines
+        )
+
     def _repr_html_(self, cluster_status: Any = None) -> str:
         """distributed's cluster card (dashboard link, workers, threads, memory, scheduler
         info) with the VMs: workers by state, types, markets and zones, $/h and spent,
@@ -1154,6 +1161,7 @@ class RawVMCluster(SpecCluster):
             ("VMs", html.escape(self._vm_summary() or "none")),
             ("Zones", html.escape(", ".join(zones) or "none")),
             ("Cost", f"${self.cost_per_hour:.3f}/h now, ${self.spent:.2f} spent"),
+            ("Spent by market and type", html.escape(self._spent_by_line() or "nothing yet")),
             ("Status", self.status.name),
         ]
         cells = [f'<td style="text-align: left;"><strong>{k}:</strong> {v}</td>' for k, v in rows]

@@ -90,6 +90,7 @@ def test_a_notebook_shows_the_cluster_live(tmp_path: Path, monkeypatch) -> None:
         "1 x t3.large on-demand in us-east-1",
         "/h now",
         "spent",
+        "Spent by market and type:</strong> on-demand t3.large $",  # cost_report()
         "Environment:</strong> scheduler VMs: x86_64 cpu",
         "worker VMs: x86_64 cpu",
         "Workers by state",
