@@ -47,22 +47,9 @@ from dask_rawvm.providers.base import ROLE_TAG
 from dask_rawvm.providers.ec2.account import live_instances_sync
 
 
-@contextlib.contextmanager
-def dense_cloud(hosts: int) -> Iterator[RemoteCloud]:
+def dense_cloud(hosts: int) -> contextlib.AbstractContextManager[RemoteCloud]:
     """``dask-rawvm localcloud --dense`` in a process group of its own."""
-    command = [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"]
-    server = subprocess.Popen(
-        [*command, "--dense", "--dense-hosts", str(hosts), "--unsized"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert server.stdout is not None
-        yield RemoteCloud(server.stdout.readline().split("endpoint: ")[1].strip())
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=120)
+    return RemoteCloud.standalone("--dense", "--dense-hosts", str(hosts), "--unsized")
 
 
 def ec2_calls(cloud: RemoteCloud) -> dict[str, int]:

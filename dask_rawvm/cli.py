@@ -22,6 +22,7 @@ import botocore.exceptions
 import botocore.session
 import click
 import yaml
+from dask.utils import format_bytes
 from rich.console import Console
 from rich.table import Table
 
@@ -32,6 +33,7 @@ from dask_rawvm.errors import RawVMError
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.localcloud.vmimage import IMAGES, ImageName
 from dask_rawvm.providers.ec2.account import cluster_logs, list_clusters, remove_clusters
+from dask_rawvm.providers.ec2.artifacts import EXPIRY_DAYS, list_artifacts, remove_artifacts
 from dask_rawvm.providers.ec2.check import Check, blocked, check_account
 from dask_rawvm.providers.ec2.iam import policy_json
 
@@ -319,15 +321,23 @@ def ls(endpoint_url: str | None, region: str | None) -> None:
     What gone clusters left behind (no live machine, their client detached or gone) is
     removed first, and said.
     """
-    reaped, clusters = asyncio.run(list_clusters(*reachable_cloud(endpoint_url, region)))
+    where = reachable_cloud(endpoint_url, region)
+    reaped, clusters = asyncio.run(list_clusters(*where))
+    store, artifacts = asyncio.run(list_artifacts(*where))
     for name, resources in sorted(reaped.items()):
         kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
         click.echo(f"{name}: gone; removed its leftovers ({kinds})")
-    if not clusters:
+    if not clusters and store is None:
         click.echo("no dask-rawvm resources")
     for name, resources in sorted(clusters.items()):
         kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
         click.echo(f"{name}: {kinds}")
+    if store is not None:
+        size = format_bytes(sum(a.size for a in artifacts))
+        click.echo(
+            f"environment artifacts (bucket {store}): {len(artifacts)}, {size}; each expires "
+            f"{EXPIRY_DAYS} days after its build, `dask-rawvm down --all` removes them"
+        )
 
 
 @main.command()
@@ -340,10 +350,15 @@ def down(
     """Terminate and delete everything of the named clusters (even one whose client died)."""
     if not names and not everything:
         raise click.UsageError("name the clusters to take down, or pass --all")
-    removed = asyncio.run(remove_clusters(*reachable_cloud(endpoint_url, region), names or None))
+    where = reachable_cloud(endpoint_url, region)
+    removed = asyncio.run(remove_clusters(*where, names or None))
     for name, resources in sorted(removed.items()):
         kinds = ", ".join(f"{len(ids)} {kind}" for kind, ids in sorted(resources.items()))
         click.echo(f"{name}: removed {kinds or 'nothing'}")
+    if everything:  # the account's environment artifacts too: nothing of dask-rawvm is left
+        store = asyncio.run(remove_artifacts(*where))
+        if store is not None:
+            click.echo(f"environment artifacts: removed bucket {store}")
 
 
 @main.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -51,21 +52,9 @@ def pypi_reachable() -> bool:
         return False
 
 
-@contextmanager
-def standalone_cloud() -> Iterator[RemoteCloud]:
+def standalone_cloud() -> contextlib.AbstractContextManager[RemoteCloud]:
     """``dask-rawvm localcloud`` in its own process (it outlives a killed client)."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        assert server.stdout is not None
-        yield RemoteCloud(server.stdout.readline().split("endpoint: ")[1].strip())
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        assert server.wait(timeout=30) == 0, "the local cloud did not stop cleanly"
+    return RemoteCloud.standalone(stop_timeout=30)
 
 
 @contextmanager
@@ -94,3 +83,16 @@ def client_process(script: str, workdir: Path) -> Iterator[subprocess.Popen[str]
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def asking_options(cloud: LocalCloud | RemoteCloud, **kwargs: object) -> dict[str, object]:
+    """Options of clusters that are about what they ask for, not what runs: the scheduler in
+    this process, no environment to build, start returns once it asked."""
+    return {
+        "endpoint_url": cloud.endpoint_url,
+        "region": cloud.region,
+        "scheduler": "local",
+        "environment": None,
+        "wait_for_workers": False,
+        **kwargs,
+    }

@@ -20,16 +20,21 @@ front of moto's WSGI app. A small middleware in between
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.request
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -528,6 +533,25 @@ class RemoteCloud(strict.RemoteStrictness):
     >>> remote.set_capacity("m6i.large", "us-east-1a", "on-demand", count=2)
     >>> remote.restore_capacity()
     """
+
+    @classmethod
+    @contextlib.contextmanager
+    def standalone(cls, *options: str, stop_timeout: float = 120.0) -> Iterator[RemoteCloud]:
+        """``dask-rawvm localcloud --port 0 *options`` in a process group of its own (it
+        outlives a killed client), controlled from here; stopped (SIGTERM to its group) at
+        the end, which it must survive with exit status 0.
+        """
+        command = [sys.executable, "-m", "dask_rawvm.cli", "localcloud", "--port", "0"]
+        server = subprocess.Popen(
+            [*command, *options], stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        try:
+            assert server.stdout is not None
+            yield cls(server.stdout.readline().split("endpoint: ")[1].strip())
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            if server.wait(timeout=stop_timeout) != 0:
+                raise RuntimeError(f"the local cloud exited with status {server.returncode}")
 
     def __init__(self, endpoint_url: str) -> None:
         self.endpoint_url = endpoint_url.rstrip("/")

@@ -42,9 +42,11 @@ def test_down_all_after_a_killed_client_leaves_no_tagged_resource(tmp_path) -> N
         assert len(live_instances(cloud, "orphan")) == 3  # nothing cleaned up after a SIGKILL
         listing = cli("ls", endpoint=cloud.endpoint_url)
         assert "orphan: 1 buckets, 3 instances" in listing
+        assert "environment artifacts (bucket dask-rawvm-env-" in listing  # the account's
 
         removed = cli("down", "--all", endpoint=cloud.endpoint_url)
         assert "orphan: removed 1 buckets, 3 instances" in removed
+        assert "environment artifacts: removed bucket dask-rawvm-env-" in removed
         assert live_instances(cloud, "orphan") == []
         s3 = boto3.client("s3", **cloud.client_kwargs())
         assert s3.list_buckets()["Buckets"] == []

@@ -6,7 +6,7 @@ import boto3
 import pytest
 from distributed import Client
 from distributed.core import rpc
-from helpers import live_instances
+from helpers import asking_options, live_instances
 
 from dask_rawvm import RawVMCluster
 from dask_rawvm.cost import BudgetExceeded
@@ -16,25 +16,13 @@ from dask_rawvm.providers.ec2.provider import AMI_PARAMETER, GPU_AMI_PARAMETER
 from dask_rawvm.tls import ClusterTLS
 
 
-def options(cloud: LocalCloud, **kwargs: object) -> dict[str, object]:
-    """For clusters that are about what they ask for: start returns once it asked."""
-    return {
-        "endpoint_url": cloud.endpoint_url,
-        "region": cloud.region,
-        "scheduler": "local",
-        "environment": None,
-        "wait_for_workers": False,
-        **kwargs,
-    }
-
-
 def launched_types(cloud: LocalCloud) -> set[str]:
     return {i["InstanceType"] for i in live_instances(cloud)}
 
 
 def test_worker_type_chosen_by_need(quiet_cloud: LocalCloud) -> None:
     with RawVMCluster(
-        n_workers=2, worker_cpu=4, worker_memory="16 GiB", **options(quiet_cloud)
+        n_workers=2, worker_cpu=4, worker_memory="16 GiB", **asking_options(quiet_cloud)
     ) as cluster:
         chosen = cluster.options.worker_vm_type
         vm = cluster.provider.catalog[chosen]  # type: ignore[attr-defined]
@@ -45,7 +33,7 @@ def test_worker_type_chosen_by_need(quiet_cloud: LocalCloud) -> None:
 
 
 def test_arm_need_picks_a_graviton_type(quiet_cloud: LocalCloud) -> None:
-    with RawVMCluster(worker_cpu=2, arm=True, **options(quiet_cloud)) as cluster:
+    with RawVMCluster(worker_cpu=2, arm=True, **asking_options(quiet_cloud)) as cluster:
         vm = cluster.provider.catalog[cluster.options.worker_vm_type]  # type: ignore[attr-defined]
         assert vm.arch == "arm64"
 
@@ -55,21 +43,21 @@ def test_gpu_model_missing_in_region_fails_before_anything(monkeypatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     with LocalCloud(region="us-west-1") as cloud:
         with pytest.raises(CatalogError) as error:
-            RawVMCluster(n_workers=1, worker_gpu="A10G", **options(cloud))
+            RawVMCluster(n_workers=1, worker_gpu="A10G", **asking_options(cloud))
         assert "A10G" in str(error.value) and "us-west-1" in str(error.value)
         assert cloud.calls["CreateFleet"] == 0 and live_instances(cloud) == []
 
 
 def test_unknown_type_suggests_close_names(quiet_cloud: LocalCloud) -> None:
     with pytest.raises(CatalogError, match=r"m6i\.large"):
-        RawVMCluster(worker_vm_type="m6i.larg", **options(quiet_cloud))
+        RawVMCluster(worker_vm_type="m6i.larg", **asking_options(quiet_cloud))
     assert quiet_cloud.calls["CreateFleet"] == 0
 
 
 def test_max_workers_refuses_before_launch_and_on_scale(quiet_cloud: LocalCloud) -> None:
     with pytest.raises(ValueError, match="max_workers=3"):
-        RawVMCluster(n_workers=5, max_workers=3, **options(quiet_cloud))
-    with RawVMCluster(n_workers=2, max_workers=3, **options(quiet_cloud)) as cluster:
+        RawVMCluster(n_workers=5, max_workers=3, **asking_options(quiet_cloud))
+    with RawVMCluster(n_workers=2, max_workers=3, **asking_options(quiet_cloud)) as cluster:
         with pytest.raises(ValueError, match="max_workers=3"):
             cluster.scale(4)
         assert len(cluster.worker_spec) == 2
@@ -79,13 +67,16 @@ def test_max_workers_refuses_before_launch_and_on_scale(quiet_cloud: LocalCloud)
 def test_budget_guard_refuses_launch_and_scale_up(quiet_cloud: LocalCloud) -> None:
     with pytest.raises(BudgetExceeded) as error:
         RawVMCluster(
-            n_workers=50, worker_vm_type="m6i.large", max_hourly_cost=1.0, **options(quiet_cloud)
+            n_workers=50,
+            worker_vm_type="m6i.large",
+            max_hourly_cost=1.0,
+            **asking_options(quiet_cloud),
         )
     assert "max_hourly_cost" in str(error.value)
     assert quiet_cloud.calls["CreateFleet"] == 0 and live_instances(quiet_cloud) == []
 
     with RawVMCluster(
-        n_workers=2, worker_vm_type="m6i.large", max_hourly_cost=1.0, **options(quiet_cloud)
+        n_workers=2, worker_vm_type="m6i.large", max_hourly_cost=1.0, **asking_options(quiet_cloud)
     ) as cluster:
         cluster.sync(cluster._correct_state)
         before = cluster.cost_per_hour
@@ -121,15 +112,19 @@ def test_close_leaves_no_bucket(quiet_cloud: LocalCloud) -> None:
         wait_for_workers=False,  # its VM never boots
     ):
         s3 = boto3.client("s3", **quiet_cloud.client_kwargs())
-        assert len(s3.list_buckets()["Buckets"]) == 1  # the environment bundle's
-    assert s3.list_buckets()["Buckets"] == []
+        buckets = {b["Name"] for b in s3.list_buckets()["Buckets"]}
+        # the cluster's (its environment bundle) and the account's environment artifacts
+        # (kept for the next cluster: a store of the account, not of a cluster)
+        store = {b for b in buckets if b.startswith("dask-rawvm-env-")}
+        assert len(store) == 1 and len(buckets - store) == 1
+    assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == store
 
 
 def test_security_group_admits_only_the_client_and_goes_with_the_cluster(
     quiet_cloud: LocalCloud,
 ) -> None:
     ec2 = boto3.client("ec2", **quiet_cloud.client_kwargs())
-    with RawVMCluster(n_workers=1, **options(quiet_cloud)) as cluster:
+    with RawVMCluster(n_workers=1, **asking_options(quiet_cloud)) as cluster:
         cluster.sync(cluster._correct_state)
         group_id = cluster.provider.security_group  # type: ignore[attr-defined]
         (group,) = ec2.describe_security_groups(GroupIds=[group_id])["SecurityGroups"]
@@ -190,7 +185,9 @@ async def test_throttled_launch_backs_off_with_jitter_and_completes(
     quiet_cloud: LocalCloud,
 ) -> None:
     quiet_cloud.inject("CreateFleet", error="RequestLimitExceeded", count=2)
-    async with RawVMCluster(n_workers=5, asynchronous=True, **options(quiet_cloud)) as cluster:
+    async with RawVMCluster(
+        n_workers=5, asynchronous=True, **asking_options(quiet_cloud)
+    ) as cluster:
         assert len(cluster.instances) == 5
     assert quiet_cloud.calls["CreateFleet"] == 3  # two throttled, then accepted
     assert live_instances(quiet_cloud) == []
@@ -210,7 +207,7 @@ def test_preflight_errors_name_the_cause_and_leave_nothing(
     quiet_cloud: LocalCloud, bad: dict[str, object], says: str
 ) -> None:
     with pytest.raises((ValueError, CatalogError, ProviderError), match=says):
-        RawVMCluster(n_workers=2, **options(quiet_cloud, **bad))
+        RawVMCluster(n_workers=2, **asking_options(quiet_cloud, **bad))
     made = {a for a in quiet_cloud.calls if a.startswith(("Create", "Run", "s3:PUT"))}
     assert made == set() and live_instances(quiet_cloud) == []
 
@@ -220,7 +217,7 @@ def test_worker_types_are_candidates_across_zones(quiet_cloud: LocalCloud) -> No
         n_workers=4,
         worker_vm_types=["m6i.large", "m5.large"],
         zone=["us-east-1b", "us-east-1c"],
-        **options(quiet_cloud),
+        **asking_options(quiet_cloud),
     ) as cluster:
         cluster.sync(cluster._correct_state)
         instances = live_instances(quiet_cloud, cluster.cluster_name)
@@ -233,7 +230,7 @@ def test_worker_types_are_candidates_across_zones(quiet_cloud: LocalCloud) -> No
 
 
 def test_gpu_workers_boot_the_nvidia_image_of_their_architecture(quiet_cloud: LocalCloud) -> None:
-    with RawVMCluster(n_workers=1, worker_gpu=1, **options(quiet_cloud)) as cluster:
+    with RawVMCluster(n_workers=1, worker_gpu=1, **asking_options(quiet_cloud)) as cluster:
         cluster.sync(cluster._correct_state)
         (instance,) = live_instances(quiet_cloud, cluster.cluster_name)
         vm = cluster.provider.catalog[instance["InstanceType"]]  # type: ignore[attr-defined]
@@ -250,7 +247,7 @@ def test_spot_with_fallback_fills_the_spot_shortfall_on_demand(quiet_cloud: Loca
         n_workers=8,
         spot_policy="spot_with_fallback",
         worker_vm_types=["m6i.large", "m5.large"],
-        **options(quiet_cloud),
+        **asking_options(quiet_cloud),
     ) as cluster:
         instances = live_instances(quiet_cloud, cluster.cluster_name)
         spot = [i for i in instances if i.get("InstanceLifecycle") == "spot"]
@@ -271,7 +268,9 @@ def test_an_arm_image_on_x86_workers_fails_before_anything(quiet_cloud: LocalClo
     ssm = boto3.client("ssm", **quiet_cloud.client_kwargs())
     arm_image = ssm.get_parameter(Name=AMI_PARAMETER.format(arch="arm64"))["Parameter"]["Value"]
     with pytest.raises(ProviderError, match=r"arm64 image, but \['m6i.large'\] run x86_64"):
-        RawVMCluster(n_workers=2, worker_vm_type="m6i.large", **options(quiet_cloud, ami=arm_image))
+        RawVMCluster(
+            n_workers=2, worker_vm_type="m6i.large", **asking_options(quiet_cloud, ami=arm_image)
+        )
     made = {a for a in quiet_cloud.calls if a.startswith(("Create", "Run", "s3:PUT"))}
     assert made == set() and live_instances(quiet_cloud) == []
 
