@@ -8,6 +8,7 @@ parts in :mod:`dask_rawvm.machines`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import math
@@ -505,13 +506,14 @@ class RawVMCluster(SpecCluster):
             if not self._start_wait:
                 return
             progress.update(stage=f"waiting for {self._start_wait} workers to connect")
-            await self._await_workers(
-                lambda: min(self._start_wait, len(self.workers) - len(self.launcher.waiting)),
-                self.options.worker_start_timeout,
-                progress,
-                fix="pass wait_for_workers=False (or a count, or a fraction) to return "
-                "sooner, or a longer worker_start_timeout",
-            )
+            async with self._present_while_starting():
+                await self._await_workers(
+                    lambda: min(self._start_wait, len(self.workers) - len(self.launcher.waiting)),
+                    self.options.worker_start_timeout,
+                    progress,
+                    fix="pass wait_for_workers=False (or a count, or a fraction) to return "
+                    "sooner, or a longer worker_start_timeout",
+                )
             if self._worker_check is not None:
                 # The first worker's environment is compared before start returns: a
                 # mismatch fails the constructor, as the scheduler VM's does.
@@ -526,6 +528,26 @@ class RawVMCluster(SpecCluster):
             raise
         finally:
             self._started_workers = True
+
+    def _present_while_starting(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """A client of the start's own while it waits for workers: the scheduler VM shuts
+        down after ``idle_timeout`` with no client (:mod:`dask_rawvm.idle_shutdown`), and the
+        user's client does not exist yet. (A client, not the cluster's watch connection:
+        the scheduler sees a client's connection end when this process dies, and a watch
+        connection only at its next worker event.)"""
+        if self.options.scheduler != "vm":
+            return contextlib.nullcontext()
+        return self._own_client()
+
+    def _own_client(self) -> Client:
+        """An asynchronous client of the cluster's own, never the default one: the user's
+        ``get_client()`` stays the one ``compute`` uses."""
+        return Client(
+            self.scheduler_address,
+            security=self.security,
+            asynchronous=True,
+            set_as_default=False,
+        )
 
     async def _deliver_data(self) -> None:
         """Before the first worker launches, hand the scheduler what every worker gets at
@@ -783,13 +805,7 @@ class RawVMCluster(SpecCluster):
         check = self.environment_check
         if not check.wants(role) or (role == "scheduler" and self.options.scheduler != "vm"):
             return
-        # not the default client: the user's get_client() must stay the one compute uses
-        async with Client(
-            self.scheduler_address,
-            security=self.security,
-            asynchronous=True,
-            set_as_default=False,
-        ) as client:
+        async with self._own_client() as client:
             if worker is None:
                 await check.scheduler(client)
             else:

@@ -275,7 +275,13 @@ def test_start_that_times_out_says_what_each_vm_was_doing(quiet_cloud: LocalClou
     cloud = quiet_cloud  # VMs stay pending
     began = time.monotonic()
     with pytest.raises(WorkerStartTimeoutError) as error:
-        RawVMCluster(n_workers=2, worker_start_timeout=2, environment=None, **local(cloud))
+        RawVMCluster(
+            n_workers=2,
+            wait_for_workers=True,  # (the quiet cloud's clusters do not wait by default)
+            worker_start_timeout=2,
+            environment=None,
+            **local(cloud),
+        )
     assert time.monotonic() - began < 60
     assert isinstance(error.value, WorkerBootTimeoutError)
     text = str(error.value)
