@@ -340,7 +340,9 @@ class EC2Provider(Provider):
         if self.credentials:
             options["key"] = self.credentials["aws_access_key_id"]
             options["secret"] = self.credentials["aws_secret_access_key"]
-        if self.region:
+        # s3fs's mkdir sends its region as the bucket's LocationConstraint, which S3 refuses
+        # for us-east-1 (InvalidLocationConstraint): there the region is S3's default anyway.
+        if self.region and self.region != "us-east-1":
             options["client_kwargs"] = {"region_name": self.region}
         return options
 
