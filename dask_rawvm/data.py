@@ -64,6 +64,13 @@ class ForwardedCredentials:
     token: str | None = field(repr=False)
     expiration: datetime.datetime
 
+    def __post_init__(self) -> None:
+        # In the standard library's UTC: botocore parses STS's answer with dateutil's tzutc,
+        # and a VM whose environment has no python-dateutil could not unpickle that (its
+        # worker then fails to start).
+        utc = self.expiration.astimezone(datetime.timezone.utc)
+        object.__setattr__(self, "expiration", utc)
+
     def expires_in(self) -> float:
         """Seconds from now until they expire."""
         now = datetime.datetime.now(datetime.timezone.utc)

@@ -5,12 +5,14 @@ credentials="role"."""
 from __future__ import annotations
 
 import datetime
+import pickle
 import socket
 import urllib.error
 import urllib.request
 
 import botocore.credentials
 import pytest
+from dateutil.tz import tzutc
 
 from dask_rawvm.config import resolve_options
 from dask_rawvm.data import CredentialEndpoint, ForwardedCredentials, serve
@@ -85,3 +87,12 @@ def test_credentials_role_puts_the_named_profile_in_the_launch_template() -> Non
         "Arn": arn
     }
     assert "IamInstanceProfile" not in template_data("c", user_data="")
+
+
+def test_forwarded_credentials_unpickle_without_dateutil() -> None:
+    """botocore's STS answer carries dateutil's tzutc; a VM environment without
+    python-dateutil must still unpickle what the workers get."""
+    expiry = datetime.datetime(2030, 1, 1, tzinfo=tzutc())
+    credentials = ForwardedCredentials("AKIA", "secret", "token", expiry)
+    assert credentials.expiration == expiry
+    assert b"dateutil" not in pickle.dumps(credentials)
