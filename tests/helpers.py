@@ -96,3 +96,14 @@ def asking_options(cloud: LocalCloud | RemoteCloud, **kwargs: object) -> dict[st
         "wait_for_workers": False,
         **kwargs,
     }
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``dask-rawvm *args`` as a user runs it: a process of its own, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dask_rawvm.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.config import Config
-from helpers import live_instances
+from helpers import live_instances, run_cli
 
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.providers.ec2.iam import POLICY
@@ -38,13 +37,7 @@ def command(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         "COLUMNS": "300",  # one line per table row
         **(env or {}),
     }
-    return subprocess.run(
-        [sys.executable, "-m", "dask_rawvm.cli", *args],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, env=environment)
 
 
 def check(cloud: LocalCloud, *args: str, **env: str) -> tuple[int, dict[str, str]]:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 #: Variables that would let a command find a region, credentials or an endpoint.
 _CLOUD_VARIABLES = (
@@ -43,13 +44,7 @@ def bare_environment(tmp_path: Path, **variables: str) -> dict[str, str]:
 
 
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dask_rawvm.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli(*args, env=env)
 
 
 @pytest.fixture
