@@ -242,13 +242,19 @@ class RawVMCluster(SpecCluster):
         credentials (STS ``GetSessionToken``) sent over the cluster's TLS connection and
         served on each VM where AWS SDKs look for refreshable credentials (the
         container-credentials endpoint); this client refreshes them at half their life
-        while connected. ``"role"``: the IAM instance profile ``iam_instance_profile``
-        names, on every VM (the cluster does not create one yet). ``None``: nothing.
+        while connected. ``"role"``: an IAM instance profile on every VM, the one
+        ``iam_instance_profile`` names, else a role and profile the cluster makes for
+        itself, granting exactly what ``data`` names, tagged with the cluster and removed
+        with it; the VMs' SDKs read it from the instance metadata service, for the VMs'
+        whole life. ``None``: nothing.
     iam_instance_profile
-        With ``credentials="role"``: the instance profile (name or ARN) of every VM.
+        With ``credentials="role"``: the instance profile (name or ARN) of every VM, in
+        place of the cluster's own.
     data
-        S3 URLs the cluster reads and writes (``["s3://bucket/prefix"]``): a bucket in
-        another region than the cluster's is a warning with what that transfer costs.
+        S3 URLs the cluster reads and writes (``["s3://bucket/prefix"]``): all that the
+        role of ``credentials="role"`` grants (listing each bucket; reading, writing and
+        deleting under each prefix); a bucket in another region than the cluster's is a
+        warning with what that transfer costs.
     files
         Small local files and directories (``["data/lookup.csv", "config/"]``) put in
         every VM's working directory under the same relative path, workers added later

@@ -43,7 +43,8 @@ ENVIRONMENT_CHECKS = ("error", "warn", "off")
 LOCAL_IMAGES = ("warm", "bare")
 #: ``credentials=``: what AWS identity the VMs get (see dask_rawvm.data and docs/data.rst):
 #: "forward" this client's as short-lived credentials over the cluster's TLS connection,
-#: "role" an IAM instance profile; None nothing.
+#: "role" an IAM instance profile (one named, or the cluster's own scoped to ``data=``); None
+#: nothing.
 CREDENTIALS_MODES = ("forward", "role", None)
 #: ``zone="auto"``: EC2 picks one zone with capacity and the whole cluster stays in it.
 ZONE_AUTO = "auto"
@@ -314,12 +315,13 @@ def _check_data(options: ClusterOptions) -> None:
             "'forward' gives the VMs this client's AWS identity as short-lived credentials, "
             "'role' an IAM instance profile scoped to data=, None nothing"
         )
-    if options.credentials == "role" and not options.iam_instance_profile:
+    if options.credentials == "role" and not options.iam_instance_profile and not options.data:
         raise OptionError(
-            "credentials='role' takes the instance profile to give every VM: pass "
-            "iam_instance_profile='<name or ARN>' (a profile the cluster creates for itself, "
-            "scoped to data=, is not available yet), or use credentials='forward' (the "
-            "default: your identity, short-lived, refreshed while you are connected)"
+            "credentials='role' gives every VM an IAM role: name what the cluster's own role "
+            "may read and write with data=['s3://bucket/prefix', ...], or pass "
+            "iam_instance_profile='<name or ARN>' (a profile of your own), or use "
+            "credentials='forward' (the default: your identity, short-lived, refreshed while "
+            "you are connected)"
         )
     if options.iam_instance_profile and options.credentials != "role":
         raise OptionError(

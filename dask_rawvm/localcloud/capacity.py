@@ -40,10 +40,12 @@ import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from werkzeug.exceptions import HTTPException
 
+from dask_rawvm.localcloud import iam
 from dask_rawvm.localcloud.faults import ec2_error_body
 
 MARKETS = ("on-demand", "spot")
@@ -72,6 +74,47 @@ class LaunchRules:
     #: Refuse launches whose instance tag keys EC2 refuses with ``InstanceMetadataTags``
     #: enabled (spaces, ``/``, ``.``, ``..``, ``_index``).
     metadata_tag_keys: bool = False
+    #: Seconds an instance profile just made stays unknown to launches (IAM's changes reach
+    #: EC2 after a while); 0: at once. A profile that does not exist is always refused.
+    profile_propagation: float = 0.0
+
+
+def profile_refusal(backend: Any, profile: dict[str, str] | None, rules: LaunchRules) -> str | None:
+    """EC2's message refusing a launch's instance profile (``{"Arn": ...}`` or
+    ``{"Name": ...}``): one that does not exist, or is younger than the propagation delay."""
+    if not profile:
+        return None
+    found = _find_profile(backend, profile)
+    if found is not None:
+        age = (datetime.now(timezone.utc) - _aware(found.create_date)).total_seconds()
+        if age >= rules.profile_propagation:
+            return None
+    key, value = ("arn", profile["Arn"]) if "Arn" in profile else ("name", profile.get("Name"))
+    kind = "ARN" if key == "arn" else "name"
+    return (
+        f"Value ({value}) for parameter iamInstanceProfile.{key} is invalid. Invalid IAM "
+        f"Instance Profile {kind}"
+    )
+
+
+def profile_roles(backend: Any, profile: dict[str, str] | None) -> list[str]:
+    """The ARNs of the roles of a launch's instance profile (those the caller passes)."""
+    found = _find_profile(backend, profile) if profile else None
+    return [r.arn for r in found.roles] if found is not None else []
+
+
+def _find_profile(backend: Any, profile: dict[str, str]) -> Any:
+    """moto's instance profile a launch names by ``Arn`` or ``Name``, or None."""
+    from moto.iam.models import iam_backends
+
+    profiles = iam_backends[backend.account_id]["aws"].instance_profiles.values()
+    if "Arn" in profile:
+        return next((p for p in profiles if p.arn == profile["Arn"]), None)
+    return next((p for p in profiles if p.name == profile.get("Name")), None)
+
+
+def _aware(when: datetime) -> datetime:
+    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
 def metadata_tag_key_error(tags: Iterable[str]) -> str | None:
@@ -500,6 +543,12 @@ def create_instant_fleet(response: Any, model: CapacityModel) -> Any:
         _check_rules(
             model.rules, data.get("MetadataOptions") or {}, data.get("TagSpecifications") or []
         )
+        # EC2 checks that the caller may pass the instance profile's role to it.
+        denied = iam.check_pass_role(
+            response, profile_roles(backend, data.get("IamInstanceProfile"))
+        )
+        if denied is not None:
+            raise LaunchError("UnauthorizedOperation", denied, 403)
     for market, wanted in market_targets(target_spec).items():
         if wanted:
             options = params["spot_options"] if market == "spot" else params["on_demand_options"]
@@ -622,6 +671,11 @@ def _launch_from(
     invalid = validation_error(backend, spec.instance_type, spec.image_id)
     if invalid is not None:
         return _fail(pool, market, invalid.code, invalid.message)
+    refused = profile_refusal(
+        backend, _template_data(backend, spec).get("IamInstanceProfile"), model.rules
+    )
+    if refused is not None:
+        return _fail(pool, market, "InvalidParameterValue", refused)
     if market == "spot" and model.rules.spot_refusal is not None:
         return _fail(pool, market, *model.rules.spot_refusal)
     if not model.supported(spec.instance_type, pool.zone):
@@ -733,6 +787,13 @@ def _launch(backend: Any, fleet: Any, pool: _Pool, market: str, count: int) -> l
         fleet.fulfilled_on_demand_capacity += count
     fleet.fulfilled_capacity += count
     _apply_block_devices(backend, instances, data.get("BlockDeviceMappings") or [])
+    profile = data.get("IamInstanceProfile") or {}
+    for instance in instances if profile else []:  # their metadata serves its role's keys
+        backend.associate_iam_instance_profile(
+            instance.id,
+            iam_instance_profile_name=profile.get("Name"),
+            iam_instance_profile_arn=profile.get("Arn"),
+        )
     return [i.id for i in instances]
 
 

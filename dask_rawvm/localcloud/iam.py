@@ -9,7 +9,14 @@ is enforced from then on, so run an enforcing cloud in a process of its own
 moto's S3 cannot authorize a presigned URL (it reads the ``Authorization`` header, which a
 presigned URL has not, and fails with an internal error); :func:`enforce` installs a check
 for those: the URL's access key must exist and hold the permission, and the URL must not
-have expired. Its signature is not recomputed.
+have expired. Its signature is not recomputed. moto also checks every IAM action against
+the resource ``"*"``; :func:`enforce` makes it the role or instance profile the call names,
+as IAM does, so a policy confined to a path is held to that path. EC2 checks
+``iam:PassRole`` on the role of a launch's instance profile (:func:`check_pass_role`).
+
+The local cloud's VMs get the credentials of their instance profile's role from its
+metadata service as EC2's do (:func:`role_credentials`): moto's STS assumes the role, so
+an enforcing cloud holds what the VMs do to the role's policy.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ def _install_presigned_check() -> None:
         authorize = ActionAuthenticatorMixin._authenticate_and_authorize_action
 
         def hooked(self: Any, iam_request_cls: type, resource: str = "*") -> None:
+            if resource == "*" and getattr(self, "service_name", None) == "iam":
+                resource = _iam_resource(self)
             if "Authorization" in self.headers:
                 return authorize(self, iam_request_cls, resource)
             query = parse_qs(urlparse(self.uri).query)
@@ -80,14 +89,102 @@ def _install_presigned_check() -> None:
         _HOOKED = True
 
 
-def _authorize_presigned(response: Any, query: dict[str, list[str]], resource: str) -> None:
-    """A presigned request: an existing key, not expired, allowed the action on the resource."""
+def _iam_resource(response: Any) -> str:
+    """The ARN an IAM call is authorized on: the instance profile, else the role it names
+    (with its path, as it exists or as CreateRole gives it); ``"*"`` for the others."""
+    from moto.iam.models import iam_backends
+
+    backend = iam_backends[response.current_account]["aws"]
+    account = response.current_account
+    profile = response._get_param("InstanceProfileName")
+    role = response._get_param("RoleName")
+    path = response._get_param("Path") or "/"
+    if profile:
+        found = backend.instance_profiles.get(profile)
+        return f"arn:aws:iam::{account}:instance-profile{found.path if found else path}{profile}"
+    if role:
+        known = next((r for r in backend.roles.values() if r.name == role), None)
+        return f"arn:aws:iam::{account}:role{known.path if known else path}{role}"
+    return "*"
+
+
+def enforcing() -> bool:
+    """Whether requests are checked against their callers' policies now (:func:`enforce`)."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    return ActionAuthenticatorMixin.request_count >= settings.INITIAL_NO_AUTH_ACTION_COUNT
+
+
+def check_pass_role(response: Any, role_arns: list[str]) -> str | None:
+    """Why EC2 refuses a launch that gives instances these roles: the caller may not
+    ``iam:PassRole`` them (None when it may, or when IAM is not enforced)."""
+    if not role_arns or not enforcing():
+        return None
+    authorization = response.headers.get("Authorization", "")
+    access_key_id = authorization.split("Credential=", 1)[-1].split("/", 1)[0]
+    for arn in role_arns:
+        if not _permitted(response, access_key_id, dict(response.headers), "iam:PassRole", arn):
+            return f"You are not authorized to perform: iam:PassRole on resource: {arn}"
+    return None
+
+
+def role_credentials(account_id: str, role_arn: str, session: str) -> dict[str, str]:
+    """Credentials of ``role_arn`` for one instance, as EC2's metadata service serves them
+    (``iam/security-credentials/<role>``): moto's STS assumes the role for an hour."""
+    from moto.sts.models import sts_backends
+
+    assumed = sts_backends[account_id]["aws"].assume_role(
+        region_name="us-east-1",
+        role_session_name=session,
+        role_arn=role_arn,
+        policy="",
+        duration=3600,
+        external_id="",
+    )
+    return {
+        "Code": "Success",
+        "LastUpdated": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": assumed.access_key_id,
+        "SecretAccessKey": assumed.secret_access_key,
+        "Token": assumed.session_token,
+        "Expiration": assumed.expiration.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _permitted(
+    response: Any, access_key_id: str, headers: dict[str, str], action: str, resource: str
+) -> bool:
+    """Whether the key's policies allow ``action`` on ``resource`` (an unknown key: no)."""
     from moto.iam.access_control import (
         CreateAccessKeyFailure,
         IAMPolicy,
         PermissionResult,
         create_access_key,
     )
+
+    try:
+        key = create_access_key(
+            account_id=response.current_account,
+            partition="aws",
+            access_key_id=access_key_id,
+            headers=headers,
+        )
+    except CreateAccessKeyFailure:
+        return False
+    permitted = False
+    for policy in key.collect_policies():
+        result = IAMPolicy(policy).is_action_permitted(action, resource)
+        if result == PermissionResult.DENIED:
+            return False
+        permitted = permitted or result == PermissionResult.PERMITTED
+    return permitted
+
+
+def _authorize_presigned(response: Any, query: dict[str, list[str]], resource: str) -> None:
+    """A presigned request: an existing key, not expired, allowed the action on the resource."""
+    from moto.iam.access_control import CreateAccessKeyFailure, create_access_key
     from moto.s3.exceptions import S3AccessDeniedError, S3InvalidAccessKeyIdError
 
     credential = query["X-Amz-Credential"][0].split("/")
@@ -101,7 +198,7 @@ def _authorize_presigned(response: Any, query: dict[str, list[str]], resource: s
     if "X-Amz-Security-Token" in query:
         headers["X-Amz-Security-Token"] = query["X-Amz-Security-Token"][0]
     try:
-        key = create_access_key(
+        create_access_key(
             account_id=response.current_account,
             partition="aws",
             access_key_id=credential[0],
@@ -110,11 +207,5 @@ def _authorize_presigned(response: Any, query: dict[str, list[str]], resource: s
     except CreateAccessKeyFailure:
         raise S3InvalidAccessKeyIdError() from None
     action = f"{credential[3]}:{response._get_action()}"
-    permitted = False
-    for policy in key.collect_policies():
-        result = IAMPolicy(policy).is_action_permitted(action, resource)
-        if result == PermissionResult.DENIED:
-            raise S3AccessDeniedError()
-        permitted = permitted or result == PermissionResult.PERMITTED
-    if not permitted:
+    if not _permitted(response, credential[0], headers, action, resource):
         raise S3AccessDeniedError()

@@ -4,12 +4,14 @@ Served under ``/_imds/<instance-id>/`` on the local cloud's endpoint; the VM
 gets that prefix in ``RAWVM_IMDS``. On EC2 the same paths live at
 ``http://169.254.169.254/``, so one bootstrap script serves both.
 
-As on EC2: a session token comes from ``PUT latest/api/token`` with a TTL of 1 to
-21600 s (``X-aws-ec2-metadata-token-ttl-seconds``; anything else is a 400), every other
-request needs a token of that instance that has not expired (401 otherwise), and
-``tags/instance`` answers only for instances launched with ``InstanceMetadataTags``
-enabled. A test can cap token lifetimes (:attr:`Tokens.max_ttl`) to see a watcher
-outlive its token in seconds rather than hours.
+As on EC2: a session token comes from ``PUT latest/api/token`` with a TTL of 1 to 21600 s
+(``X-aws-ec2-metadata-token-ttl-seconds``; anything else is a 400), every other request
+needs a token of that instance that has not expired (401 otherwise), and ``tags/instance``
+answers only for instances launched with ``InstanceMetadataTags`` enabled, and
+``iam/security-credentials/<role>`` only for instances with an instance profile: its role's
+credentials, valid an hour and renewed a quarter of an hour before they expire
+(:func:`~dask_rawvm.localcloud.iam.role_credentials`). A test can cap token lifetimes
+(:attr:`Tokens.max_ttl`) to see a watcher outlive its token in seconds rather than hours.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from dask_rawvm.localcloud.iam import role_credentials
 from dask_rawvm.localcloud.runtime import VM, decode_user_data, instance_document
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -58,6 +61,46 @@ class Tokens:
         return found is not None and found[0] == instance_id and found[1] > time.monotonic()
 
 
+#: Credentials are renewed this long before they expire, as EC2's metadata service does.
+RENEW_BEFORE = 900.0
+_role_credentials: dict[str, tuple[dict[str, str], float]] = {}  # instance -> (answer, renew at)
+_role_lock = threading.Lock()
+
+
+def _profile(vm: VM) -> Any:
+    """The instance profile the instance was launched with (moto's), or None."""
+    associations = getattr(vm.instance.ec2_backend, "iam_instance_profile_associations", {})
+    association = associations.get(vm.instance.id)
+    return association.iam_instance_profile if association is not None else None
+
+
+def _iam(vm: VM, key: str) -> str | None:
+    """``iam/info`` and ``iam/security-credentials/[role]`` of an instance with a profile."""
+    profile = _profile(vm)
+    if profile is None or not profile.roles:
+        return None
+    role = profile.roles[0]
+    if key == "iam/info":
+        info = {
+            "Code": "Success",
+            "InstanceProfileArn": profile.arn,
+            "InstanceProfileId": profile.id,
+        }
+        return json.dumps(info)
+    if key == "iam/security-credentials/":
+        return str(role.name)
+    if key != f"iam/security-credentials/{role.name}":
+        return None
+    now = time.monotonic()
+    with _role_lock:
+        cached = _role_credentials.get(vm.instance.id)
+        if cached is None or cached[1] <= now:
+            answer = role_credentials(vm.instance.ec2_backend.account_id, role.arn, vm.instance.id)
+            cached = (answer, now + 3600.0 - RENEW_BEFORE)
+            _role_credentials[vm.instance.id] = cached
+    return json.dumps(cached[0])
+
+
 def _metadata(vm: VM, key: str) -> str | None:
     instance = vm.instance
     tags = (
@@ -86,6 +129,8 @@ def _metadata(vm: VM, key: str) -> str | None:
             return tags.get(key.removeprefix("tags/instance/"))
     if key == "spot/instance-action" and vm.instance_action is not None:
         return json.dumps(vm.instance_action)
+    if key.startswith("iam/"):
+        return _iam(vm, key)
     return None
 
 

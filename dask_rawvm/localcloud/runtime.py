@@ -521,10 +521,14 @@ class VMRuntime:
 
     def _start(self, vm: VM, script: Path) -> subprocess.Popen[bytes]:
         """Start the VM's first process; it runs once its cgroups and the watchdog have it."""
+        imds = self.imds_url(vm.instance.id)
         environment = {
             **self.machine_image.environment(vm.directory),
-            # The one variable that differs from EC2, where IMDS is 169.254.169.254.
-            "RAWVM_IMDS": self.imds_url(vm.instance.id),
+            # Where the metadata service is; on EC2 it is 169.254.169.254. The bootstrap
+            # reads the first; AWS SDKs (botocore, pyarrow's) read the second, for the
+            # credentials of an instance profile.
+            "RAWVM_IMDS": imds,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"{imds}/",
         }
         if self.s3_endpoint is not None:
             # This cloud's S3 is the VMs' S3, found the standard way: botocore (boto3,

@@ -436,10 +436,12 @@ def _shutdown(
 
 def _forget_account(account_id: str) -> None:
     from moto.ec2.models import ec2_backends
+    from moto.iam.models import iam_backends
     from moto.s3.models import s3_backends
     from moto.ssm.models import ssm_backends
+    from moto.sts.models import sts_backends
 
-    for backends in (ec2_backends, s3_backends, ssm_backends):
+    for backends in (ec2_backends, s3_backends, ssm_backends, iam_backends, sts_backends):
         backends.pop(account_id, None)
 
 

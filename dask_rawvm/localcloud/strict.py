@@ -18,6 +18,9 @@ the control API (:func:`control`):
                                     ordinary VPC, whose id is returned)
 ``refuse_spot_service_linked_role``  every spot pool answers
                                     ``AuthFailure.ServiceLinkedRoleCreationNotPermitted``
+``iam_propagation(seconds)``        an instance profile made less than ``seconds`` ago
+                                    is an invalid profile to launches (IAM's changes
+                                    reach EC2 after a while)
 ``deny(action)``                    the action answers ``UnauthorizedOperation``
 ``paginate(page_size)``             listings come in pages with a ``NextToken`` (S3
                                     ListBuckets: a ``ContinuationToken``)
@@ -301,6 +304,11 @@ class LocalStrictness:
         service-linked role and credentials that may not create it."""
         self.capacity.rules.spot_refusal = SPOT_ROLE_REFUSAL if refuse else None
 
+    def iam_propagation(self, seconds: float) -> None:
+        """Launches refuse an instance profile made less than ``seconds`` ago as EC2 refuses
+        one it does not know (``InvalidParameterValue``), as before IAM's change reached it."""
+        self.capacity.rules.profile_propagation = max(float(seconds), 0.0)
+
     def deny(self, action: str, denied: bool = True) -> None:
         """Answer every call of ``action`` with ``UnauthorizedOperation`` (HTTP 403)."""
         self.faults.deny(action, denied)
@@ -329,9 +337,11 @@ class LocalStrictness:
     ) -> str | None:
         """Everything EC2 does that moto does not, at once: eventual consistency, expiring
         IMDS tokens, refused metadata tag keys, no default VPC, no spot service-linked role,
-        GetConsoleOutput denied, paged listings. Returns the id of the VPC that was the
-        default (pass it as ``vpc=``). IAM is not enforced (see :meth:`enforce_iam`)."""
+        GetConsoleOutput denied, paged listings, instance profiles unknown to EC2 for 5 s.
+        Returns the id of the VPC that was the default (pass it as ``vpc=``). IAM is not
+        enforced (see :meth:`enforce_iam`)."""
         self.eventual_consistency(consistency_calls)
+        self.iam_propagation(5.0)
         self.imds_token_ttl(imds_token_ttl)
         self.refuse_metadata_tag_keys()
         self.refuse_spot_service_linked_role()
@@ -347,6 +357,7 @@ VERBS = {
     "imds-token-ttl": "imds_token_ttl",
     "refuse-metadata-tag-keys": "refuse_metadata_tag_keys",
     "refuse-spot-service-linked-role": "refuse_spot_service_linked_role",
+    "iam-propagation": "iam_propagation",
     "deny": "deny",
     "remove-default-vpc": "remove_default_vpc",
     "set-quota": "set_quota",
@@ -388,6 +399,9 @@ class RemoteStrictness:
 
     def refuse_spot_service_linked_role(self, refuse: bool = True) -> None:
         self._switch("refuse-spot-service-linked-role", refuse=refuse)
+
+    def iam_propagation(self, seconds: float) -> None:
+        self._switch("iam-propagation", seconds=seconds)
 
     def deny(self, action: str, denied: bool = True) -> None:
         self._switch("deny", action=action, denied=denied)

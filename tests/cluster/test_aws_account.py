@@ -1,7 +1,8 @@
 """Real clusters on a local cloud as strict as EC2: contradictions refused before launch, the
 network and zone options, what the meter counts, tags EC2 would refuse in metadata, every
 strictness at once, and a whole cluster as an identity holding exactly the documented IAM
-policy (moto's IAM enforcement on, in a cloud process of its own)."""
+policy (moto's IAM enforcement on, in a cloud process of its own), its VMs holding the role
+it made for the data it names."""
 
 from __future__ import annotations
 
@@ -198,21 +199,52 @@ def test_a_whole_cluster_as_an_identity_holding_exactly_the_documented_policy(
         with pytest.raises(ProviderError, match="lack the permission ec2:DescribeSubnets"):
             RawVMCluster(n_workers=1, endpoint_url=remote.endpoint_url, region=remote.region)
 
+        # The data the cluster's own role may read and write, and data beside it.
+        s3.create_bucket(Bucket="lake")
+        for key in ("in/a.txt", "out/b.txt"):
+            s3.put_object(Bucket="lake", Key=key, Body=key.encode())
+
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", user["aws_access_key_id"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", user["aws_secret_access_key"])
+        # The policy lets forwarding get its short-lived credentials (the default mode).
+        sts = boto3.client("sts", **{**remote.client_kwargs(), **user})
+        assert sts.get_session_token(DurationSeconds=900)["Credentials"]["SessionToken"]
+        # IAM reaches EC2 a few seconds late: the first launches wait for the new profile.
+        remote.iam_propagation(3)
         with RawVMCluster(
-            n_workers=1, endpoint_url=remote.endpoint_url, region=remote.region, death_timeout=20
+            n_workers=1,
+            endpoint_url=remote.endpoint_url,
+            region=remote.region,
+            death_timeout=20,
+            credentials="role",
+            data=["s3://lake/in"],
         ) as cluster:
             name = cluster.cluster_name
             client = cluster.get_client()
             client.wait_for_workers(1, timeout=180)
             x = da.arange(100_000, chunks=10_000).persist()
             assert int(x.sum().compute()) == 4999950000
+            # The workers are the role: what data= names, and nothing beside it.
+            def read_s3(bucket: str, key: str) -> str:  # local: pickled by value
+                import botocore.session
+
+                session = botocore.session.get_session()
+                s3 = session.create_client("s3", region_name="us-east-1")
+                body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+                method = session.get_credentials().method
+                return f"{body.decode()} {method.replace('iam-role', 'instance')}"
+
+            assert client.submit(read_s3, "lake", "in/a.txt").result() == "in/a.txt instance"
+            with pytest.raises(Exception, match="AccessDenied"):
+                client.submit(read_s3, "lake", "out/b.txt").result()
             cluster.scale(2)
             wait_for(lambda: len(connected(client)) == 2, 180, "scale(2)")
             cluster.adapt(minimum=1, maximum=2)
             wait_for(lambda: len(connected(client)) == 1, 120, "adapt to scale down when idle")
             assert int(x.sum().compute()) == 4999950000
+        iam = boto3.client("iam", **observer)
+        assert iam.list_roles(PathPrefix="/dask-rawvm/")["Roles"] == []
+        assert iam.list_instance_profiles(PathPrefix="/dask-rawvm/")["InstanceProfiles"] == []
         leftover = ec2.describe_instances(
             Filters=[
                 {"Name": "tag:dask-rawvm:cluster", "Values": [name]},
@@ -229,7 +261,7 @@ def test_a_whole_cluster_as_an_identity_holding_exactly_the_documented_policy(
             timeout=120,
         )
         assert down.returncode == 0, down.stderr
-        assert s3.list_buckets()["Buckets"] == []
+        assert [b["Name"] for b in s3.list_buckets()["Buckets"]] == ["lake"]
         # The policy's last statement lets the same identity check the account.
         check = subprocess.run(
             [sys.executable, "-m", "dask_rawvm.cli", "check", *where],

@@ -250,8 +250,9 @@ def test_credentials_option_is_forward_role_or_none() -> None:
     assert resolve_options(provider="ssh").credentials is None
     with pytest.raises(OptionError, match="'forward', 'role', None"):
         resolve_options(credentials="yes")
-    with pytest.raises(OptionError, match="pass iam_instance_profile="):
+    with pytest.raises(OptionError, match="may read and write with data="):
         resolve_options(credentials="role")
+    assert resolve_options(credentials="role", data=["s3://lake/raw"]).credentials == "role"
     with pytest.raises(OptionError, match="pass credentials='role' with it"):
         resolve_options(iam_instance_profile="readers")
     with pytest.raises(OptionError, match="SSH hosts keep"):

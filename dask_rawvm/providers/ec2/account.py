@@ -1,19 +1,24 @@
 """Every cluster of an account in one region, by its tag: what ``dask-rawvm ls`` and ``down`` do.
 
-A cluster's resources (instances, launch templates, its security group, its buckets) all
-carry the tag ``dask-rawvm:cluster=<name>``, so they are found and removed whoever made
-them, also after the client that made them died. A cluster's provider removes its own
-the same way when it closes (:meth:`EC2Account.remove_cluster`).
+A cluster's resources (instances, launch templates, its security group, its buckets, the IAM
+role of ``credentials="role"``) all carry the tag ``dask-rawvm:cluster=<name>``, so they are
+found and removed whoever made them, also after the client that made them died. A cluster's
+provider removes its own the same way when it closes (:meth:`EC2Account.remove_cluster`).
 
 Everything is confined to the region of the clients: EC2 resources are regional anyway,
 S3 buckets are not (ListBuckets lists every region's), so a bucket counts only where
-GetBucketLocation puts it. Every listing follows its pages to the end.
+GetBucketLocation puts it; IAM roles are global, so a role counts only in the region its
+region tag names. Every listing follows its pages to the end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from dask_rawvm.environment.bootstrap import LOG_PREFIX, NAMES_PREFIX
@@ -23,12 +28,14 @@ from dask_rawvm.providers.ec2.calls import (
     DENIED,
     MAX_IDS_PER_CALL,
     SETTLE_TIMEOUT,
+    THROTTLE_BACKOFF,
     denied_message,
     ec2_call,
     paginate,
 )
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.fleet import delete_launch_templates
+from dask_rawvm.providers.ec2.roles import cluster_roles, delete_cluster_role
 from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_group
 
 #: Every bucket dask-rawvm creates is named with this prefix (and tagged).
@@ -44,7 +51,7 @@ HEARTBEAT_STALE = 3 * HEARTBEAT_SECONDS
 #: a cluster still starting has made some of them and no instance yet.
 REAP_AFTER = 3600.0
 #: ``{cluster: {kind: [resource ids]}}``, kinds being "instances", "launch-templates",
-#: "security-groups" and "buckets".
+#: "security-groups", "buckets" and "roles".
 Resources = dict[str, dict[str, list[str]]]
 
 
@@ -108,6 +115,9 @@ class EC2Account:
             add(group.get("Tags", []), "security-groups", group["GroupId"])
         for bucket, tags in await self.buckets():
             add(tags, "buckets", bucket, self._bucket_made.get(bucket))
+        for role in await cluster_roles(self.clients.iam, self.throttle_timeout):
+            if role.region == self.clients.region:
+                add([{"Key": CLUSTER_TAG, "Value": role.cluster}], "roles", role.name, role.created)
         return found, born
 
     async def orphans(self, keep: str | None = None) -> list[str]:
@@ -210,14 +220,33 @@ class EC2Account:
         return "eu-west-1" if location == "EU" else str(location)
 
     async def remove_cluster(self, cluster: str) -> dict[str, list[str]]:
-        """Terminate and delete everything tagged with ``cluster``; return what was found."""
+        """Terminate and delete everything tagged with ``cluster``; return what was found.
+
+        Every kind is tried even when one fails (the first failure is raised at the end).
+        The buckets go last: machines shutting down ship their logs there, and the
+        security groups are deleted only once the machines holding them are gone.
+        """
         resources = (await self.clusters()).get(cluster, {})
         await self.terminate(resources.get("instances", []))
-        for bucket in resources.get("buckets", []):
-            await self.delete_bucket(bucket)
-        await delete_launch_templates(self.clients.ec2, cluster)
-        for group in resources.get("security-groups", []):  # after the instances that hold them
-            await delete_cluster_security_group(self.clients.ec2, group)
+        ec2, iam = self.clients.ec2, self.clients.iam
+        steps: list[Callable[[], Awaitable[Any]]] = [partial(delete_launch_templates, ec2, cluster)]
+        steps += [
+            partial(delete_cluster_security_group, ec2, group)
+            for group in resources.get("security-groups", [])
+        ]
+        steps += [
+            partial(delete_cluster_role, iam, role, self.throttle_timeout)
+            for role in resources.get("roles", [])
+        ]
+        steps += [partial(self.delete_bucket, bucket) for bucket in resources.get("buckets", [])]
+        failed: Exception | None = None
+        for step in steps:
+            try:
+                await step()
+            except Exception as e:
+                failed = failed or e
+        if failed is not None:
+            raise failed
         return resources
 
     async def terminate(self, ids: list[str]) -> None:
@@ -232,7 +261,28 @@ class EC2Account:
             )
 
     async def delete_bucket(self, bucket: str) -> None:
-        """Delete a bucket and everything in it (1000 keys a page, a page a call)."""
+        """Delete a bucket and everything in it (1000 keys a page, a page a call).
+
+        Objects that arrive meanwhile (the logs of machines still shutting down) make S3
+        answer ``BucketNotEmpty``: the bucket is emptied again, for up to
+        :data:`~.calls.SETTLE_TIMEOUT`.
+        """
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        delays = THROTTLE_BACKOFF.delays()
+        while True:
+            await self._empty(bucket)
+            try:
+                await self._call(
+                    self.clients.s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket
+                )
+                return
+            except ProviderError as e:
+                if e.code != "BucketNotEmpty" or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(next(delays))
+
+    async def _empty(self, bucket: str) -> None:
+        """Delete every object of a bucket."""
         s3 = self.clients.s3
         paging: dict[str, Any] = {}
         while True:
@@ -262,7 +312,6 @@ class EC2Account:
             if not page.get("IsTruncated"):
                 break
             paging = {"ContinuationToken": page["NextContinuationToken"]}
-        await self._call(s3.delete_bucket, "DeleteBucket", service="S3", Bucket=bucket)
 
     async def machine_logs(self, cluster: str, name: str | None = None) -> list[MachineLog]:
         """The logs of ``cluster``'s machines: see :func:`cluster_logs`."""

@@ -28,8 +28,8 @@ NO_RETRY = AioConfig(retries={"total_max_attempts": 1})
 
 @dataclass
 class EC2Clients:
-    """``ec2`` (retrying), ``ec2_launch`` (not retrying), ``ssm``, ``s3`` and ``sts`` clients of
-    a region.
+    """``ec2`` (retrying), ``ec2_launch`` (not retrying), ``ssm``, ``s3``, ``sts`` and ``iam``
+    (global, for the roles of ``credentials="role"``) clients of a region.
 
     Open with :meth:`open`, release with :meth:`close`.
     """
@@ -41,6 +41,7 @@ class EC2Clients:
     ssm: Any
     s3: Any
     sts: Any
+    iam: Any
     _stack: AsyncExitStack
     credentials: Any = None  # botocore's, from the default chain (None: given explicitly)
 
@@ -113,6 +114,7 @@ class EC2Clients:
                 ssm=await stack.enter_async_context(create("ssm", config=STANDARD, **common)),
                 s3=await stack.enter_async_context(create("s3", config=s3_config, **common)),
                 sts=await stack.enter_async_context(create("sts", config=STANDARD, **common)),
+                iam=await stack.enter_async_context(create("iam", config=STANDARD, **common)),
                 _stack=stack,
             )
         except BaseException:

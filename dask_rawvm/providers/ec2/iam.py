@@ -10,7 +10,12 @@ network interfaces, images, subnets, groups and templates, so EC2 actions name `
 The service-linked roles EC2 creates on an account's first spot launch and first fleet
 need ``iam:CreateServiceLinkedRole`` for those two services only. ``sts:GetSessionToken``
 makes the short-lived credentials ``credentials="forward"`` gives the VMs (your data's own
-permissions come from your identity's other policies). The last statement is for
+permissions come from your identity's other policies). IAM is confined to roles and
+instance profiles under the path ``/dask-rawvm/`` (``credentials="role"`` without a profile
+of yours: the cluster's own role, scoped to ``data=``), passed to EC2 only; listing roles
+finds gone clusters' roles. Holding it, an identity can write any policy into such a role
+and give it to an instance: drop those two statements where that is too much (the clusters
+then use ``credentials="forward"`` or a profile you name). The last statement is for
 ``dask-rawvm check`` alone; a cluster runs without it.
 """
 
@@ -21,8 +26,11 @@ import json
 from typing import Any
 
 from dask_rawvm.providers.ec2.account import BUCKET_PREFIX
+from dask_rawvm.providers.ec2.roles import ROLE_PATH
 
 _BUCKETS = f"arn:aws:s3:::{BUCKET_PREFIX}*"
+_ROLES = f"arn:aws:iam::*:role{ROLE_PATH}*"
+_PROFILES = f"arn:aws:iam::*:instance-profile{ROLE_PATH}*"
 
 #: The policy document (IAM JSON policy language, version 2012-10-17).
 POLICY: dict[str, Any] = {
@@ -106,6 +114,43 @@ POLICY: dict[str, Any] = {
             "Sid": "ForwardShortLivedCredentials",
             "Effect": "Allow",
             "Action": ["sts:GetSessionToken"],
+            "Resource": "*",
+        },
+        {
+            # credentials="role" without a profile of yours: the cluster's own role and
+            # instance profile, under the path /dask-rawvm/ only, passed to EC2 only.
+            "Sid": "ClusterRolesForData",
+            "Effect": "Allow",
+            "Action": [
+                "iam:CreateRole",
+                "iam:TagRole",
+                "iam:GetRole",
+                "iam:ListRoleTags",
+                "iam:PutRolePolicy",
+                "iam:ListRolePolicies",
+                "iam:DeleteRolePolicy",
+                "iam:DeleteRole",
+                "iam:CreateInstanceProfile",
+                "iam:TagInstanceProfile",
+                "iam:GetInstanceProfile",
+                "iam:AddRoleToInstanceProfile",
+                "iam:RemoveRoleFromInstanceProfile",
+                "iam:DeleteInstanceProfile",
+            ],
+            "Resource": [_ROLES, _PROFILES],
+        },
+        {
+            "Sid": "PassClusterRolesToEc2",
+            "Effect": "Allow",
+            "Action": ["iam:PassRole"],
+            "Resource": _ROLES,
+            "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}},
+        },
+        {
+            # Every start and `dask-rawvm ls` look for the roles of gone clusters.
+            "Sid": "FindClusterRoles",
+            "Effect": "Allow",
+            "Action": ["iam:ListRoles"],
             "Resource": "*",
         },
         {

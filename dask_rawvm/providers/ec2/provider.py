@@ -9,6 +9,7 @@ import inspect
 import logging
 import re
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -38,7 +39,13 @@ from dask_rawvm.providers.base import (
 from dask_rawvm.providers.ec2.account import HEARTBEAT_SECONDS, EC2Account, live_instances_sync
 from dask_rawvm.providers.ec2.artifacts import ArtifactStore
 from dask_rawvm.providers.ec2.boot import IMDS_PRELUDE
-from dask_rawvm.providers.ec2.calls import MAX_IDS_PER_CALL, SETTLE_TIMEOUT, ec2_call, paginate
+from dask_rawvm.providers.ec2.calls import (
+    MAX_IDS_PER_CALL,
+    SETTLE_TIMEOUT,
+    THROTTLE_BACKOFF,
+    ec2_call,
+    paginate,
+)
 from dask_rawvm.providers.ec2.catalog import (
     PriceTable,
     StoragePrices,
@@ -59,6 +66,12 @@ from dask_rawvm.providers.ec2.fleet import (
     launch_fleet,
 )
 from dask_rawvm.providers.ec2.network import Network, resolve_network
+from dask_rawvm.providers.ec2.roles import (
+    PROPAGATION_TIMEOUT,
+    create_cluster_role,
+    fresh_profile_refused,
+    role_name,
+)
 from dask_rawvm.providers.ec2.security_groups import (
     check_extra_groups,
     create_cluster_security_group,
@@ -120,6 +133,10 @@ class EC2Provider(Provider):
         Whether machines get a public IPv4 address.
     instance_profile
         The IAM instance profile (name or ARN) of every machine (``credentials="role"``).
+    data_role
+        S3 URLs (``data=``) for a role and instance profile the cluster makes for itself on
+        its first launch, scoped to them (:mod:`.roles`; ``credentials="role"`` without
+        ``instance_profile``); None: no role of its own.
     disk_sizes
         GiB of gp3 root volume by role (``"worker"``, ``"scheduler"``); the image's own
         size for a role not given. Never less than the image's.
@@ -144,6 +161,7 @@ class EC2Provider(Provider):
         public_ip: bool = True,
         disk_sizes: dict[str, int] | None = None,
         instance_profile: str | None = None,
+        data_role: list[str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.region = region
@@ -151,6 +169,9 @@ class EC2Provider(Provider):
         self.credentials = credentials or {}
         self.ami = ami
         self.instance_profile = instance_profile
+        self.data_role = data_role
+        #: When the cluster's own instance profile was made (EC2 may not know it for a while).
+        self._profile_made: float | None = None
         self.throttle_timeout = throttle_timeout
         self.allow_ingress_from = allow_ingress_from
         self.zone = zone
@@ -200,6 +221,11 @@ class EC2Provider(Provider):
             "security_groups": options.security_groups,
             "public_ip": options.public_ip,
             "instance_profile": options.iam_instance_profile,
+            "data_role": (
+                list(options.data)
+                if options.credentials == "role" and not options.iam_instance_profile
+                else None
+            ),
             "disk_sizes": {
                 "worker": options.worker_disk_size,
                 "scheduler": options.scheduler_disk_size,
@@ -624,7 +650,7 @@ class EC2Provider(Provider):
             public_ip=self.public_ip,
             root_volume=await self._root_volume(spec.role, list(amis.values())),
             standard_credits=_standard_credits(candidates),
-            instance_profile=self.instance_profile,
+            instance_profile=await self._instance_profile(),
             template=self._template,
         )
         template = self._template
@@ -632,7 +658,8 @@ class EC2Provider(Provider):
         async def launch(**kwargs: Any) -> FleetResult:
             # The subnets of each call, not of the first: a cluster keeping to one zone
             # (zone="auto") asks only that zone once its first machine landed.
-            return await launch_fleet(
+            return await self._while_profile_propagates(
+                launch_fleet,
                 self.clients.ec2_launch,
                 template=template,
                 candidates=candidates,
@@ -646,6 +673,48 @@ class EC2Provider(Provider):
             )
 
         return launch
+
+    async def _instance_profile(self) -> str | None:
+        """The instance profile of every machine: the one named, else the cluster's own
+        (``data_role``), made on first use (preflight makes nothing), else None."""
+        if self.instance_profile is None and self.data_role is not None:
+            self.instance_profile = await create_cluster_role(
+                self.clients.iam,
+                self.cluster,
+                self.clients.region,
+                self.data_role,
+                self.throttle_timeout,
+            )
+            self._profile_made = time.monotonic()
+            logger.info(
+                "cluster %s: IAM role %s for the VMs, scoped to %s",
+                self.cluster,
+                role_name(self.cluster),
+                self.data_role,
+            )
+        return self.instance_profile
+
+    async def _while_profile_propagates(
+        self, launch: Callable[..., Awaitable[FleetResult]], *args: Any, **kwargs: Any
+    ) -> FleetResult:
+        """``launch``, asked again while EC2 refuses the cluster's own instance profile as
+        invalid in the first :data:`~.roles.PROPAGATION_TIMEOUT` seconds of its life (IAM
+        is eventually consistent); any other error, or a profile not made here, at once."""
+        delays = THROTTLE_BACKOFF.delays()
+        while True:
+            try:
+                return await launch(*args, **kwargs)
+            except FleetLaunchError as e:
+                made = self._profile_made
+                if (
+                    made is None
+                    or e.result.instances
+                    or not fresh_profile_refused(e.code, str(e))
+                    or time.monotonic() - made > PROPAGATION_TIMEOUT
+                ):
+                    raise
+                logger.info("EC2 does not know the new instance profile yet: asking again")
+            await asyncio.sleep(next(delays))
 
     async def _root_volume(self, role: str, amis: list[str]) -> RootVolume | None:
         """The root volume of a launch's machines: the role's size on the image's root device
@@ -784,6 +853,8 @@ class EC2Provider(Provider):
             self.bucket = None
             self.security_group = None
             self._template = None
+            if self._profile_made is not None:
+                self.instance_profile = self._profile_made = None
         return removed.get("instances", [])
 
     def cleanup_blocking(self) -> list[str]:
