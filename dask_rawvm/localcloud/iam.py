@@ -6,13 +6,14 @@ moto checks every request against the caller's IAM policies once its
 is enforced from then on, so run an enforcing cloud in a process of its own
 (``dask-rawvm localcloud``, then :meth:`RemoteCloud.enforce_iam`).
 
-moto's S3 cannot authorize a presigned URL (it reads the ``Authorization`` header, which a
-presigned URL has not, and fails with an internal error); :func:`enforce` installs a check
-for those: the URL's access key must exist and hold the permission, and the URL must not
-have expired. Its signature is not recomputed. moto also checks every IAM action against
-the resource ``"*"``; :func:`enforce` makes it the role or instance profile the call names,
-as IAM does, so a policy confined to a path is held to that path. EC2 checks
-``iam:PassRole`` on the role of a launch's instance profile (:func:`check_pass_role`).
+moto's S3 cannot authorize a presigned URL or POST form (it reads the ``Authorization``
+header, which they have not, and fails with an internal error); :func:`enforce` installs a
+check for those: the signing access key must exist and hold the permission, and the URL or
+the form's policy must not have expired. Its signature is not recomputed. moto also checks
+every IAM action against the resource ``"*"``; :func:`enforce` makes it the role or
+instance profile the call names, as IAM does, so a policy confined to a path is held to
+that path. EC2 checks ``iam:PassRole`` on the role of a launch's instance profile
+(:func:`check_pass_role`).
 
 The local cloud's VMs get the credentials of their instance profile's role from its
 metadata service as EC2's do (:func:`role_credentials`): moto's STS assumes the role, so
@@ -21,6 +22,7 @@ an enforcing cloud holds what the VMs do to the role's policy.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from datetime import datetime, timedelta, timezone
@@ -76,6 +78,14 @@ def _install_presigned_check() -> None:
             if "Authorization" in self.headers:
                 return authorize(self, iam_request_cls, resource)
             query = parse_qs(urlparse(self.uri).query)
+            form = {k.lower(): v for k, v in getattr(self, "querystring", {}).items()}
+            if "X-Amz-Credential" not in query and "x-amz-credential" in form:
+                from moto import settings
+
+                if ActionAuthenticatorMixin.request_count >= settings.INITIAL_NO_AUTH_ACTION_COUNT:
+                    _authorize_presigned_post(self, form, resource)
+                    return None
+                return authorize(self, iam_request_cls, resource)
             if "X-Amz-Credential" not in query:
                 return authorize(self, iam_request_cls, resource)
             from moto import settings
@@ -180,6 +190,25 @@ def _permitted(
             return False
         permitted = permitted or result == PermissionResult.PERMITTED
     return permitted
+
+
+def _authorize_presigned_post(response: Any, form: dict[str, list[str]], resource: str) -> None:
+    """A presigned POST (an upload form): a known key allowed ``s3:PutObject`` on the
+    form's key, and a policy that has not expired."""
+    from moto.s3.exceptions import S3AccessDeniedError
+
+    fields = {k: v[0] for k, v in form.items()}
+    policy = json.loads(base64.b64decode(fields.get("policy", "")) or b"{}")
+    expiration = policy.get("expiration", "1970-01-01T00:00:00Z").replace("Z", "+00:00")
+    if datetime.now(timezone.utc) > datetime.fromisoformat(expiration):
+        raise S3AccessDeniedError()
+    headers = {}
+    if "x-amz-security-token" in fields:
+        headers["X-Amz-Security-Token"] = fields["x-amz-security-token"]
+    access_key_id = fields["x-amz-credential"].split("/")[0]
+    target = f"{resource}/{fields.get('key', '')}"
+    if not _permitted(response, access_key_id, headers, "s3:PutObject", target):
+        raise S3AccessDeniedError()
 
 
 def _authorize_presigned(response: Any, query: dict[str, list[str]], resource: str) -> None:

@@ -169,7 +169,7 @@ def test_killed_client_leaves_nothing_running(tmp_path) -> None:
         import sys
         from dask_rawvm import RawVMCluster
         cluster = RawVMCluster(n_workers=2, endpoint_url=sys.argv[1], region="us-east-1",
-                               name="abandoned", idle_timeout="6s", death_timeout="6s")
+                               name="abandoned", idle_timeout="6s", death_timeout="20s")
         cluster.get_client().wait_for_workers(2, timeout=120)
         print("ready", flush=True)
         import time
@@ -183,7 +183,7 @@ def test_killed_client_leaves_nothing_running(tmp_path) -> None:
         # idle_timeout (scheduler VM exits) + death_timeout (workers exit) + margin
         wait_for(
             lambda: not live_instances(cloud, "abandoned"),
-            60,
+            120,
             "every VM of the abandoned cluster to power off",
         )
 
