@@ -37,6 +37,7 @@ from dask_rawvm.errors import OptionError
 from dask_rawvm.localcloud import LocalCloud
 from dask_rawvm.machines import Ledger, ProviderSession, check_data_regions
 from dask_rawvm.providers import provider_for
+from dask_rawvm.providers.ec2.roles import TRUST_POLICY
 
 # This module is not on the VMs: its functions travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -308,17 +309,8 @@ def test_credentials_role_launches_every_vm_with_the_named_profile(
 ) -> None:
     """The launch carries the instance profile, and the VMs get no forwarded credentials."""
     iam = boto3.client("iam", **quiet_cloud.client_kwargs())
-    trust = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": {"Service": "ec2.amazonaws.com"},
-                "Action": "sts:AssumeRole",
-            }
-        ],
-    }
-    iam.create_role(RoleName="data-readers", AssumeRolePolicyDocument=json.dumps(trust))
+    trust = json.dumps(TRUST_POLICY)  # EC2 may assume it, as for the cluster's own
+    iam.create_role(RoleName="data-readers", AssumeRolePolicyDocument=trust)
     iam.create_instance_profile(InstanceProfileName="data-readers")
     iam.add_role_to_instance_profile(InstanceProfileName="data-readers", RoleName="data-readers")
     with RawVMCluster(
