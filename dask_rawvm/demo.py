@@ -20,12 +20,6 @@ from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.providers.ec2.account import live_instances_sync
 
 
-def slow_square(i: int) -> int:
-    """A task that takes a second: enough load for adapt to scale up."""
-    time.sleep(1)
-    return i * i
-
-
 def _wait(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -36,8 +30,13 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
 
 
 def _load(client: Client, maximum: int) -> int:
-    """Keep the cluster busy until adapt reached ``maximum`` or the work is done; the peak."""
-    futures = client.map(slow_square, range(maximum * 6))
+    """Keep the cluster busy until adapt reached ``maximum`` or the work is done; the peak.
+
+    Each task is ``time.sleep(1)`` itself: a function of this module would make every
+    worker import it, and with it the client's tools (boto3, the local cloud), which the
+    VMs' environment leaves out.
+    """
+    futures = client.map(time.sleep, [1.0] * (maximum * 6), pure=False)
     peak = 0
 
     def busy() -> bool:

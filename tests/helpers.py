@@ -98,12 +98,14 @@ def asking_options(cloud: LocalCloud | RemoteCloud, **kwargs: object) -> dict[st
     }
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """``dask-rawvm *args`` as a user runs it: a process of its own, output captured."""
     return subprocess.run(
         [sys.executable, "-m", "dask_rawvm.cli", *args],
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
     )
