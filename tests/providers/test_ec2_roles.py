@@ -176,3 +176,21 @@ async def test_a_profile_ec2_does_not_know_fails_the_launch_at_once_naming_it(
     finally:
         await provider.cleanup(provider.cluster)
         await provider.close()
+
+
+async def test_an_identity_that_may_not_list_roles_still_sees_its_clusters(
+    idle_cloud: LocalCloud, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A policy from before credentials='role' made no role, and may not list them."""
+    idle_cloud.deny("ListRoles")
+    s3 = boto3.client("s3", **idle_cloud.client_kwargs())
+    s3.create_bucket(Bucket="dask-rawvm-old")
+    s3.put_bucket_tagging(
+        Bucket="dask-rawvm-old", Tagging={"TagSet": [{"Key": "dask-rawvm:cluster", "Value": "old"}]}
+    )
+    clients = await EC2Clients.open(idle_cloud.region, idle_cloud.endpoint_url, dict(CREDENTIALS))
+    try:
+        assert await EC2Account(clients).clusters() == {"old": {"buckets": ["dask-rawvm-old"]}}
+    finally:
+        await clients.close()
+    assert "lack the permission iam:ListRoles" in caplog.text

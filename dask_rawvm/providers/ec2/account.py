@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,8 +36,10 @@ from dask_rawvm.providers.ec2.calls import (
 )
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.fleet import delete_launch_templates
-from dask_rawvm.providers.ec2.roles import cluster_roles, delete_cluster_role
+from dask_rawvm.providers.ec2.roles import ClusterRole, cluster_roles, delete_cluster_role
 from dask_rawvm.providers.ec2.security_groups import delete_cluster_security_group
+
+logger = logging.getLogger(__name__)
 
 #: Every bucket dask-rawvm creates is named with this prefix (and tagged).
 BUCKET_PREFIX = "dask-rawvm-"
@@ -115,10 +118,21 @@ class EC2Account:
             add(group.get("Tags", []), "security-groups", group["GroupId"])
         for bucket, tags in await self.buckets():
             add(tags, "buckets", bucket, self._bucket_made.get(bucket))
-        for role in await cluster_roles(self.clients.iam, self.throttle_timeout):
+        for role in await self._roles():
             if role.region == self.clients.region:
                 add([{"Key": CLUSTER_TAG, "Value": role.cluster}], "roles", role.name, role.created)
         return found, born
+
+    async def _roles(self) -> list[ClusterRole]:
+        """The roles of ``credentials="role"`` clusters; none, with a warning, for an identity
+        that may not list roles (a policy older than that mode: it made none either)."""
+        try:
+            return await cluster_roles(self.clients.iam, self.throttle_timeout)
+        except ProviderError as e:
+            if e.code not in DENIED:
+                raise
+            logger.warning("IAM roles of clusters not looked for: %s", e)
+            return []
 
     async def orphans(self, keep: str | None = None) -> list[str]:
         """Clusters certainly gone that left resources behind: no live instance, and their
