@@ -139,6 +139,10 @@ def check_pass_role(response: Any, role_arns: list[str]) -> str | None:
     return None
 
 
+#: How long the role credentials an instance's metadata serves last (EC2: about an hour).
+ROLE_SESSION_SECONDS = 3600
+
+
 def role_credentials(account_id: str, role_arn: str, session: str) -> dict[str, str]:
     """Credentials of ``role_arn`` for one instance, as EC2's metadata service serves them
     (``iam/security-credentials/<role>``): moto's STS assumes the role for an hour."""
@@ -149,7 +153,7 @@ def role_credentials(account_id: str, role_arn: str, session: str) -> dict[str, 
         role_session_name=session,
         role_arn=role_arn,
         policy="",
-        duration=3600,
+        duration=ROLE_SESSION_SECONDS,
         external_id="",
     )
     return {

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dask_rawvm.localcloud.iam import role_credentials
+from dask_rawvm.localcloud.iam import ROLE_SESSION_SECONDS, role_credentials
 from dask_rawvm.localcloud.runtime import VM, decode_user_data, instance_document
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -96,7 +96,7 @@ def _iam(vm: VM, key: str) -> str | None:
         cached = _role_credentials.get(vm.instance.id)
         if cached is None or cached[1] <= now:
             answer = role_credentials(vm.instance.ec2_backend.account_id, role.arn, vm.instance.id)
-            cached = (answer, now + 3600.0 - RENEW_BEFORE)
+            cached = (answer, now + ROLE_SESSION_SECONDS - RENEW_BEFORE)
             _role_credentials[vm.instance.id] = cached
     return json.dumps(cached[0])
 
