@@ -118,7 +118,7 @@ def test_a_kept_cluster_that_shut_itself_down_is_reaped_at_the_next_start(
         name="kept",
         shutdown_on_close=False,
         idle_timeout=3,
-        death_timeout=5,
+        death_timeout=20,  # under load a worker may take a while to reach its scheduler
         **options,
     )
     client = kept.get_client()
