@@ -22,6 +22,7 @@ import datetime
 import hashlib
 import json
 import re
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,8 @@ def role_name(cluster: str) -> str:
 
 def split_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/prefix`` -> ``("bucket", "prefix")`` (``""``: the whole bucket)."""
-    bucket, _, prefix = url.removeprefix("s3://").partition("/")
-    return bucket, prefix.strip("/")
+    parts = urllib.parse.urlsplit(url)  # as the region check reads data= (machines.data)
+    return parts.netloc, parts.path.strip("/")
 
 
 def data_policy(data: Sequence[str], partition: str = "aws") -> dict[str, Any]:
