@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,8 +113,7 @@ def test_a_cluster_on_the_bare_image_installs_once_computes_adapts_and_the_next_
         cluster.adapt(minimum=1, maximum=2)
         wait_for(lambda: len(client.scheduler_info()["workers"]) == 1, 120, "adapt down to 1")
         assert int(x.sum().compute()) == 499999500000  # the data moved, not lost
-    start = time.monotonic()
-    assert cluster.status.name == "closed" and time.monotonic() - start < 5
+    assert cluster.status.name == "closed"
 
     # The next cluster of the same environment in the same account: nothing from the index.
     with RawVMCluster(n_workers=1, death_timeout=60, **on_cloud) as again:

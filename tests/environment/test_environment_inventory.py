@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -246,15 +245,18 @@ def test_redact_url() -> None:
     assert redact_url("/local/dir") == "/local/dir"
 
 
-def test_inventory_300_packages_is_fast(tmp_path: Path) -> None:
+def test_inventory_of_300_packages_pins_each_and_finds_its_roots(tmp_path: Path) -> None:
+    # Its speed (target 0.3 s) is a figure of benchmarks/environment.py, not a timed test.
     prefix, site = fake_env(tmp_path)
     for i in range(300):
         dist_info(site, f"pkg{i:03d}", "1.0", (f"pkg{i + 1:03d}>=1",) if i % 3 else ())
-    start = time.perf_counter()
     spec = inventory_environment(path=[str(site)], prefix=prefix, cwd=prefix, environ={})
-    elapsed = time.perf_counter() - start
-    assert len(spec.packages) == 300
-    assert elapsed < 0.9  # target 0.3 s (see benchmarks/environment.py); slack for slow CI
+    pins = {pin.name: pin for pin in spec.packages}
+    assert set(pins) == {f"pkg{i:03d}" for i in range(300)}
+    assert {pin.specifier for pin in pins.values()} == {"==1.0"}
+    # pkg{i} needs pkg{i+1} unless i % 3 == 0: the roots are those nothing needs.
+    needed = {f"pkg{i + 1:03d}" for i in range(300) if i % 3}
+    assert {name for name, pin in pins.items() if pin.root} == set(pins) - needed
 
 
 def test_inventory_of_this_environment() -> None:
