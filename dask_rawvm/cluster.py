@@ -438,6 +438,7 @@ class RawVMCluster(SpecCluster):
                 "host": self.session.unopened.in_process_scheduler_host,
                 "dashboard_address": ":0",
                 "protocol": self.settings.scheme,
+                "preload": ["dask_rawvm.bulk_retire"],  # as on a scheduler VM
             }
             return {"cls": Scheduler, "options": options}
         options = {
@@ -772,6 +773,13 @@ class RawVMCluster(SpecCluster):
             kept = await self._retire(to_close)
             for name in kept:  # still holding data nobody could take: keep its VM
                 self.worker_spec[name] = self.new_spec
+            # Closed (terminated, in one call) here: SpecCluster would first retire them
+            # again, by addresses it does not have, in an RPC that waits behind the
+            # scheduler's removals of the first (1.5 s at N = 1000, measured).
+            retired = sorted(to_close - kept)
+            await asyncio.gather(*(self.workers[name].close() for name in retired))
+            for name in retired:
+                del self.workers[name]
         self._rename_replacements()
         await super()._correct_state_internal()
         self._launched.update(self.workers)

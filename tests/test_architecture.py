@@ -39,6 +39,7 @@ MODULES = {
     "dask_rawvm.cost": "neutral",
     "dask_rawvm.progress": "neutral",
     "dask_rawvm.idle_shutdown": "neutral",
+    "dask_rawvm.bulk_retire": "neutral",
     "dask_rawvm.cluster_log": "neutral",
     "dask_rawvm.log_guard": "neutral",
     "dask_rawvm.data": "neutral",
@@ -149,12 +150,12 @@ def test_the_cluster_knows_dask_not_clouds() -> None:
     assert "dask_rawvm.providers" in imported
 
 
-def test_the_scheduler_preload_imports_no_cloud_and_no_cluster() -> None:
+def test_the_scheduler_preloads_import_no_cloud_and_no_cluster() -> None:
     """What runs on the scheduler VM loads distributed, not the client's machinery."""
     heavy = ["moto", "botocore", "aiobotocore", "asyncssh", "dask_rawvm.localcloud",
              "dask_rawvm.cluster", "dask_rawvm.providers", "dask_rawvm.machines"]  # fmt: skip
     code = (
-        "import sys, dask_rawvm.idle_shutdown, dask_rawvm.data\n"
+        "import sys, dask_rawvm.idle_shutdown, dask_rawvm.bulk_retire, dask_rawvm.data\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -232,15 +232,18 @@ ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT"
       --dashboard-address "$ADDRESS:$RAWVM_DASHBOARD_PORT")
 # tls when the VM got the cluster's certificates (mutual TLS: plain TCP is refused).
 [ -n "${RAWVM_DASK_SCHEME:-}" ] && ARGS+=(--protocol "$RAWVM_DASK_SCHEME")
-if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
-    # Idle = no client and no task (dask_rawvm.idle_shutdown); distributed's own idle
-    # timeout ignores clients, and is the fallback on an image without dask_rawvm.
-    if "$PYTHON" -c "import dask_rawvm.idle_shutdown" 2>/dev/null; then
+# dask_rawvm's scheduler preloads, where the environment has it (an image may not):
+# retiring many workers at once stays linear (dask_rawvm.bulk_retire), and idle = no client
+# and no task (dask_rawvm.idle_shutdown); distributed's own idle timeout ignores clients,
+# and is the fallback.
+if "$PYTHON" -c "import dask_rawvm.bulk_retire, dask_rawvm.idle_shutdown" 2>/dev/null; then
+    ARGS+=(--preload dask_rawvm.bulk_retire)
+    if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
         export RAWVM_IDLE_TIMEOUT
         ARGS+=(--preload dask_rawvm.idle_shutdown)
-    else
-        ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
     fi
+elif [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
+    ARGS+=(--idle-timeout "${RAWVM_IDLE_TIMEOUT}s")
 fi
 # A descriptor per worker's stream, more for its RPC pool (distributed caps the pool at half
 # the soft limit): the soft limit a boot script inherits from systemd (1024) refuses workers

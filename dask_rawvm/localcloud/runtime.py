@@ -152,6 +152,7 @@ def install_hooks() -> None:
 
         _hook_console_output()
         _hook_launch_calls()
+        _hook_instance_lookup()
         InstanceBackend.run_instances = hooked_run_instances  # type: ignore[method-assign,assignment]
         Instance.terminate = halting(idempotent_terminate)  # type: ignore[method-assign,assignment]
         Instance.stop = halting(stop)  # type: ignore[method-assign,assignment]
@@ -182,6 +183,33 @@ def _hook_console_output() -> None:
         return ActionResult(result)
 
     General.get_console_output = get_console_output  # type: ignore[method-assign,assignment]
+
+
+def _hook_instance_lookup() -> None:
+    """moto finds an instance by id through an index, not a scan of every instance.
+
+    moto's ``get_instance`` walks every instance of the region, and terminating an instance
+    looks itself up again (detaching its root volume): TerminateInstances of one fleet of
+    1000 took 3.1 s, 1.6 s of it in those scans (measured, moto 5.2.5), where EC2 answers in
+    well under a second at any size. moto never removes an instance (terminated ones stay),
+    so an entry cannot go stale; an id not in the index rebuilds it once, and one still
+    missing is EC2's InvalidInstanceID.NotFound as before.
+    """
+    from moto.ec2.exceptions import InvalidInstanceIdError
+    from moto.ec2.models.instances import InstanceBackend
+
+    def get_instance(backend: Any, instance_id: str) -> Any:
+        instance = backend.__dict__.get("_rawvm_instance_index", {}).get(instance_id)
+        if instance is None:
+            # A new dict, assigned whole: a lookup in another thread sees the old or the new.
+            index = {i.id: i for r in list(backend.reservations.values()) for i in r.instances}
+            backend._rawvm_instance_index = index
+            instance = index.get(instance_id)
+        if instance is None:
+            raise InvalidInstanceIdError(instance_id)
+        return instance
+
+    InstanceBackend.get_instance = get_instance  # type: ignore[method-assign,assignment]
 
 
 # Instances launched by the current thread while it builds an instant fleet (None otherwise).

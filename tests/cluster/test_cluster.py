@@ -37,6 +37,9 @@ def test_sync_cluster_end_to_end(cloud: LocalCloud) -> None:
         # Worker name == spec key, known before boot.
         assert connected(client) == set(cluster.workers) == {"worker-0", "worker-1", "worker-2"}
         assert cluster.dashboard_link.endswith("/status")
+        # The scheduler VM runs dask_rawvm.bulk_retire (its sends are wrapped), which the
+        # scale-down below goes through.
+        assert client.run_on_scheduler(lambda dask_scheduler: "worker_send" in vars(dask_scheduler))
 
         x = da.arange(1_000_000, chunks=100_000).persist()
         assert int(x.sum().compute()) == 499999500000

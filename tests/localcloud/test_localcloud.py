@@ -213,3 +213,25 @@ def test_terminating_a_terminated_instance_answers_its_state_as_ec2_does() -> No
         wait_for(lambda: state() == "terminated", 30, "the instance to terminate")
         (again,) = ec2.terminate_instances(InstanceIds=ids)["TerminatingInstances"]
         assert again["PreviousState"]["Name"] == "terminated"  # an answer, not an error
+
+
+def test_instances_are_found_by_id_after_launches_and_terminations() -> None:
+    # The local cloud looks instances up through an index (moto scans them all): one
+    # launched after the index was built is found, an unknown id is EC2's NotFound.
+    with LocalCloud(boot_delay=3600) as cloud:
+        ec2 = ec2_client(cloud)
+
+        def instance_type(instance_id: str) -> str:
+            answer = ec2.describe_instance_attribute(
+                InstanceId=instance_id, Attribute="instanceType"
+            )
+            return str(answer["InstanceType"]["Value"])
+
+        first = run(cloud, EXITS, count=300)
+        assert {instance_type(i) for i in first[:3]} == {"t3.micro"}
+        ec2.terminate_instances(InstanceIds=first)  # each detaches its volume: a lookup
+        assert {state(cloud, i) for i in (first[0], first[-1])} <= {"shutting-down", "terminated"}
+        (later,) = run(cloud, EXITS)
+        assert instance_type(later) == "t3.micro"
+        with pytest.raises(ClientError, match=r"InvalidInstanceID\.NotFound"):
+            instance_type("i-0123456789abcdef0")
