@@ -7,9 +7,10 @@ forget it as a peer), and a retirement of ``k`` workers removes them one by one:
 that scheduler (the local cloud's dense mode) the sends were 39% of its retirement's time.
 A worker that is itself being retired (``closing_gracefully``) is about to close and never
 fetches from a peer again, so it is not told: a retirement of ``k`` of ``N`` sends ``k`` times
-``N - k`` messages, only to the workers that stay, and none when all go. Should a retirement be called off (data nobody could take), the worker that stays
-holds a removed peer in its lists, as after any worker loss, which distributed handles: a
-fetch from it fails and the worker asks the scheduler where the data is.
+``N - k`` messages, only to the workers that stay, and none when all go. Should a retirement
+be called off (data nobody could take), the worker that stays holds a removed peer in its
+lists, as after any worker loss, which distributed handles: a fetch from it fails and the
+worker asks the scheduler where the data is.
 
 Imported on the VM: it imports distributed and nothing else of dask_rawvm's.
 """
