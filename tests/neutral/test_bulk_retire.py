@@ -1,4 +1,5 @@
-"""The scheduler preload that keeps a retirement of many workers linear (dask_rawvm.bulk_retire)."""
+"""The scheduler preload that spares workers retired together the news of each other
+(dask_rawvm.bulk_retire)."""
 
 from __future__ import annotations
 
