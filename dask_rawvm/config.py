@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,6 +346,13 @@ def _check_data(options: ClusterOptions) -> None:
             f"files={options.files!r} must be a list of local paths (files or directories), "
             'e.g. files=["data/lookup.csv", "config/"]'
         )
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """A ``data=`` URL, ``s3://bucket/prefix``, as ``("bucket", "prefix")`` (``""``: the whole
+    bucket)."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.netloc, parts.path.strip("/")
 
 
 def check_wait_for_workers(value: object) -> None:

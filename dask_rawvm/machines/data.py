@@ -12,12 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import urllib.parse
 from typing import Any
 
 from distributed.protocol.pickle import dumps
 
-from dask_rawvm.config import ClusterOptions
+from dask_rawvm.config import ClusterOptions, split_s3_url
 from dask_rawvm.data import (
     CREDENTIALS_PLUGIN,
     ForwardedCredentials,
@@ -149,7 +148,7 @@ async def check_data_regions(session: ProviderSession, options: ClusterOptions) 
     region = getattr(provider, "region", None)
     if not options.data or region is None:
         return
-    buckets = sorted({urllib.parse.urlsplit(url).netloc for url in options.data})
+    buckets = sorted({split_s3_url(url)[0] for url in options.data})
     for bucket in buckets:
         where = await provider.bucket_region(bucket)
         if where is not None and where != region:

@@ -22,11 +22,11 @@ import datetime
 import hashlib
 import json
 import re
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dask_rawvm.config import split_s3_url
 from dask_rawvm.errors import ProviderError
 from dask_rawvm.providers.base import CLUSTER_TAG
 from dask_rawvm.providers.ec2.calls import ec2_call, paginate
@@ -64,12 +64,6 @@ def role_name(cluster: str) -> str:
     if len(name) <= _MAX_NAME and _NAME_CHARS.match(name):
         return name
     return f"dask-rawvm-{hashlib.sha256(cluster.encode()).hexdigest()[:24]}"
-
-
-def split_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/prefix`` -> ``("bucket", "prefix")`` (``""``: the whole bucket)."""
-    parts = urllib.parse.urlsplit(url)  # as the region check reads data= (machines.data)
-    return parts.netloc, parts.path.strip("/")
 
 
 def data_policy(data: Sequence[str], partition: str = "aws") -> dict[str, Any]:
