@@ -10,13 +10,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import boto3
 
-from dask_rawvm.localcloud import LocalCloud, RemoteCloud
+from dask_rawvm.localcloud import CREDENTIALS, LocalCloud, RemoteCloud
+from dask_rawvm.providers.ec2 import EC2Provider
 from dask_rawvm.providers.ec2.account import live_instances_sync
 
 
@@ -109,3 +112,18 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+async def started_ec2_provider(cloud: LocalCloud, prefix: str, **kwargs: Any) -> EC2Provider:
+    """An EC2 provider of a new cluster (``<prefix>-<random>``) on ``cloud``, started; it asks
+    no capacity again unless told (``capacity_retry_timeout``)."""
+    kwargs.setdefault("capacity_retry_timeout", 0.0)
+    provider = EC2Provider(
+        f"{prefix}-{uuid.uuid4().hex[:6]}",
+        cloud.region,
+        cloud.endpoint_url,
+        dict(CREDENTIALS),
+        **kwargs,
+    )
+    await provider.start()
+    return provider

@@ -12,10 +12,10 @@ from typing import Any
 
 import boto3
 import pytest
-from helpers import live_instances, wait_for
+from helpers import live_instances, started_ec2_provider, wait_for
 
 from dask_rawvm.errors import OptionError, ProviderError
-from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
+from dask_rawvm.localcloud import LocalCloud
 from dask_rawvm.machines.ledger import Ledger
 from dask_rawvm.machines.session import ProviderSession
 from dask_rawvm.machines.watch import BootWatch
@@ -36,19 +36,6 @@ def idle_cloud() -> Iterator[LocalCloud]:
 @pytest.fixture
 def ec2(idle_cloud: LocalCloud) -> Any:
     return boto3.client("ec2", **idle_cloud.client_kwargs())
-
-
-async def provider_for(cloud: LocalCloud, **kwargs: Any) -> EC2Provider:
-    kwargs.setdefault("capacity_retry_timeout", 0.0)
-    provider = EC2Provider(
-        f"rules-{uuid.uuid4().hex[:6]}",
-        cloud.region,
-        cloud.endpoint_url,
-        dict(CREDENTIALS),
-        **kwargs,
-    )
-    await provider.start()
-    return provider
 
 
 @pytest.fixture
@@ -113,7 +100,7 @@ async def test_without_a_default_vpc_the_error_names_the_options_that_fix_it(
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
     vpc = idle_cloud.remove_default_vpc()
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     with pytest.raises(ProviderError) as error:
         await provider.network()
@@ -121,7 +108,7 @@ async def test_without_a_default_vpc_the_error_names_the_options_that_fix_it(
     assert "vpc=" in str(error.value) and "subnets=" in str(error.value)
     assert str(vpc) in str(error.value)  # the VPCs there are listed
     # Naming the VPC is enough: every subnet of it.
-    named = await provider_for(idle_cloud, vpc=vpc, zone="any")
+    named = await started_ec2_provider(idle_cloud, "rules", vpc=vpc, zone="any")
     started.append(named)
     network = await named.network()
     assert network.vpc_id == vpc and len(network.subnets) >= 3
@@ -132,14 +119,14 @@ async def test_the_subnets_given_are_where_machines_go_and_zones_must_be_theirs(
 ) -> None:
     zones = ["us-east-1b", "us-east-1c"]
     vpc, subnets = new_vpc(ec2, "10.42.0.0/16", zones)
-    provider = await provider_for(idle_cloud, subnets=subnets, zone="any")
+    provider = await started_ec2_provider(idle_cloud, "rules", subnets=subnets, zone="any")
     started.append(provider)
     machines = await provider.launch(spec(4))
     described = await provider.describe([m.id for m in machines])
     assert {i["SubnetId"] for i in live_instances(idle_cloud, provider.cluster)} <= set(subnets)
     assert zones_of(described) <= set(zones)
     # A zone outside the subnets is refused before anything is launched.
-    outside = await provider_for(idle_cloud, subnets=subnets, zone="us-east-1a")
+    outside = await started_ec2_provider(idle_cloud, "rules", subnets=subnets, zone="us-east-1a")
     started.append(outside)
     idle_cloud.reset_calls()
     with pytest.raises(OptionError, match=r"us-east-1a.*us-east-1b', 'us-east-1c"):
@@ -149,7 +136,7 @@ async def test_the_subnets_given_are_where_machines_go_and_zones_must_be_theirs(
     default_subnet = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])
     mixed = [subnets[0], default_subnet["Subnets"][0]["SubnetId"]]
     for kwargs in ({"subnets": mixed}, {"subnets": subnets, "vpc": "vpc-0123456789abcdef0"}):
-        wrong = await provider_for(idle_cloud, **kwargs)
+        wrong = await started_ec2_provider(idle_cloud, "rules", **kwargs)
         started.append(wrong)
         with pytest.raises(ProviderError, match="subnets="):
             await wrong.network()
@@ -161,8 +148,8 @@ async def test_extra_security_groups_and_no_public_address(
 ) -> None:
     vpc, subnets = new_vpc(ec2, "10.43.0.0/16", ["us-east-1a"])
     extra = ec2.create_security_group(GroupName="db-clients", Description="x", VpcId=vpc)
-    provider = await provider_for(
-        idle_cloud, subnets=subnets, security_groups=[extra["GroupId"]], public_ip=False
+    provider = await started_ec2_provider(
+        idle_cloud, "rules", subnets=subnets, security_groups=[extra["GroupId"]], public_ip=False
     )
     started.append(provider)
     await provider.launch(spec(1))
@@ -176,7 +163,9 @@ async def test_extra_security_groups_and_no_public_address(
     assert cidrs == {"10.43.0.0/16"}
     # A group of another VPC is refused before launch.
     other = ec2.describe_security_groups(GroupNames=["default"])["SecurityGroups"][0]["GroupId"]
-    wrong = await provider_for(idle_cloud, subnets=subnets, security_groups=[other])
+    wrong = await started_ec2_provider(
+        idle_cloud, "rules", subnets=subnets, security_groups=[other]
+    )
     started.append(wrong)
     with pytest.raises(ProviderError, match="not in the cluster's VPC"):
         await wrong.preflight({"worker": "t3.micro"})
@@ -189,7 +178,7 @@ async def test_auto_zone_lets_ec2_pick_one_zone_and_the_cluster_stays_there(
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
     idle_cloud.set_capacity(zone="us-east-1a", count=0)  # the first zone has nothing
-    provider = await provider_for(idle_cloud)  # zone="auto", the default
+    provider = await started_ec2_provider(idle_cloud, "rules")  # zone="auto", the default
     started.append(provider)
     first = await provider.launch(spec(3, spot_policy="spot_with_fallback"))
     (zone,) = zones_of(first)
@@ -216,7 +205,7 @@ async def test_any_zone_and_a_list_of_zones_spread(
         idle_cloud.restore_capacity()
         for name in ("us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d"):
             idle_cloud.set_capacity(zone=name, count=2)  # two per zone
-        provider = await provider_for(idle_cloud, zone=zone)
+        provider = await started_ec2_provider(idle_cloud, "rules", zone=zone)
         started.append(provider)
         machines = await provider.launch(spec(6))
         zones = zones_of(machines)
@@ -232,7 +221,9 @@ async def test_any_zone_and_a_list_of_zones_spread(
 async def test_root_volumes_are_gp3_of_each_role_s_size_never_below_the_image(
     idle_cloud: LocalCloud, ec2: Any, started: list[EC2Provider]
 ) -> None:
-    provider = await provider_for(idle_cloud, disk_sizes={"worker": 40, "scheduler": 10})
+    provider = await started_ec2_provider(
+        idle_cloud, "rules", disk_sizes={"worker": 40, "scheduler": 10}
+    )
     started.append(provider)
     for role, size in (("worker", 40), ("scheduler", 15)):  # moto's AL2023 image is 15 GiB
         (machine,) = await provider.launch(spec(1, role=role))
@@ -251,7 +242,7 @@ async def test_root_volumes_are_gp3_of_each_role_s_size_never_below_the_image(
 async def test_burstable_types_get_standard_credits_others_the_default(
     idle_cloud: LocalCloud, ec2: Any, started: list[EC2Provider]
 ) -> None:
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     await provider.launch(spec(1, "t3.large"))
     assert template_data(ec2, provider.cluster)["CreditSpecification"] == {"CpuCredits": "standard"}
@@ -266,7 +257,9 @@ async def test_burstable_types_get_standard_credits_others_the_default(
 async def test_a_machine_costs_its_instance_its_disk_and_its_address(
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
-    provider = await provider_for(idle_cloud, disk_sizes={"worker": 40, "scheduler": 20})
+    provider = await started_ec2_provider(
+        idle_cloud, "rules", disk_sizes={"worker": 40, "scheduler": 20}
+    )
     started.append(provider)
     await provider.preflight({"worker": "t3.large"})
     costs = provider.hourly_costs("t3.large", "on-demand", "worker")
@@ -274,7 +267,9 @@ async def test_a_machine_costs_its_instance_its_disk_and_its_address(
     assert costs["instance"] == pytest.approx(0.0832, rel=0.01)
     assert costs["storage"] == pytest.approx(40 * 0.08 / 730)
     assert costs["public_ipv4"] == 0.005 == gp3.public_ipv4_hourly
-    private = await provider_for(idle_cloud, public_ip=False, disk_sizes={"worker": 100})
+    private = await started_ec2_provider(
+        idle_cloud, "rules", public_ip=False, disk_sizes={"worker": 100}
+    )
     started.append(private)
     await private.preflight({"worker": "t3.large"})
     costs = private.hourly_costs("t3.large", "spot", "worker")
@@ -289,7 +284,7 @@ async def test_a_machine_costs_its_instance_its_disk_and_its_address(
 async def test_things_just_made_that_ec2_does_not_see_yet_are_waited_for(
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     assert provider._reaping is not None  # the start's look for leftovers: not counted here
     await asyncio.wait_for(provider._reaping, 60)
@@ -309,7 +304,7 @@ async def test_spot_without_the_service_linked_role_goes_on_demand_or_says_the_f
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
     idle_cloud.refuse_spot_service_linked_role()
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     machines = await provider.launch(spec(3, spot_policy="spot_with_fallback"))
     assert len(machines) == 3 and {m.market for m in machines} == {"on-demand"}
@@ -324,7 +319,7 @@ async def test_a_later_call_s_failure_keeps_what_earlier_calls_launched(
     """Spot gets 2 of 5; the on-demand fallback, the pass's second CreateFleet, is refused:
     the 2 spot machines are the cluster's, not terminated."""
     idle_cloud.set_capacity(market="spot", count=2)
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     await provider.preflight({"worker": "t3.micro"})
     idle_cloud.reset_calls()
@@ -341,7 +336,7 @@ async def test_boot_logs_are_optional_and_a_denial_names_the_permission(
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
     idle_cloud.deny("GetConsoleOutput")
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     (machine,) = await provider.launch(spec(1))
     with pytest.raises(ProviderError, match="ec2:GetConsoleOutput") as error:
@@ -359,7 +354,7 @@ async def test_every_listing_follows_its_pages(
     idle_cloud: LocalCloud, started: list[EC2Provider]
 ) -> None:
     idle_cloud.paginate(page_size=1)
-    provider = await provider_for(idle_cloud, zone="any")
+    provider = await started_ec2_provider(idle_cloud, "rules", zone="any")
     started.append(provider)
     machines = await provider.launch(spec(3))
     assert {m.id for m in await provider.live_machines(provider.cluster)} == {
@@ -402,7 +397,7 @@ async def test_urls_signed_with_temporary_credentials_die_with_them(
 
     from botocore.credentials import RefreshableCredentials
 
-    provider = await provider_for(idle_cloud)
+    provider = await started_ec2_provider(idle_cloud, "rules")
     started.append(provider)
     await provider.store_bytes("k", b"v")
     asked = parse_qs(urlsplit(await provider.url_for("k", expires=3600)).query)

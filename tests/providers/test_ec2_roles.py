@@ -12,11 +12,11 @@ from typing import Any
 
 import boto3
 import pytest
+from helpers import started_ec2_provider
 
 from dask_rawvm.errors import ProviderError
 from dask_rawvm.localcloud import CREDENTIALS, LocalCloud
 from dask_rawvm.providers.base import LaunchSpec
-from dask_rawvm.providers.ec2 import EC2Provider
 from dask_rawvm.providers.ec2.account import EC2Account, remove_clusters
 from dask_rawvm.providers.ec2.clients import EC2Clients
 from dask_rawvm.providers.ec2.roles import (
@@ -44,19 +44,6 @@ def ours(iam: Any) -> tuple[list[str], list[str]]:
     roles = iam.list_roles(PathPrefix=ROLE_PATH)["Roles"]
     profiles = iam.list_instance_profiles(PathPrefix=ROLE_PATH)["InstanceProfiles"]
     return [r["RoleName"] for r in roles], [p["InstanceProfileName"] for p in profiles]
-
-
-async def started_provider(cloud: LocalCloud, **kwargs: Any) -> EC2Provider:
-    provider = EC2Provider(
-        f"role-{uuid.uuid4().hex[:6]}",
-        cloud.region,
-        cloud.endpoint_url,
-        dict(CREDENTIALS),
-        capacity_retry_timeout=0.0,
-        **kwargs,
-    )
-    await provider.start()
-    return provider
 
 
 def spec(count: int) -> LaunchSpec:
@@ -98,7 +85,7 @@ async def test_the_cluster_s_role_goes_on_every_vm_and_goes_with_the_cluster(
     ec2 = boto3.client("ec2", **idle_cloud.client_kwargs())
     # EC2 does not know a new profile for 3 s: the first launch is refused and asked again.
     idle_cloud.iam_propagation(3)
-    provider = await started_provider(idle_cloud, data_role=DATA)
+    provider = await started_ec2_provider(idle_cloud, "role", data_role=DATA)
     try:
         name = role_name(provider.cluster)
         assert ours(iam) == ([], [])  # starting makes nothing
@@ -168,7 +155,7 @@ async def test_ls_sees_a_region_s_roles_only_and_down_removes_them(
 async def test_a_profile_ec2_does_not_know_fails_the_launch_at_once_naming_it(
     idle_cloud: LocalCloud,
 ) -> None:
-    provider = await started_provider(idle_cloud, instance_profile="no-such-profile")
+    provider = await started_ec2_provider(idle_cloud, "role", instance_profile="no-such-profile")
     try:
         # A profile not made here is not waited for (that would take PROPAGATION_TIMEOUT).
         with pytest.raises(ProviderError, match=r"iamInstanceProfile\.name is invalid"):
