@@ -233,9 +233,9 @@ ARGS=(--host "$ADDRESS" --port "$RAWVM_SCHEDULER_PORT"
 # tls when the VM got the cluster's certificates (mutual TLS: plain TCP is refused).
 [ -n "${RAWVM_DASK_SCHEME:-}" ] && ARGS+=(--protocol "$RAWVM_DASK_SCHEME")
 # dask_rawvm's scheduler preloads, where the environment has it (an image may not):
-# workers retired together are not told of each other (dask_rawvm.bulk_retire), and idle =
-# no client and no task (dask_rawvm.idle_shutdown); distributed's own idle timeout ignores clients,
-# and is the fallback.
+# workers retired together are not told of each other (dask_rawvm.bulk_retire), and
+# idle = no client and no task (dask_rawvm.idle_shutdown); distributed's own idle timeout
+# ignores clients, and is the fallback.
 if "$PYTHON" -c "import dask_rawvm.bulk_retire, dask_rawvm.idle_shutdown" 2>/dev/null; then
     ARGS+=(--preload dask_rawvm.bulk_retire)
     if [ -n "$RAWVM_IDLE_TIMEOUT" ]; then
