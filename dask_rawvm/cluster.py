@@ -76,6 +76,10 @@ from dask_rawvm.tls import offer_security, withdraw_security
 
 logger = logging.getLogger(__name__)
 
+#: Most workers a cluster started without ``n_workers`` (and without ``max_workers``)
+#: adapts up to: enough for a first workload, a bounded bill if a graph asks for more.
+DEFAULT_ADAPT_MAXIMUM = 10
+
 
 class RawVMAdaptive(Adaptive):
     """Adaptive scaling for VMs that cost money.
@@ -91,10 +95,16 @@ class RawVMAdaptive(Adaptive):
     already give idle VMs back within seconds without thrashing on bursts.
     """
 
+    async def scale_up(self, n: int) -> None:  # type: ignore[override]
+        cluster = self.cluster
+        assert isinstance(cluster, RawVMCluster)
+        if self.state != "stopped":  # (stopped by the user's scale() while it recommended)
+            cluster._scale_to(n)  # not cluster.scale, the user's, which stops adapting
+
     async def scale_down(self, workers: list[str]) -> None:  # type: ignore[override]
         cluster = self.cluster
         assert isinstance(cluster, SpecCluster)
-        if workers:
+        if workers and self.state != "stopped":
             await cluster.scale_down(workers)
 
 
@@ -115,7 +125,11 @@ class RawVMCluster(SpecCluster):
     Parameters
     ----------
     n_workers
-        Workers to start with.
+        Workers to start with. Not given: the cluster adapts, starting none and adding
+        workers when work is submitted (``adapt(minimum=0, maximum=max_workers)``, at most
+        10 workers when ``max_workers`` is not set), until ``scale`` or ``adapt`` says
+        otherwise; a reconnect to a running cluster keeps its workers as they are.
+        ``0``: none until ``scale`` or ``adapt``.
     config_name
         Section of ``rawvm`` in dask's config to read options from (``"local"``,
         ``"aws"``, or a profile). See :func:`dask_rawvm.config.resolve_options`.
@@ -282,7 +296,7 @@ class RawVMCluster(SpecCluster):
 
     def __init__(
         self,
-        n_workers: int = 0,
+        n_workers: int | None = None,
         *,
         config_name: str | None = None,
         provider: str | None = None,
@@ -343,6 +357,9 @@ class RawVMCluster(SpecCluster):
         given = {key: value for key, value in locals().items() if key in OPTION_NAMES}
         self.settings = Settings(resolve_options(config_name, **given))
         options = self.settings.options
+        # Not given: adapt from 0 once started (a default cluster runs what is submitted).
+        self._adapts_by_default = n_workers is None
+        n_workers = n_workers or 0
         if n_workers < 0:
             raise OptionError(f"n_workers={n_workers} must be 0 or more")
         if options.tls and kwargs.get("security") is not None:
@@ -397,6 +414,7 @@ class RawVMCluster(SpecCluster):
         self._worker_check: asyncio.Future[EnvironmentMismatch | None] | None = None
         self._started_workers = False  # start has waited for its workers (or does not)
         self._launched: set[str] = set()
+        self._default_adaptive: Adaptive | None = None  # adapting for want of n_workers
         worker = {"cls": WorkerVM, "options": {"launcher": self.launcher, "ledger": self.ledger}}
         workers = {self.names.take(): worker for _ in range(n_workers)}
         # An unclosed cluster's VMs are terminated at garbage collection or exit, by the
@@ -476,6 +494,19 @@ class RawVMCluster(SpecCluster):
             progress.update(stage=f"scheduler ready at {self.scheduler_address}")
             await self._deliver_data()
             await self._start_workers(progress)
+            if self._adapts_by_default and not self.worker_spec:
+                self._adapt_by_default()
+
+    def _adapt_by_default(self) -> None:
+        """With no ``n_workers``, adapt between 0 and ``max_workers`` (10 if not set): a
+        default cluster runs what is submitted, and costs nothing idle."""
+        maximum = self.options.max_workers or DEFAULT_ADAPT_MAXIMUM
+        self._default_adaptive = self.adapt(minimum=0, maximum=maximum)
+        logger.info(
+            "%s adapts between 0 and %s workers (no n_workers given; scale or adapt to choose)",
+            self.cluster_name,
+            self._default_adaptive.maximum,
+        )
 
     async def _guard_log_volume(self) -> None:
         """Workers count their loggers' records; the client warns about a loud one
@@ -714,12 +745,21 @@ class RawVMCluster(SpecCluster):
         removed workers first.
 
         The workers removed are those not yet connected, then those holding the
-        least data.
+        least data. A cluster adapting because it was made without ``n_workers`` stops
+        adapting (as distributed's scaling widget does).
         """
         if memory is not None:
             n = max(n, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
         if cores is not None:
             n = max(n, math.ceil(cores / self._threads_per_worker()))
+        adaptive = self._default_adaptive
+        if adaptive is self._adaptive and adaptive is not None:
+            # The user's own count ends the adapting a cluster without n_workers does.
+            adaptive.stop()
+        return self._scale_to(n)
+
+    def _scale_to(self, n: int) -> Any:
+        """Scale to ``n`` workers: ``scale``'s and ``RawVMAdaptive``'s way."""
         self.limits.check(n, len(self.worker_spec))
         self._order_by_value()
         return super().scale(n)

@@ -28,6 +28,7 @@ from typing import Any
 
 import boto3
 import dask
+import dask.datasets
 import pytest
 from distributed import Client
 from distributed.core import Status
@@ -203,6 +204,31 @@ def test_adapt_reads_distributed_config_and_scales_by_cores_and_memory(
 
 
 # -- the same with the scheduler on its own VM (the default): its log is its VM's
+
+
+def test_a_cluster_without_n_workers_runs_a_dataframe_groupby_and_gives_its_vms_back(
+    shared_cloud: LocalCloud,
+) -> None:
+    """The most common first workload on a default cluster: nothing launches before work
+    is submitted, workers come for it, go when it is done, and ``scale`` takes over."""
+    cloud = shared_cloud
+    quick = {"distributed.adaptive.interval": "200ms", "distributed.adaptive.wait-count": 2}
+    with dask.config.set(quick), RawVMCluster(**local(cloud)) as cluster:
+        assert not cluster.worker_spec and not live_instances(cloud, cluster.cluster_name)
+        with Client(cluster) as client:
+            df = dask.datasets.timeseries(end="2000-01-08", freq="10s", seed=1)
+            result = df.groupby("name").x.mean().compute()
+            # The same as this process computes it alone.
+            expected = df.groupby("name").x.mean().compute(scheduler="sync")
+            assert result.sort_index().equals(expected.sort_index())
+            assert 1 <= len(cluster.workers) <= 10  # the default ceiling
+            wait_for(lambda: not live_instances(cloud, cluster.cluster_name), 90, "idle -> 0")
+
+            cluster.scale(1)  # the user's count: the cluster stops adapting
+            client.wait_for_workers(1, timeout=120)
+            assert cluster._adaptive is not None and cluster._adaptive.state == "stopped"
+            assert client.submit(operator.add, 1, 2).result(timeout=60) == 3
+    assert live_instances(cloud, cluster.cluster_name) == []
 
 
 def test_scheduler_vm_cluster_logs_repr_and_client_by_address(shared_cloud: LocalCloud) -> None:
