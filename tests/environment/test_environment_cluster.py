@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,16 +22,21 @@ from dask_rawvm.environment import EnvironmentTranslationError
 from dask_rawvm.localcloud import LocalCloud
 
 
-def written_files(root: Path, since: float) -> list[Path]:
+def written_files(root: Path, since: float, digest: str) -> list[Path]:
     """Every file written since ``since`` (a timestamp) in what was made under ``root``
-    since then, each once.
+    since then, each once, but for other environments' than ``digest``'s.
 
     On the local cloud ``root`` (``RAWVM_HOME``) is this machine's store of every VM
-    environment ever built (gigabytes): what this cluster's VM made is what is new in it.
+    environment ever built (gigabytes): what this cluster's VM made is what is new in it,
+    less what VMs of other clusters (another test process's) make there meanwhile, named
+    ``<kind>-<their digest>`` (an artifact they pack vanishes as it is read).
     Symbolic links are not followed (a venv's ``lib64 -> lib``, its ``python``).
     """
     found = []
     for made in (p for p in root.iterdir() if p.stat().st_mtime >= since):
+        other = re.fullmatch(r"[a-z]+-([0-9a-f]{64})(\.tar\.gz)?", made.name)
+        if other and other.group(1) != digest:
+            continue
         for directory, _, names in os.walk(made) if made.is_dir() else [(root, [], [made.name])]:
             for name in names:
                 path = Path(directory, name)
@@ -219,7 +225,8 @@ def test_index_credentials_reach_the_install_step_only(
         assert "t0ken-s3cret" not in cloud.console_output(machine)
         # Nothing the VM wrote holds it: the bundle, the lock, the venv, the config.
         home = Path(client.run(lambda: __import__("os").environ["RAWVM_HOME"]).popitem()[1])
-        written = written_files(home, began)
+        venv = Path(client.run(lambda: __import__("sys").prefix).popitem()[1])  # venv-<digest>
+        written = written_files(home, began, venv.name.removeprefix("venv-"))
         assert any(p.name == "INSTALLER" for p in written), "the install is not among them"
         assert [p for p in written if b"t0ken-s3cret" in p.read_bytes()] == []
     bucket_objects = boto3.client("s3", **cloud.client_kwargs())
