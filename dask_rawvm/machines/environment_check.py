@@ -9,8 +9,10 @@ are one warning. distributed's own check compares six packages and only warns.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
+from importlib import metadata
 
 from distributed import Client
 
@@ -74,13 +76,21 @@ class EnvironmentCheck:
             there = (await client.run(installed_versions, workers=[address]))[address]
             self._judge("worker", there, f"worker {name}")
 
+    @functools.cached_property
+    def _here(self) -> tuple[dict[str, str], Mapping[str, list[str]]]:
+        """This process's distributions and which provide each module: read once for
+        every role (0.35 s of CPU on the cluster's event loop, measured); what it has
+        imported is read at each check."""
+        return installed_versions(), metadata.packages_distributions()
+
     def _judge(self, role: str, there: Mapping[str, str], where: str) -> None:
+        here, providers = self._here
         report = compare(
-            installed_versions(),
+            here,
             there,
             self.expected[role],
             where,
-            imported_distributions(),
+            imported_distributions(providers=providers),
             exempt=client_side_here(),
         )
         self.reports[role] = report
