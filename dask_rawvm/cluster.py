@@ -15,7 +15,6 @@ import math
 import time
 import uuid
 import weakref
-from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -33,6 +32,7 @@ from distributed.scheduler import Scheduler
 from distributed.utils import Log, Logs
 from tornado.ioloop import PeriodicCallback
 
+from dask_rawvm import card
 from dask_rawvm.cluster_log import ClusterLog, about
 from dask_rawvm.config import (
     NOT_GIVEN,
@@ -71,7 +71,7 @@ from dask_rawvm.machines import (
     worker_shape,
 )
 from dask_rawvm.progress import Progress, Reporter
-from dask_rawvm.providers import Provider, provider_for
+from dask_rawvm.providers import Machine, Provider, provider_for
 from dask_rawvm.tls import offer_security, withdraw_security
 
 logger = logging.getLogger(__name__)
@@ -1079,7 +1079,7 @@ class RawVMCluster(SpecCluster):
             }
             target = wanted()
             progress.update(
-                vms=self._vm_summary(),
+                vms=card.vm_summary(self.ledger.live()),
                 requested=len(self.workers),
                 running=max(booted, len(connected)),
                 connected=len(connected),
@@ -1119,11 +1119,6 @@ class RawVMCluster(SpecCluster):
         running cluster counts its VMs from their launch."""
         return CostReport.of(self.ledger.meter)
 
-    def _vm_summary(self) -> str:
-        """``3 x t3.large on-demand in us-east-1a``, one phrase per kind of VM."""
-        kinds = Counter((m.vm_type, m.market, m.zone or "?") for m in self.ledger.live())
-        return ", ".join(f"{n} x {t} {mk} in {z}" for (t, mk, z), n in sorted(kinds.items()))
-
     def _connected(self) -> dict[str, Any]:
         info = self.scheduler_info or {}
         return dict(info.get("workers", {}))
@@ -1142,12 +1137,17 @@ class RawVMCluster(SpecCluster):
         return (
             f"{text}, provider={self.options.provider!r}, requested={len(self.workers)}"
             f"{self._waiting_note()}, status={self.status.name}, "
-            f"vms=[{self._vm_summary()}], cost=${self.cost_per_hour:.3f}/h)"
+            f"vms=[{card.vm_summary(self.ledger.live())}], cost=${self.cost_per_hour:.3f}/h)"
         )
 
     def _waiting_note(self) -> str:
         waiting = len(self.launcher.waiting)
         return f" ({waiting} waiting for capacity)" if waiting else ""
+
+    def _worker_machines(self) -> dict[str, Machine]:
+        """The VM of each worker launched, by name."""
+        machines = {name: getattr(w, "machine", None) for name, w in self.workers.items()}
+        return {name: machine for name, machine in machines.items() if machine is not None}
 
     def workers_by_state(self) -> dict[str, list[str]]:
         """Worker names by where they are, from what this client knows (no cloud call).
@@ -1161,54 +1161,11 @@ class RawVMCluster(SpecCluster):
             str(info.get("name")): info.get("status", Status.running.name)
             for info in self._connected().values()
         }
-        waiting = set(self.launcher.waiting)
-        states: dict[str, list[str]] = {state: [] for state in WORKER_STATES}
-        for name in sorted({*self.worker_spec, *self.workers, *status}, key=_worker_order):
-            if name in status:
-                running = status[name] == Status.running.name
-                states["connected" if running else "retiring"].append(name)
-            elif name in waiting:
-                states["waiting for capacity"].append(name)
-            elif getattr(self.workers.get(name), "machine", None) is not None:
-                states["booting"].append(name)
-            else:
-                states["not launched"].append(name)
-        return states
-
-    def _environment_notes(self) -> list[str]:
-        """One line per role: the environment its VMs install and what the check found."""
-        notes = []
-        # Not the property: a repr must not build the check before the bundles are all made.
-        check = self._environment_check
-        reports = check.reports if check is not None else {}
-        for role, bundle in sorted(self.store.bundles.items()):
-            target = bundle.target
-            lock = bundle.lock
-            what = (
-                f"{role} VMs: {target.arch} {target.accelerator}, Python "
-                f"{target.python_version}, {len(lock.pins)} pins"
-                f"{' (lock from cache)' if lock.from_cache else ''}"
-            )
-            report = reports.get(role)
-            if self.options.environment_check == "off":
-                what += "; not checked (environment_check='off')"
-            elif report is None:
-                what += "; not checked yet"
-            elif report.errors:
-                what += f"; {len(report.errors)} imported package(s) differ"
-            elif report.warnings:
-                what += f"; imported packages the same, {len(report.warnings)} other(s) differ"
-            else:
-                what += "; checked: same versions"
-            notes.append(what)
-        # environment=None (in a config section): no bundle, the image's own Python.
-        return notes or ["the image's own Python and packages (environment: null)"]
-
-    def _spent_by_line(self) -> str:
-        """The card's line of :meth:`cost_report`: "on-demand t3.large $0.01 (2 running)"."""
-        return "; ".join(
-            f"{line.market} {line.vm_type} ${line.spent:.2f} ({line.running} running)"
-            for line in self.cost_report().lines
+        return card.workers_by_state(
+            {*self.worker_spec, *self.workers},
+            status,
+            set(self.launcher.waiting),
+            self._worker_machines(),
         )
 
     def _repr_html_(self, cluster_status: Any = None) -> str:
@@ -1220,81 +1177,36 @@ class RawVMCluster(SpecCluster):
         ipywidgets installed), refreshed every ``distributed.deploy.cluster-repr-interval``.
         """
         region = self.options.region or "default region"
-        zones = sorted({m.zone for m in self.ledger.live() if m.zone})
+        live = self.ledger.live()
+        zones = sorted({m.zone for m in live if m.zone})
         states = self.workers_by_state()
         counts = ", ".join(f"{len(names)} {state}" for state, names in states.items() if names)
+        spent = card.spent_by_line(self.cost_report())
         rows = [
             ("Scheduler", html.escape(str(self.scheduler_address))),
             ("Provider", html.escape(f"{self.options.provider} ({region})")),
             ("Workers requested", f"{len(self.workers)}{html.escape(self._waiting_note())}"),
             ("Worker states", html.escape(counts or "none")),
-            ("VMs", html.escape(self._vm_summary() or "none")),
+            ("VMs", html.escape(card.vm_summary(live) or "none")),
             ("Zones", html.escape(", ".join(zones) or "none")),
             ("Cost", f"${self.cost_per_hour:.3f}/h now, ${self.spent:.2f} spent"),
-            ("Spent by market and type", html.escape(self._spent_by_line() or "nothing yet")),
+            ("Spent by market and type", html.escape(spent or "nothing yet")),
             ("Status", self.status.name),
         ]
-        cells = [f'<td style="text-align: left;"><strong>{k}:</strong> {v}</td>' for k, v in rows]
-        ours = "".join(f"<tr>{''.join(cells[i : i + 2])}</tr>" for i in range(0, len(cells), 2))
-        notes = "<br/>".join(html.escape(note) for note in self._environment_notes())
-        ours += (
-            '<tr><td style="text-align: left;" colspan="2">'
-            f"<strong>Environment:</strong> {notes}</td></tr>"
-            f'<tr><td style="text-align: left;" colspan="2">{self._workers_table(states)}</td></tr>'
+        # Not the property: a repr must not build the check before the bundles are all made.
+        check = self._environment_check
+        notes = card.environment_notes(
+            self.store.bundles,
+            check.reports if check is not None else {},
+            self.options.environment_check,
         )
+        ours = card.card_rows(rows, notes, card.workers_table(states, self._worker_machines()))
         return super()._repr_html_(cluster_status=ours + (cluster_status or ""))
-
-    def _workers_table(self, states: dict[str, list[str]]) -> str:
-        """A folded table: each worker's state and VM (type, market, zone, instance)."""
-        rows: list[str] = []
-        for state, names in states.items():
-            for name in names[: MAX_WORKER_ROWS - len(rows)]:
-                machine = getattr(self.workers.get(name), "machine", None)
-                vm = (
-                    (machine.vm_type, machine.market, machine.zone or "", machine.id)
-                    if machine is not None
-                    else ("", "", "", "")
-                )
-                cells = "".join(f"<td>{html.escape(str(c))}</td>" for c in (name, state, *vm))
-                rows.append(f"<tr>{cells}</tr>")
-        total = sum(len(names) for names in states.values())
-        more = f"<p>and {total - len(rows)} more</p>" if total > len(rows) else ""
-        head = "".join(
-            f"<th>{h}</th>" for h in ("worker", "state", "type", "market", "zone", "instance")
-        )
-        return (
-            f"<details><summary><strong>Workers by state</strong> ({total})</summary>"
-            f"<table><tr>{head}</tr>{''.join(rows)}</table>{more}</details>"
-        )
 
     def _scaling_status(self) -> str:
         """distributed's Scaling tab (mode, workers) with the limits a scale-up meets."""
-        limits = [
-            f"max_workers={self.options.max_workers}" if self.options.max_workers else "",
-            f"max_hourly_cost=${self.options.max_hourly_cost:g}/h"
-            if self.options.max_hourly_cost
-            else "",
-        ]
-        shown = ", ".join(limit for limit in limits if limit) or "none"
-        return (
-            super()
-            ._scaling_status()
-            .replace(
-                "</table>",
-                f'<tr><td style="text-align: left;">Limits: {html.escape(shown)}</td></tr></table>',
-            )
-        )
-
-
-#: The states of :meth:`RawVMCluster.workers_by_state`, in the order a worker goes through.
-WORKER_STATES = ("connected", "retiring", "booting", "waiting for capacity", "not launched")
-#: Rows of the notebook card's worker table: a 1000-worker cluster's card stays small.
-MAX_WORKER_ROWS = 50
-
-
-def _worker_order(name: str) -> tuple[int, str]:
-    """``worker-2`` before ``worker-10``; names of workers not ours last."""
-    return (worker_index(name), name) if is_worker_name(name) else (1 << 62, name)
+        limits = card.limits_row(self.options.max_workers, self.options.max_hourly_cost)
+        return super()._scaling_status().replace("</table>", f"{limits}</table>")
 
 
 def _weakly(method: Callable[..., Any]) -> Callable[..., None]:

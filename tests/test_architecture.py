@@ -44,6 +44,7 @@ MODULES = {
     "dask_rawvm.log_guard": "neutral",
     "dask_rawvm.data": "neutral",
     "dask_rawvm.cluster": "cluster",
+    "dask_rawvm.card": "cluster",
     "dask_rawvm.cli": "commands",
     "dask_rawvm.demo": "commands",
     "dask_rawvm": "package",
