@@ -752,11 +752,18 @@ class RawVMCluster(SpecCluster):
             n = max(n, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
         if cores is not None:
             n = max(n, math.ceil(cores / self._threads_per_worker()))
-        adaptive = self._default_adaptive
-        if adaptive is self._adaptive and adaptive is not None:
+        adaptive = self._adapting_by_default()
+        if adaptive is not None:
             # The user's own count ends the adapting a cluster without n_workers does.
             adaptive.stop()
         return self._scale_to(n)
+
+    def _adapting_by_default(self) -> Adaptive | None:
+        """The Adaptive of a cluster made without ``n_workers``, while it runs."""
+        adaptive = self._default_adaptive
+        if adaptive is self._adaptive and adaptive is not None and adaptive.state != "stopped":
+            return adaptive
+        return None
 
     def _scale_to(self, n: int) -> Any:
         """Scale to ``n`` workers: ``scale``'s and ``RawVMAdaptive``'s way."""
@@ -1046,6 +1053,15 @@ class RawVMCluster(SpecCluster):
         :class:`~dask_rawvm.errors.WorkerBootTimeoutError`) saying what each missing VM
         was doing.
         """
+        if self._adapting_by_default() is not None and n_workers > len(self.worker_spec):
+            logger.warning(
+                "waiting for %d workers, but %s adapts to the work submitted (made without "
+                "n_workers) and has %d: submit work, or scale(%d) first",
+                n_workers,
+                self.cluster_name,
+                len(self.worker_spec),
+                n_workers,
+            )
         progress = Progress(
             f"{self.cluster_name}: waiting for {n_workers} workers", self.options.progress
         )

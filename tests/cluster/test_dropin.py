@@ -207,7 +207,7 @@ def test_adapt_reads_distributed_config_and_scales_by_cores_and_memory(
 
 
 def test_a_cluster_without_n_workers_runs_a_dataframe_groupby_and_gives_its_vms_back(
-    shared_cloud: LocalCloud,
+    shared_cloud: LocalCloud, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The most common first workload on a default cluster: nothing launches before work
     is submitted, workers come for it, go when it is done, and ``scale`` takes over."""
@@ -215,6 +215,10 @@ def test_a_cluster_without_n_workers_runs_a_dataframe_groupby_and_gives_its_vms_
     quick = {"distributed.adaptive.interval": "200ms", "distributed.adaptive.wait-count": 2}
     with dask.config.set(quick), RawVMCluster(**local(cloud)) as cluster:
         assert not cluster.worker_spec and not live_instances(cloud, cluster.cluster_name)
+        # Waiting for workers nobody will launch says why, and how.
+        with pytest.raises(WorkerStartTimeoutError):
+            cluster.wait_for_workers(1, timeout=1)
+        assert "submit work, or scale(1) first" in caplog.text
         with Client(cluster) as client:
             df = dask.datasets.timeseries(end="2000-01-08", freq="10s", seed=1)
             result = df.groupby("name").x.mean().compute()
