@@ -1173,6 +1173,10 @@ class RawVMCluster(SpecCluster):
         capacity`` (no VM yet: the cloud had none, asked again in the background) and
         ``not launched`` (asked for, not yet sent to the cloud).
         """
+        return self._workers_by_state(self._worker_machines())
+
+    def _workers_by_state(self, machines: dict[str, Machine]) -> dict[str, list[str]]:
+        """:meth:`workers_by_state`, given :meth:`_worker_machines`."""
         status = {
             str(info.get("name")): info.get("status", Status.running.name)
             for info in self._connected().values()
@@ -1181,7 +1185,7 @@ class RawVMCluster(SpecCluster):
             {*self.worker_spec, *self.workers},
             status,
             set(self.launcher.waiting),
-            self._worker_machines(),
+            machines,
         )
 
     def _repr_html_(self, cluster_status: Any = None) -> str:
@@ -1195,7 +1199,8 @@ class RawVMCluster(SpecCluster):
         region = self.options.region or "default region"
         live = self.ledger.live()
         zones = sorted({m.zone for m in live if m.zone})
-        states = self.workers_by_state()
+        machines = self._worker_machines()
+        states = self._workers_by_state(machines)
         counts = ", ".join(f"{len(names)} {state}" for state, names in states.items() if names)
         spent = card.spent_by_line(self.cost_report())
         rows = [
@@ -1216,7 +1221,7 @@ class RawVMCluster(SpecCluster):
             check.reports if check is not None else {},
             self.options.environment_check,
         )
-        ours = card.card_rows(rows, notes, card.workers_table(states, self._worker_machines()))
+        ours = card.card_rows(rows, notes, card.workers_table(states, machines))
         return super()._repr_html_(cluster_status=ours + (cluster_status or ""))
 
     def _scaling_status(self) -> str:
